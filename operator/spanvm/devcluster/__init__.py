@@ -1,0 +1,1 @@
+"""The local embedded default: a real etcd + kube-apiserver + kube-controller-manager on loopback."""
