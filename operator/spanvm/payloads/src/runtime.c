@@ -1,8 +1,6 @@
 /* The guest runtime shared by all payloads: console, exit, park, barrier, mem*. */
 #include "spanvm.h"
 
-const struct spanvm_bootinfo *bootinfo;
-
 void console_write(const char *s, u64 len) {
     while (len) {
         u64 chunk = len > 0xffff ? 0xffff : len;

@@ -26,6 +26,7 @@ struct spanvm_bootinfo {
     u32 nr_ranges;
     u32 reserved;
     struct spanvm_range heap[SPANVM_MAX_RANGES];
+    u64 self; /* this page's own address; the FS base points here too */
 };
 
 /* Doorbell registers (offsets from mmio_base); keep in sync with vmm/layout.py (Doorbell). */
@@ -35,7 +36,13 @@ struct spanvm_bootinfo {
 #define DB_PARK 0x18  /* this vCPU is done; the VM goes on */
 #define DB_NOP 0x20   /* counts an exit, does nothing (benchmarks) */
 
-extern const struct spanvm_bootinfo *bootinfo;
+/* Each vCPU's FS base is its own boot-info page (set by the monitor), so this is per vCPU. */
+static inline const struct spanvm_bootinfo *current_bootinfo(void) {
+    const struct spanvm_bootinfo *bi;
+    __asm__("movq %%fs:%c1, %0" : "=r"(bi) : "i"(__builtin_offsetof(struct spanvm_bootinfo, self)));
+    return bi;
+}
+#define bootinfo current_bootinfo()
 
 static inline void mmio_write(u64 reg, u64 value) {
     *(volatile u64 *)(bootinfo->mmio_base + reg) = value;

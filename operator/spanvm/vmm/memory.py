@@ -1,0 +1,72 @@
+"""Guest RAM: one private anonymous host mapping exposed to KVM as one or two memory slots.
+
+RAM below 3 GiB sits at guest-physical 0; anything above continues at 4 GiB, leaving the
+32-bit hole for the MMIO doorbell and the in-kernel irqchip's APIC/IOAPIC windows.
+"""
+
+import ctypes
+from dataclasses import dataclass
+
+from spanvm.vmm import kvm_abi
+
+LOW_RAM_LIMIT = 0xC000_0000
+HIGH_RAM_BASE = 0x1_0000_0000
+
+
+@dataclass(frozen=True)
+class RamRange:
+    """A contiguous run of guest RAM: where it is in the guest and in the host mapping."""
+
+    gpa: int
+    size: int
+    host_offset: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+def ram_ranges(size: int) -> tuple[RamRange, ...]:
+    """Guest-physical ranges of `size` bytes of RAM."""
+    low = min(size, LOW_RAM_LIMIT)
+    ranges = [RamRange(0, low, 0)]
+    if size > low:
+        ranges.append(RamRange(HIGH_RAM_BASE, size - low, low))
+    return tuple(ranges)
+
+
+class GuestMemory:
+    """The guest's RAM, mapped in this process; reads and writes by guest-physical address."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.ranges = ram_ranges(size)
+        self.host_address = kvm_abi.mmap_anonymous(size)
+        self._closed = False
+
+    def close(self) -> None:
+        """Unmap the RAM (after the VM that used it is gone)."""
+        if not self._closed:
+            kvm_abi.munmap(self.host_address, self.size)
+            self._closed = True
+
+    def host_offset(self, gpa: int, length: int) -> int:
+        """Offset into the host mapping of [gpa, gpa+length); ValueError if not all RAM."""
+        for r in self.ranges:
+            if r.gpa <= gpa and gpa + length <= r.end:
+                return r.host_offset + gpa - r.gpa
+        raise ValueError(f"guest-physical range {gpa:#x}+{length:#x} is not RAM")
+
+    def write(self, gpa: int, data: bytes) -> None:
+        """Copy bytes into guest RAM."""
+        offset = self.host_offset(gpa, len(data))
+        ctypes.memmove(self.host_address + offset, data, len(data))
+
+    def read(self, gpa: int, length: int) -> bytes:
+        """Copy bytes out of guest RAM."""
+        offset = self.host_offset(gpa, length)
+        return ctypes.string_at(self.host_address + offset, length)
+
+    def write_struct(self, gpa: int, value: ctypes.Structure | ctypes.Array[ctypes.c_uint64]) -> None:
+        """Copy a ctypes structure into guest RAM."""
+        self.write(gpa, bytes(value))
