@@ -11,7 +11,7 @@ MIN_GUEST_MEMORY_BYTES = 16 * 1024 * 1024
 def parse_memory(text: str) -> int:
     """Bytes of a memory quantity such as `256Mi`; ValueError naming the rule it breaks."""
     try:
-        value = parse_quantity(text)
+        value = parse_quantity(text)  # type: ignore[no-untyped-call]
     except (ValueError, InvalidOperation, TypeError):
         raise ValueError(f"{text!r} is not a quantity (examples: 256Mi, 2Gi)") from None
     if value != value.to_integral_value():
@@ -20,7 +20,9 @@ def parse_memory(text: str) -> int:
     if size < MIN_GUEST_MEMORY_BYTES:
         raise ValueError(f"{text!r} is below the minimum of 16Mi")
     if size % MEMORY_ALIGNMENT:
-        raise ValueError(f"{text!r} is not a multiple of 2Mi (guest memory is mapped in 2 MiB pages)")
+        raise ValueError(
+            f"{text!r} is not a multiple of 2Mi (guest memory is mapped in 2 MiB pages)"
+        )
     return size
 
 

@@ -14,7 +14,6 @@ from spanvm.api.base import (
     immutable,
     validations,
 )
-from spanvm.api.constants import API_VERSION
 from spanvm.api.quantity import (
     MEMORY_ALIGNMENT,
     MIN_GUEST_MEMORY_BYTES,
@@ -55,13 +54,17 @@ class PayloadBoot(ApiModel):
 
     name: str = Field(
         max_length=64,
-        description="Payload name: " + ", ".join(f"{p.name} ({p.description})" for p in PAYLOADS.values()),
+        description="Payload name: "
+        + ", ".join(f"{p.name} ({p.description})" for p in PAYLOADS.values()),
         json_schema_extra={"enum": list(PAYLOAD_NAMES)},
     )
     arg: int | None = Field(
         default=None,
         ge=0,
-        description="Payload argument (iterations, rounds, array size; see name). Unset: the payload's default.",
+        description=(
+            "Payload argument (iterations, rounds, array size; see name)."
+            " Unset: the payload's default."
+        ),
     )
 
     @field_validator("name")
@@ -75,7 +78,9 @@ class PayloadBoot(ApiModel):
 class LinuxBoot(ApiModel):
     """Boot a Linux kernel with the Linux boot protocol (paths on the node)."""
 
-    kernel: str = Field(min_length=1, max_length=4096, description="Path of the bzImage on the node.")
+    kernel: str = Field(
+        min_length=1, max_length=4096, description="Path of the bzImage on the node."
+    )
     initrd: str | None = Field(
         default=None, max_length=4096, description="Path of the initial ramdisk on the node."
     )
@@ -104,9 +109,15 @@ class BootSpec(ApiModel):
 class Toleration(ApiModel):
     """A toleration of a node taint, as in a Pod spec."""
 
-    key: str | None = Field(default=None, max_length=317, description="Taint key to tolerate; empty with Exists tolerates all.")
+    key: str | None = Field(
+        default=None,
+        max_length=317,
+        description="Taint key to tolerate; empty with Exists tolerates all.",
+    )
     operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
-    value: str | None = Field(default=None, max_length=63, description="Taint value to match with Equal.")
+    value: str | None = Field(
+        default=None, max_length=63, description="Taint value to match with Equal."
+    )
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to match; empty matches all effects."
     )
@@ -119,7 +130,9 @@ class PlacementSpec(ApiModel):
         default=None,
         ge=1,
         le=64,
-        description="Most fragments (nodes) the guest may be split into; unset: up to one per vCPU.",
+        description=(
+            "Most fragments (nodes) the guest may be split into; unset: up to one per vCPU."
+        ),
     )
     min_vcpus_per_fragment: int = Field(
         default=1, ge=1, le=1024, description="Fewest vCPUs any one fragment may hold."
@@ -137,7 +150,10 @@ class FabricSpec(ApiModel):
 
     transport: Literal["auto", "tcp", "rdma"] = Field(
         default="auto",
-        description="auto (RDMA where every node has it, else TCP), tcp, or rdma (fails where a node has none).",
+        description=(
+            "auto (RDMA where every node has it, else TCP), tcp, or rdma"
+            " (fails where a node has none)."
+        ),
     )
     page_size: Literal[4096] = Field(
         default=4096, description="Coherence granularity in bytes (4096 today)."
@@ -159,7 +175,8 @@ class SpanningVMSpec(ApiModel):
             cel(
                 "!has(self.placement) || !has(self.placement.maxFragments)"
                 " || self.placement.maxFragments <= self.cpu.vcpus",
-                "placement.maxFragments must not exceed cpu.vcpus: every fragment runs at least one vCPU",
+                "placement.maxFragments must not exceed cpu.vcpus:"
+                " every fragment runs at least one vCPU",
                 field_path=".placement.maxFragments",
             ),
             cel(
@@ -188,7 +205,8 @@ class SpanningVMSpec(ApiModel):
         json_schema_extra=validations(
             cel("isQuantity(self)", "memory must be a quantity such as 256Mi or 8Gi"),
             cel(
-                f"!isQuantity(self) || quantity(self).compareTo(quantity('{MIN_GUEST_MEMORY}')) >= 0",
+                "!isQuantity(self)"
+                f" || quantity(self).compareTo(quantity('{MIN_GUEST_MEMORY}')) >= 0",
                 f"memory must be at least {MIN_GUEST_MEMORY}",
             ),
             cel(
@@ -207,11 +225,16 @@ class SpanningVMSpec(ApiModel):
         parse_memory(value)
         return value
 
-    placement: PlacementSpec | None = Field(default=None, description="How the guest may be split over nodes.")
+    placement: PlacementSpec | None = Field(
+        default=None, description="How the guest may be split over nodes."
+    )
     fabric: FabricSpec | None = Field(default=None, description="Memory fabric settings.")
     run_strategy: RunStrategy = Field(
         default="Once",
-        description="Always (restart, reschedule on node loss), Once (run to completion), Halted (do not run).",
+        description=(
+            "Always (restart, reschedule on node loss), Once (run to completion),"
+            " Halted (do not run)."
+        ),
     )
 
 
@@ -234,8 +257,12 @@ class SpanningVMStatus(ApiModel):
         description="Scheduled, FabricReady and Ready, each with reason and message.",
         json_schema_extra=CONDITIONS_LIST_EXTRA,
     )
-    observed_generation: int | None = Field(default=None, description="Last metadata.generation acted on.")
-    fragments: list[FragmentSummary] | None = Field(default=None, description="Where the guest runs.")
+    observed_generation: int | None = Field(
+        default=None, description="Last metadata.generation acted on."
+    )
+    fragments: list[FragmentSummary] | None = Field(
+        default=None, description="Where the guest runs."
+    )
     fragment_count: int | None = Field(default=None, description="Number of fragments placed.")
     nodes: str | None = Field(default=None, description="Comma-separated nodes running fragments.")
     exit_code: int | None = Field(default=None, description="Guest exit code once it finished.")
@@ -246,7 +273,9 @@ class SpanningVMStatus(ApiModel):
 class SpanningVM(ApiModel):
     """A virtual machine whose vCPUs and memory span several nodes."""
 
-    api_version: Literal["spanvm.io/v1alpha1"] = Field(default=API_VERSION, description="API version.")
+    api_version: Literal["spanvm.io/v1alpha1"] = Field(
+        default="spanvm.io/v1alpha1", description="API version."
+    )
     kind: Literal["SpanningVM"] = Field(default="SpanningVM", description="Kind.")
     metadata: ObjectMeta = Field(description="Standard object metadata.")
     spec: SpanningVMSpec = Field(description="Desired state.")

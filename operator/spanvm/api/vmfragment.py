@@ -14,10 +14,11 @@ from spanvm.api.base import (
     cel,
     validations,
 )
-from spanvm.api.constants import API_VERSION
 from spanvm.api.spanningvm import BootSpec, FabricSpec
 
-FragmentPhase = Literal["Pending", "Starting", "Running", "Succeeded", "Failed", "Stopping", "Stopped"]
+FragmentPhase = Literal[
+    "Pending", "Starting", "Running", "Succeeded", "Failed", "Stopping", "Stopped"
+]
 
 
 def _fixed(field: str) -> dict[str, str]:
@@ -28,7 +29,9 @@ class MemoryRange(ApiModel):
     """A guest-physical range, in bytes."""
 
     start: int = Field(ge=0, description="First guest-physical byte of the range.")
-    size: int = Field(ge=4096, description="Length of the range in bytes (a multiple of the page size).")
+    size: int = Field(
+        ge=4096, description="Length of the range in bytes (a multiple of the page size)."
+    )
 
 
 class Peer(ApiModel):
@@ -37,7 +40,9 @@ class Peer(ApiModel):
     index: int = Field(ge=0, le=63, description="The peer's fragment index.")
     node_name: str = Field(max_length=253, description="Node the peer runs on.")
     endpoint: str | None = Field(
-        default=None, max_length=300, description="host:port of the peer's fabric listener, once known."
+        default=None,
+        max_length=300,
+        description="host:port of the peer's fabric listener, once known.",
     )
 
 
@@ -67,12 +72,20 @@ class VMFragmentSpec(ApiModel):
     }
 
     vm_name: str = Field(
-        max_length=253, description="The SpanningVM this fragment belongs to.", json_schema_extra=validations(_fixed("vmName"))
+        max_length=253,
+        description="The SpanningVM this fragment belongs to.",
+        json_schema_extra=validations(_fixed("vmName")),
     )
-    index: int = Field(ge=0, le=63, description="Fragment number within the VM (0 holds vCPU 0 and reports for the VM).")
+    index: int = Field(
+        ge=0,
+        le=63,
+        description="Fragment number within the VM (0 holds vCPU 0 and reports for the VM).",
+    )
     fragment_count: int = Field(ge=1, le=64, description="Number of fragments the VM has.")
     node_name: str = Field(
-        max_length=253, description="Node whose agent runs this fragment.", json_schema_extra=validations(_fixed("nodeName"))
+        max_length=253,
+        description="Node whose agent runs this fragment.",
+        json_schema_extra=validations(_fixed("nodeName")),
     )
     vcpu_ids: list[int] = Field(
         min_length=1,
@@ -81,7 +94,11 @@ class VMFragmentSpec(ApiModel):
         json_schema_extra={**validations(_fixed("vcpuIds")), "x-kubernetes-list-type": "atomic"},
     )
     vcpu_count: int = Field(ge=1, le=1024, description="vCPUs of the whole VM.")
-    memory: str = Field(max_length=64, pattern=QUANTITY_PATTERN, description="Guest memory of the whole VM (quantity).")
+    memory: str = Field(
+        max_length=64,
+        pattern=QUANTITY_PATTERN,
+        description="Guest memory of the whole VM (quantity).",
+    )
     home_memory: list[MemoryRange] = Field(
         default_factory=list,
         max_length=64,
@@ -89,9 +106,13 @@ class VMFragmentSpec(ApiModel):
         json_schema_extra={**validations(_fixed("homeMemory")), "x-kubernetes-list-type": "atomic"},
     )
     boot: BootSpec = Field(description="What the guest runs (copied from the SpanningVM).")
-    fabric: FabricSpec = Field(default_factory=FabricSpec, description="Fabric settings (copied from the SpanningVM).")
+    fabric: FabricSpec = Field(
+        default_factory=FabricSpec, description="Fabric settings (copied from the SpanningVM)."
+    )
     peers: list[Peer] | None = Field(
-        default=None, max_length=64, description="All fragments of the VM, filled once every one is placed."
+        default=None,
+        max_length=64,
+        description="All fragments of the VM, filled once every one is placed.",
     )
     secret_ref: SecretRef | None = Field(default=None, description="The per-VM fabric secret.")
     desired_state: Literal["Running", "Stopped"] = Field(
@@ -112,23 +133,33 @@ class VMFragmentStatus(ApiModel):
     """Observed state of a fragment, written by its node's agent."""
 
     phase: FragmentPhase | None = Field(default=None, description="Lifecycle phase.")
-    endpoint: str | None = Field(default=None, description="host:port of this fragment's fabric listener.")
+    endpoint: str | None = Field(
+        default=None, description="host:port of this fragment's fabric listener."
+    )
     pid: int | None = Field(default=None, description="Process id of the fragment VMM on its node.")
     started_at: datetime | None = Field(default=None, description="When the fragment VMM started.")
-    exit_code: int | None = Field(default=None, description="Guest exit code (fragment 0) or VMM exit status.")
+    exit_code: int | None = Field(
+        default=None, description="Guest exit code (fragment 0) or VMM exit status."
+    )
     message: str | None = Field(default=None, description="Why the fragment is in its phase.")
-    console_tail: str | None = Field(default=None, description="Last lines of the guest console (fragment 0).")
+    console_tail: str | None = Field(
+        default=None, description="Last lines of the guest console (fragment 0)."
+    )
     counters: FabricCounters | None = Field(default=None, description="Fabric counters.")
     conditions: list[Condition] | None = Field(
         default=None, description="Fragment conditions.", json_schema_extra=CONDITIONS_LIST_EXTRA
     )
-    observed_generation: int | None = Field(default=None, description="Last metadata.generation acted on.")
+    observed_generation: int | None = Field(
+        default=None, description="Last metadata.generation acted on."
+    )
 
 
 class VMFragment(ApiModel):
     """One fragment of a SpanningVM: some vCPUs and a home share of guest memory on one node."""
 
-    api_version: Literal["spanvm.io/v1alpha1"] = Field(default=API_VERSION, description="API version.")
+    api_version: Literal["spanvm.io/v1alpha1"] = Field(
+        default="spanvm.io/v1alpha1", description="API version."
+    )
     kind: Literal["VMFragment"] = Field(default="VMFragment", description="Kind.")
     metadata: ObjectMeta = Field(description="Standard object metadata.")
     spec: VMFragmentSpec = Field(description="Desired state.")

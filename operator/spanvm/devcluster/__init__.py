@@ -1,1 +1,1 @@
-"""The local embedded default: a real etcd + kube-apiserver + kube-controller-manager on loopback."""
+"""The local embedded default: real etcd, kube-apiserver, kube-controller-manager on loopback."""

@@ -9,19 +9,36 @@ from pathlib import Path
 
 
 def _openssl(*args: str, cwd: Path) -> None:
-    result = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
+    result = subprocess.run(
+        ["openssl", *args], cwd=cwd, capture_output=True, text=True, check=False
+    )
     if result.returncode != 0:
         raise RuntimeError(f"openssl {' '.join(args[:2])} failed: {result.stderr.strip()}")
 
 
 def _signed(directory: Path, name: str, subject: str, extensions: str) -> None:
     _openssl("genrsa", "-out", f"{name}.key", "2048", cwd=directory)
-    _openssl("req", "-new", "-key", f"{name}.key", "-subj", subject, "-out", f"{name}.csr", cwd=directory)
+    _openssl(
+        "req", "-new", "-key", f"{name}.key", "-subj", subject, "-out", f"{name}.csr", cwd=directory
+    )
     (directory / f"{name}.ext").write_text(extensions)
     _openssl(
-        "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "3650", "-sha256", "-extfile", f"{name}.ext",
-        "-out", f"{name}.crt",
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "3650",
+        "-sha256",
+        "-extfile",
+        f"{name}.ext",
+        "-out",
+        f"{name}.crt",
         cwd=directory,
     )
 
@@ -33,8 +50,18 @@ def ensure_certs(directory: Path) -> None:
         return
     _openssl("genrsa", "-out", "ca.key", "2048", cwd=directory)
     _openssl(
-        "req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=spanvm-local-ca",
-        "-days", "3650", "-sha256", "-out", "ca.crt",
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "ca.key",
+        "-subj",
+        "/CN=spanvm-local-ca",
+        "-days",
+        "3650",
+        "-sha256",
+        "-out",
+        "ca.crt",
         cwd=directory,
     )
     _signed(

@@ -30,7 +30,16 @@ from spanvm.devcluster.paths import bin_dir, cache_dir, repo_root
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager")
 # The controllers a cluster without kubelets needs: owner-reference garbage collection,
 # namespace deletion, service accounts and their tokens, aggregated cluster roles.
-CONTROLLERS = "garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,clusterrole-aggregation-controller,root-ca-certificate-publisher-controller"
+CONTROLLERS = ",".join(
+    (
+        "garbage-collector-controller",
+        "namespace-controller",
+        "serviceaccount-controller",
+        "serviceaccount-token-controller",
+        "clusterrole-aggregation-controller",
+        "root-ca-certificate-publisher-controller",
+    )
+)
 
 
 class ControlPlaneError(RuntimeError):
@@ -275,7 +284,10 @@ class ControlPlane:
                 }
             ],
             "contexts": [
-                {"name": "spanvm-local", "context": {"cluster": "spanvm-local", "user": "spanvm-admin"}}
+                {
+                    "name": "spanvm-local",
+                    "context": {"cluster": "spanvm-local", "user": "spanvm-admin"},
+                }
             ],
             "current-context": "spanvm-local",
         }

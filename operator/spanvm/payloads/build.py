@@ -22,9 +22,23 @@ from spanvm.payloads.catalog import PAYLOAD_NAMES
 SOURCE_DIR = Path(__file__).parent / "src"
 LOAD_ADDRESS = 0x200000
 CFLAGS = (
-    "-O2", "-m64", "-ffreestanding", "-fno-builtin", "-nostdlib", "-static", "-fno-pie",
-    "-no-pie", "-fno-stack-protector", "-fno-asynchronous-unwind-tables", "-mno-red-zone",
-    "-fno-pic", "-Wall", "-Wextra", "-Werror", "-Wl,--build-id=none", "-Wl,-z,noexecstack",
+    "-O2",
+    "-m64",
+    "-ffreestanding",
+    "-fno-builtin",
+    "-nostdlib",
+    "-static",
+    "-fno-pie",
+    "-no-pie",
+    "-fno-stack-protector",
+    "-fno-asynchronous-unwind-tables",
+    "-mno-red-zone",
+    "-fno-pic",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-Wl,--build-id=none",
+    "-Wl,-z,noexecstack",
 )
 
 
@@ -73,7 +87,7 @@ def source_hash() -> str:
 
 
 def _run(cmd: list[str]) -> str:
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise PayloadBuildError(f"{' '.join(cmd[:3])} ... failed:\n{result.stderr.strip()}")
     return result.stdout
@@ -84,13 +98,31 @@ def _build_one(name: str, out_dir: Path) -> None:
     elf = out_dir / f"{name}.elf"
     _run(
         [
-            os.environ.get("CC", "gcc"), *CFLAGS, "-I", str(src), "-T", str(src / "payload.ld"),
-            "-o", str(elf), str(src / "entry.S"), str(src / "runtime.c"),
+            os.environ.get("CC", "gcc"),
+            *CFLAGS,
+            "-I",
+            str(src),
+            "-T",
+            str(src / "payload.ld"),
+            "-o",
+            str(elf),
+            str(src / "entry.S"),
+            str(src / "runtime.c"),
             str(src / _source_name(name)),
         ]
     )
-    _run(["objcopy", "-O", "binary", "--only-section=.text", "--only-section=.rodata",
-          "--only-section=.data", str(elf), str(out_dir / f"{name}.bin")])
+    _run(
+        [
+            "objcopy",
+            "-O",
+            "binary",
+            "--only-section=.text",
+            "--only-section=.rodata",
+            "--only-section=.data",
+            str(elf),
+            str(out_dir / f"{name}.bin"),
+        ]
+    )
     symbols: list[tuple[int, str]] = []
     entry = end = 0
     for line in _run(["nm", "--defined-only", str(elf)]).splitlines():
@@ -101,7 +133,12 @@ def _build_one(name: str, out_dir: Path) -> None:
             end = int(address, 16)
         if kind in "tT":
             symbols.append((int(address, 16), symbol))
-    manifest = {"entry": entry, "end": end, "load_address": LOAD_ADDRESS, "symbols": sorted(symbols)}
+    manifest = {
+        "entry": entry,
+        "end": end,
+        "load_address": LOAD_ADDRESS,
+        "symbols": sorted(symbols),
+    }
     (out_dir / f"{name}.json").write_text(json.dumps(manifest))
     elf.unlink()
 

@@ -12,7 +12,14 @@ libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 libc.ioctl.restype = ctypes.c_int
 libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
 libc.munmap.restype = ctypes.c_int
 libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 libc.madvise.restype = ctypes.c_int
@@ -48,32 +55,72 @@ def _iowr(nr: int, size: int) -> int:
 
 class KvmSegment(ctypes.Structure):
     _fields_ = [
-        ("base", ctypes.c_uint64), ("limit", ctypes.c_uint32), ("selector", ctypes.c_uint16),
-        ("type", ctypes.c_uint8), ("present", ctypes.c_uint8), ("dpl", ctypes.c_uint8),
-        ("db", ctypes.c_uint8), ("s", ctypes.c_uint8), ("l", ctypes.c_uint8),
-        ("g", ctypes.c_uint8), ("avl", ctypes.c_uint8), ("unusable", ctypes.c_uint8),
+        ("base", ctypes.c_uint64),
+        ("limit", ctypes.c_uint32),
+        ("selector", ctypes.c_uint16),
+        ("type", ctypes.c_uint8),
+        ("present", ctypes.c_uint8),
+        ("dpl", ctypes.c_uint8),
+        ("db", ctypes.c_uint8),
+        ("s", ctypes.c_uint8),
+        ("l", ctypes.c_uint8),
+        ("g", ctypes.c_uint8),
+        ("avl", ctypes.c_uint8),
+        ("unusable", ctypes.c_uint8),
         ("padding", ctypes.c_uint8),
     ]
 
 
 class KvmDtable(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_uint64), ("limit", ctypes.c_uint16), ("padding", ctypes.c_uint16 * 3)]
+    _fields_ = [
+        ("base", ctypes.c_uint64),
+        ("limit", ctypes.c_uint16),
+        ("padding", ctypes.c_uint16 * 3),
+    ]
 
 
 class KvmSregs(ctypes.Structure):
     _fields_ = [
-        ("cs", KvmSegment), ("ds", KvmSegment), ("es", KvmSegment), ("fs", KvmSegment),
-        ("gs", KvmSegment), ("ss", KvmSegment), ("tr", KvmSegment), ("ldt", KvmSegment),
-        ("gdt", KvmDtable), ("idt", KvmDtable),
-        ("cr0", ctypes.c_uint64), ("cr2", ctypes.c_uint64), ("cr3", ctypes.c_uint64),
-        ("cr4", ctypes.c_uint64), ("cr8", ctypes.c_uint64), ("efer", ctypes.c_uint64),
-        ("apic_base", ctypes.c_uint64), ("interrupt_bitmap", ctypes.c_uint64 * 4),
+        ("cs", KvmSegment),
+        ("ds", KvmSegment),
+        ("es", KvmSegment),
+        ("fs", KvmSegment),
+        ("gs", KvmSegment),
+        ("ss", KvmSegment),
+        ("tr", KvmSegment),
+        ("ldt", KvmSegment),
+        ("gdt", KvmDtable),
+        ("idt", KvmDtable),
+        ("cr0", ctypes.c_uint64),
+        ("cr2", ctypes.c_uint64),
+        ("cr3", ctypes.c_uint64),
+        ("cr4", ctypes.c_uint64),
+        ("cr8", ctypes.c_uint64),
+        ("efer", ctypes.c_uint64),
+        ("apic_base", ctypes.c_uint64),
+        ("interrupt_bitmap", ctypes.c_uint64 * 4),
     ]
 
 
 REG_NAMES = (
-    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
-    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags",
+    "rax",
+    "rbx",
+    "rcx",
+    "rdx",
+    "rsi",
+    "rdi",
+    "rsp",
+    "rbp",
+    "r8",
+    "r9",
+    "r10",
+    "r11",
+    "r12",
+    "r13",
+    "r14",
+    "r15",
+    "rip",
+    "rflags",
 )
 
 
@@ -83,16 +130,24 @@ class KvmRegs(ctypes.Structure):
 
 class KvmUserspaceMemoryRegion(ctypes.Structure):
     _fields_ = [
-        ("slot", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("guest_phys_addr", ctypes.c_uint64),
-        ("memory_size", ctypes.c_uint64), ("userspace_addr", ctypes.c_uint64),
+        ("slot", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("guest_phys_addr", ctypes.c_uint64),
+        ("memory_size", ctypes.c_uint64),
+        ("userspace_addr", ctypes.c_uint64),
     ]
 
 
 class KvmCpuidEntry2(ctypes.Structure):
     _fields_ = [
-        ("function", ctypes.c_uint32), ("index", ctypes.c_uint32), ("flags", ctypes.c_uint32),
-        ("eax", ctypes.c_uint32), ("ebx", ctypes.c_uint32), ("ecx", ctypes.c_uint32),
-        ("edx", ctypes.c_uint32), ("padding", ctypes.c_uint32 * 3),
+        ("function", ctypes.c_uint32),
+        ("index", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("eax", ctypes.c_uint32),
+        ("ebx", ctypes.c_uint32),
+        ("ecx", ctypes.c_uint32),
+        ("edx", ctypes.c_uint32),
+        ("padding", ctypes.c_uint32 * 3),
     ]
 
 
@@ -101,7 +156,8 @@ MAX_CPUID_ENTRIES = 256
 
 class KvmCpuid2(ctypes.Structure):
     _fields_ = [
-        ("nent", ctypes.c_uint32), ("padding", ctypes.c_uint32),
+        ("nent", ctypes.c_uint32),
+        ("padding", ctypes.c_uint32),
         ("entries", KvmCpuidEntry2 * MAX_CPUID_ENTRIES),
     ]
 
@@ -114,23 +170,33 @@ class KvmRunHeader(ctypes.Structure):
     """The fixed head of `struct kvm_run` (the exit union starts at offset 32)."""
 
     _fields_ = [
-        ("request_interrupt_window", ctypes.c_uint8), ("immediate_exit", ctypes.c_uint8),
-        ("padding1", ctypes.c_uint8 * 6), ("exit_reason", ctypes.c_uint32),
-        ("ready_for_interrupt_injection", ctypes.c_uint8), ("if_flag", ctypes.c_uint8),
-        ("flags", ctypes.c_uint16), ("cr8", ctypes.c_uint64), ("apic_base", ctypes.c_uint64),
+        ("request_interrupt_window", ctypes.c_uint8),
+        ("immediate_exit", ctypes.c_uint8),
+        ("padding1", ctypes.c_uint8 * 6),
+        ("exit_reason", ctypes.c_uint32),
+        ("ready_for_interrupt_injection", ctypes.c_uint8),
+        ("if_flag", ctypes.c_uint8),
+        ("flags", ctypes.c_uint16),
+        ("cr8", ctypes.c_uint64),
+        ("apic_base", ctypes.c_uint64),
     ]
 
 
 class KvmRunIo(ctypes.Structure):
     _fields_ = [
-        ("direction", ctypes.c_uint8), ("size", ctypes.c_uint8), ("port", ctypes.c_uint16),
-        ("count", ctypes.c_uint32), ("data_offset", ctypes.c_uint64),
+        ("direction", ctypes.c_uint8),
+        ("size", ctypes.c_uint8),
+        ("port", ctypes.c_uint16),
+        ("count", ctypes.c_uint32),
+        ("data_offset", ctypes.c_uint64),
     ]
 
 
 class KvmRunMmio(ctypes.Structure):
     _fields_ = [
-        ("phys_addr", ctypes.c_uint64), ("data", ctypes.c_uint8 * 8), ("len", ctypes.c_uint32),
+        ("phys_addr", ctypes.c_uint64),
+        ("data", ctypes.c_uint8 * 8),
+        ("len", ctypes.c_uint32),
         ("is_write", ctypes.c_uint8),
     ]
 
@@ -140,11 +206,19 @@ class KvmRunFailEntry(ctypes.Structure):
 
 
 class KvmRunInternal(ctypes.Structure):
-    _fields_ = [("suberror", ctypes.c_uint32), ("ndata", ctypes.c_uint32), ("data", ctypes.c_uint64 * 16)]
+    _fields_ = [
+        ("suberror", ctypes.c_uint32),
+        ("ndata", ctypes.c_uint32),
+        ("data", ctypes.c_uint64 * 16),
+    ]
 
 
 class KvmRunSystemEvent(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_uint32), ("ndata", ctypes.c_uint32), ("data", ctypes.c_uint64 * 16)]
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("ndata", ctypes.c_uint32),
+        ("data", ctypes.c_uint64 * 16),
+    ]
 
 
 KVM_EXIT_UNION_OFFSET = 32
@@ -170,16 +244,40 @@ KVM_API_VERSION = 12
 KVM_MP_STATE_RUNNABLE = 0
 
 CAPABILITIES = {
-    "IRQCHIP": 0, "HLT": 1, "USER_MEMORY": 3, "SET_TSS_ADDR": 4, "NR_VCPUS": 9,
-    "NR_MEMSLOTS": 10, "MP_STATE": 14, "SPLIT_IRQCHIP": 121, "IMMEDIATE_EXIT": 136,
-    "SIGNAL_MSI": 77, "MAX_VCPUS": 66,
+    "IRQCHIP": 0,
+    "HLT": 1,
+    "USER_MEMORY": 3,
+    "SET_TSS_ADDR": 4,
+    "NR_VCPUS": 9,
+    "NR_MEMSLOTS": 10,
+    "MP_STATE": 14,
+    "SPLIT_IRQCHIP": 121,
+    "IMMEDIATE_EXIT": 136,
+    "SIGNAL_MSI": 77,
+    "MAX_VCPUS": 66,
 }
 
 EXIT_REASONS = {
-    0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG", 5: "HLT", 6: "MMIO",
-    7: "IRQ_WINDOW_OPEN", 8: "SHUTDOWN", 9: "FAIL_ENTRY", 10: "INTR", 11: "SET_TPR",
-    12: "TPR_ACCESS", 17: "INTERNAL_ERROR", 24: "SYSTEM_EVENT", 25: "IOAPIC_EOI",
-    29: "X86_RDMSR", 30: "X86_WRMSR", 33: "X86_BUS_LOCK", 37: "NOTIFY",
+    0: "UNKNOWN",
+    1: "EXCEPTION",
+    2: "IO",
+    3: "HYPERCALL",
+    4: "DEBUG",
+    5: "HLT",
+    6: "MMIO",
+    7: "IRQ_WINDOW_OPEN",
+    8: "SHUTDOWN",
+    9: "FAIL_ENTRY",
+    10: "INTR",
+    11: "SET_TPR",
+    12: "TPR_ACCESS",
+    17: "INTERNAL_ERROR",
+    24: "SYSTEM_EVENT",
+    25: "IOAPIC_EOI",
+    29: "X86_RDMSR",
+    30: "X86_WRMSR",
+    33: "X86_BUS_LOCK",
+    37: "NOTIFY",
 }
 KVM_EXIT_IO, KVM_EXIT_MMIO, KVM_EXIT_HLT, KVM_EXIT_SHUTDOWN = 2, 6, 5, 8
 KVM_EXIT_FAIL_ENTRY, KVM_EXIT_INTR, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SYSTEM_EVENT = 9, 10, 17, 24
@@ -194,7 +292,12 @@ class KvmError(OSError):
     """A KVM ioctl failed; the message names the ioctl."""
 
 
-def ioctl(fd: int, request: int, arg: int | ctypes.Structure | ctypes.Array[ctypes.c_char] | None = None, what: str = "") -> int:
+def ioctl(
+    fd: int,
+    request: int,
+    arg: int | ctypes.Structure | ctypes.Array[ctypes.c_char] | None = None,
+    what: str = "",
+) -> int:
     """Call ioctl(2); raise KvmError naming `what` on failure, else return the result."""
     if isinstance(arg, ctypes.Structure | ctypes.Array):
         pointer: int | None = ctypes.addressof(arg)

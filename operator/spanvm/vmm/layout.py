@@ -78,10 +78,17 @@ class BootInfo(ctypes.Structure):
     """The boot-info page of one vCPU; mirrors `struct spanvm_bootinfo` in spanvm.h."""
 
     _fields_ = [
-        ("magic", ctypes.c_uint64), ("vcpu_id", ctypes.c_uint32), ("vcpu_count", ctypes.c_uint32),
-        ("ram_size", ctypes.c_uint64), ("mmio_base", ctypes.c_uint64), ("arg", ctypes.c_uint64),
-        ("stack_top", ctypes.c_uint64), ("nr_ranges", ctypes.c_uint32), ("reserved", ctypes.c_uint32),
-        ("heap", HeapRange * MAX_HEAP_RANGES), ("self", ctypes.c_uint64),
+        ("magic", ctypes.c_uint64),
+        ("vcpu_id", ctypes.c_uint32),
+        ("vcpu_count", ctypes.c_uint32),
+        ("ram_size", ctypes.c_uint64),
+        ("mmio_base", ctypes.c_uint64),
+        ("arg", ctypes.c_uint64),
+        ("stack_top", ctypes.c_uint64),
+        ("nr_ranges", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+        ("heap", HeapRange * MAX_HEAP_RANGES),
+        ("self", ctypes.c_uint64),
     ]
 
 
@@ -105,7 +112,9 @@ class GuestLayout:
     heap: tuple[tuple[int, int], ...]
 
     @classmethod
-    def plan(cls, memory_size: int, vcpu_count: int, image_end: int, ranges: tuple[RamRange, ...]) -> "GuestLayout":
+    def plan(
+        cls, memory_size: int, vcpu_count: int, image_end: int, ranges: tuple[RamRange, ...]
+    ) -> "GuestLayout":
         """Check the sizes fit and place stacks and heap after the image."""
         if memory_size % LARGE_PAGE:
             raise LayoutError(f"memory must be a multiple of 2Mi, got {memory_size} bytes")
@@ -172,7 +181,12 @@ def _page_tables(layout: GuestLayout) -> dict[int, bytes]:
 
 
 def _gdt() -> bytes:
-    low = (TSS_SIZE - 1) | ((TSS_BASE & 0xFFFFFF) << 16) | (0x8B << 40) | (((TSS_BASE >> 24) & 0xFF) << 56)
+    low = (
+        (TSS_SIZE - 1)
+        | ((TSS_BASE & 0xFFFFFF) << 16)
+        | (0x8B << 40)
+        | (((TSS_BASE >> 24) & 0xFF) << 56)
+    )
     high = TSS_BASE >> 32
     return struct.pack(f"<{len(GDT_ENTRIES) + 2}Q", *GDT_ENTRIES, low, high)
 
@@ -191,9 +205,14 @@ def write_system_area(memory: GuestMemory, layout: GuestLayout, arg: int) -> Non
         memory.write(gpa, page)
     for vcpu in range(layout.vcpu_count):
         info = BootInfo(
-            magic=BOOTINFO_MAGIC, vcpu_id=vcpu, vcpu_count=layout.vcpu_count,
-            ram_size=layout.memory_size, mmio_base=MMIO_BASE, arg=arg,
-            stack_top=layout.stack_top(vcpu), nr_ranges=len(layout.heap),
+            magic=BOOTINFO_MAGIC,
+            vcpu_id=vcpu,
+            vcpu_count=layout.vcpu_count,
+            ram_size=layout.memory_size,
+            mmio_base=MMIO_BASE,
+            arg=arg,
+            stack_top=layout.stack_top(vcpu),
+            nr_ranges=len(layout.heap),
             self=layout.bootinfo_address(vcpu),
         )
         for i, (start, end) in enumerate(layout.heap):
@@ -203,8 +222,16 @@ def write_system_area(memory: GuestMemory, layout: GuestLayout, arg: int) -> Non
 
 def _segment(selector: int, code: bool) -> kvm_abi.KvmSegment:
     return kvm_abi.KvmSegment(
-        base=0, limit=0xFFFFFFFF, selector=selector, type=0xB if code else 0x3, present=1,
-        dpl=3, db=0 if code else 1, s=1, l=1 if code else 0, g=1,
+        base=0,
+        limit=0xFFFFFFFF,
+        selector=selector,
+        type=0xB if code else 0x3,
+        present=1,
+        dpl=3,
+        db=0 if code else 1,
+        s=1,
+        l=1 if code else 0,
+        g=1,
     )
 
 
@@ -215,7 +242,9 @@ def user_mode_sregs(sregs: kvm_abi.KvmSregs, bootinfo_address: int) -> None:
     for name in ("ds", "es", "fs", "gs", "ss"):
         setattr(sregs, name, _segment(SEL_USER_DATA, code=False))
     sregs.fs.base = bootinfo_address
-    sregs.tr = kvm_abi.KvmSegment(base=TSS_BASE, limit=TSS_SIZE - 1, selector=SEL_TSS, type=0xB, present=1)
+    sregs.tr = kvm_abi.KvmSegment(
+        base=TSS_BASE, limit=TSS_SIZE - 1, selector=SEL_TSS, type=0xB, present=1
+    )
     sregs.ldt = kvm_abi.KvmSegment(type=2, present=1, unusable=1)
     sregs.gdt.base, sregs.gdt.limit = GDT_BASE, (len(GDT_ENTRIES) + 2) * 8 - 1
     sregs.idt.base, sregs.idt.limit = 0, 0
@@ -228,6 +257,8 @@ def user_mode_sregs(sregs: kvm_abi.KvmSregs, bootinfo_address: int) -> None:
 def user_mode_regs(layout: GuestLayout, vcpu_id: int, entry: int) -> kvm_abi.KvmRegs:
     """General registers at the payload's entry: rip, its stack, rdi = its boot-info page."""
     return kvm_abi.KvmRegs(
-        rip=entry, rsp=layout.stack_top(vcpu_id), rflags=RFLAGS_RESERVED,
+        rip=entry,
+        rsp=layout.stack_top(vcpu_id),
+        rflags=RFLAGS_RESERVED,
         rdi=layout.bootinfo_address(vcpu_id),
     )

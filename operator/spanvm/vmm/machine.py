@@ -7,6 +7,7 @@ the vCPU and its registers. A stop interrupts running vCPUs with SIGUSR1 plus
 `immediate_exit`, so no vCPU is left in the guest.
 """
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -21,7 +22,7 @@ from spanvm.payloads.build import PayloadImage
 from spanvm.vmm import kvm_abi, layout
 from spanvm.vmm.console import Console
 from spanvm.vmm.layout import Doorbell, GuestLayout
-from spanvm.vmm.memory import GuestMemory
+from spanvm.vmm.memory import GuestMemory, ram_ranges
 
 KVM_DEVICE = "/dev/kvm"
 KICK_SIGNAL = signal.SIGUSR1
@@ -67,9 +68,13 @@ def kvm_capabilities(device: str = KVM_DEVICE) -> dict[str, int]:
     """KVM_CHECK_EXTENSION for the capabilities spanvm cares about, plus the API version."""
     fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
     try:
-        caps = {"API_VERSION": kvm_abi.ioctl(fd, kvm_abi.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")}
+        caps = {
+            "API_VERSION": kvm_abi.ioctl(fd, kvm_abi.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+        }
         for name, number in kvm_abi.CAPABILITIES.items():
-            caps[name] = kvm_abi.ioctl(fd, kvm_abi.KVM_CHECK_EXTENSION, number, "KVM_CHECK_EXTENSION")
+            caps[name] = kvm_abi.ioctl(
+                fd, kvm_abi.KVM_CHECK_EXTENSION, number, "KVM_CHECK_EXTENSION"
+            )
         return caps
     finally:
         os.close(fd)
@@ -84,7 +89,9 @@ class Vcpu:
 
     def __init__(self, vm_fd: int, vcpu_id: int, mmap_size: int) -> None:
         self.id = vcpu_id
-        self.fd = kvm_abi.ioctl(vm_fd, kvm_abi.KVM_CREATE_VCPU, vcpu_id, f"KVM_CREATE_VCPU {vcpu_id}")
+        self.fd = kvm_abi.ioctl(
+            vm_fd, kvm_abi.KVM_CREATE_VCPU, vcpu_id, f"KVM_CREATE_VCPU {vcpu_id}"
+        )
         self.mmap_size = mmap_size
         self.run_address = kvm_abi.mmap_fd(self.fd, mmap_size)
         self.run = kvm_abi.KvmRunHeader.from_address(self.run_address)
@@ -108,7 +115,9 @@ class Vcpu:
 class Machine:
     """One VM in this process. Use as a context manager; `run()` once."""
 
-    def __init__(self, config: VmConfig, console_sink: Callable[[bytes], None] | None = None) -> None:
+    def __init__(
+        self, config: VmConfig, console_sink: Callable[[bytes], None] | None = None
+    ) -> None:
         self.config = config
         self.console = Console(console_sink)
         self.vcpus: dict[int, Vcpu] = {}
@@ -129,17 +138,21 @@ class Machine:
     def _build(self) -> None:
         cfg = self.config
         image_bytes = cfg.image.path.read_bytes()
-        local = cfg.local_vcpus if cfg.local_vcpus is not None else tuple(range(cfg.vcpu_count))
-        if not local or any(not 0 <= v < cfg.vcpu_count for v in local):
-            raise VmError(f"local vCPUs {local} must be a non-empty subset of 0..{cfg.vcpu_count - 1}")
-        self.memory = GuestMemory(cfg.memory_size)
         try:
             plan = GuestLayout.plan(
-                cfg.memory_size, cfg.vcpu_count,
-                max(cfg.image.end, layout.IMAGE_BASE + len(image_bytes)), self.memory.ranges,
+                cfg.memory_size,
+                cfg.vcpu_count,
+                max(cfg.image.end, layout.IMAGE_BASE + len(image_bytes)),
+                ram_ranges(cfg.memory_size),
             )
         except layout.LayoutError as err:
             raise VmError(str(err)) from None
+        local = cfg.local_vcpus if cfg.local_vcpus is not None else tuple(range(cfg.vcpu_count))
+        if not local or any(not 0 <= v < cfg.vcpu_count for v in local):
+            raise VmError(
+                f"local vCPUs {local} must be a non-empty subset of 0..{cfg.vcpu_count - 1}"
+            )
+        self.memory = GuestMemory(cfg.memory_size)
         self.layout = plan
         try:
             self._kvm_fd = os.open(cfg.device, os.O_RDWR | os.O_CLOEXEC)
@@ -147,21 +160,35 @@ class Machine:
             raise VmError(f"cannot open {cfg.device}: {err.strerror}") from None
         version = kvm_abi.ioctl(self._kvm_fd, kvm_abi.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
         if version != kvm_abi.KVM_API_VERSION:
-            raise VmError(f"{cfg.device} speaks KVM API {version}, expected {kvm_abi.KVM_API_VERSION}")
+            raise VmError(
+                f"{cfg.device} speaks KVM API {version}, expected {kvm_abi.KVM_API_VERSION}"
+            )
         self._vm_fd = kvm_abi.ioctl(self._kvm_fd, kvm_abi.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
         kvm_abi.ioctl(self._vm_fd, kvm_abi.KVM_SET_TSS_ADDR, TSS_ADDR, "KVM_SET_TSS_ADDR")
         kvm_abi.ioctl(self._vm_fd, kvm_abi.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
         for slot, ram in enumerate(self.memory.ranges):
             region = kvm_abi.KvmUserspaceMemoryRegion(
-                slot=slot, flags=0, guest_phys_addr=ram.gpa, memory_size=ram.size,
+                slot=slot,
+                flags=0,
+                guest_phys_addr=ram.gpa,
+                memory_size=ram.size,
                 userspace_addr=self.memory.host_address + ram.host_offset,
             )
-            kvm_abi.ioctl(self._vm_fd, kvm_abi.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
+            kvm_abi.ioctl(
+                self._vm_fd,
+                kvm_abi.KVM_SET_USER_MEMORY_REGION,
+                region,
+                "KVM_SET_USER_MEMORY_REGION",
+            )
         self.memory.write(cfg.image.load_address, image_bytes)
         layout.write_system_area(self.memory, plan, cfg.arg)
-        mmap_size = kvm_abi.ioctl(self._kvm_fd, kvm_abi.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
+        mmap_size = kvm_abi.ioctl(
+            self._kvm_fd, kvm_abi.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE"
+        )
         cpuid = kvm_abi.KvmCpuid2(nent=kvm_abi.MAX_CPUID_ENTRIES)
-        kvm_abi.ioctl(self._kvm_fd, kvm_abi.KVM_GET_SUPPORTED_CPUID, cpuid, "KVM_GET_SUPPORTED_CPUID")
+        kvm_abi.ioctl(
+            self._kvm_fd, kvm_abi.KVM_GET_SUPPORTED_CPUID, cpuid, "KVM_GET_SUPPORTED_CPUID"
+        )
         for vcpu_id in sorted(local):
             vcpu = Vcpu(self._vm_fd, vcpu_id, mmap_size)
             self.vcpus[vcpu_id] = vcpu
@@ -201,10 +228,15 @@ class Machine:
         timed_out = False
         try:
             for vcpu in self.vcpus.values():
-                vcpu.thread = threading.Thread(target=self._vcpu_loop, args=(vcpu,), name=f"vcpu-{vcpu.id}", daemon=True)
+                vcpu.thread = threading.Thread(
+                    target=self._vcpu_loop, args=(vcpu,), name=f"vcpu-{vcpu.id}", daemon=True
+                )
                 vcpu.thread.start()
             while not self._stop.wait(0.05):
-                if idle_timeout is not None and time.monotonic() - self.console.last_output > idle_timeout:
+                if (
+                    idle_timeout is not None
+                    and time.monotonic() - self.console.last_output > idle_timeout
+                ):
                     timed_out = True
                     self._request_stop()
                     break
@@ -224,9 +256,12 @@ class Machine:
                 signal.signal(KICK_SIGNAL, previous)
         return VmResult(
             exit_code=self._exit_code if self._error is None else None,
-            error=self._error, timed_out=timed_out, console=self.console.text,
+            error=self._error,
+            timed_out=timed_out,
+            console=self.console.text,
             wall_seconds=time.monotonic() - started,
-            exits=sum(v.exits for v in self.vcpus.values()), marks=list(self.marks),
+            exits=sum(v.exits for v in self.vcpus.values()),
+            marks=list(self.marks),
         )
 
     def _join(self) -> None:
@@ -245,10 +280,8 @@ class Machine:
         vcpu.run.immediate_exit = 1
         thread = vcpu.thread
         if thread is not None and thread.is_alive() and thread.ident is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 signal.pthread_kill(thread.ident, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass
 
     def _fail(self, message: str) -> None:
         with self._lock:
@@ -291,16 +324,27 @@ class Machine:
                 data = ctypes.string_at(vcpu.run_address + io.data_offset, io.count)
                 self.console.write(data)
                 return True
-            self._fail(self._describe(vcpu, f"unexpected port I/O {'out' if io.direction else 'in'} port {io.port:#x} size {io.size}"))
+            self._fail(
+                self._describe(
+                    vcpu,
+                    f"unexpected port I/O {'out' if io.direction else 'in'}"
+                    f" port {io.port:#x} size {io.size}",
+                )
+            )
             return False
         if reason == kvm_abi.KVM_EXIT_INTR:
             return True
         if reason == kvm_abi.KVM_EXIT_SHUTDOWN:
-            detail = "KVM_EXIT_SHUTDOWN (triple fault: the guest took an exception it has no handler for)"
+            detail = (
+                "KVM_EXIT_SHUTDOWN (triple fault: the guest took an exception"
+                " it has no handler for)"
+            )
         elif reason == kvm_abi.KVM_EXIT_FAIL_ENTRY:
             fail = vcpu.exit_union(kvm_abi.KvmRunFailEntry)
             assert isinstance(fail, kvm_abi.KvmRunFailEntry)
-            detail = f"KVM_EXIT_FAIL_ENTRY (hardware reason {fail.hardware_entry_failure_reason:#x})"
+            detail = (
+                f"KVM_EXIT_FAIL_ENTRY (hardware reason {fail.hardware_entry_failure_reason:#x})"
+            )
         elif reason == kvm_abi.KVM_EXIT_INTERNAL_ERROR:
             internal = vcpu.exit_union(kvm_abi.KvmRunInternal)
             assert isinstance(internal, kvm_abi.KvmRunInternal)
@@ -314,7 +358,13 @@ class Machine:
         offset = mmio.phys_addr - layout.MMIO_BASE
         if not mmio.is_write or not 0 <= offset < layout.MMIO_SIZE:
             kind = "write to" if mmio.is_write else "read from"
-            self._fail(self._describe(vcpu, f"guest {kind} unmapped guest-physical address {mmio.phys_addr:#x} ({mmio.len} bytes)"))
+            self._fail(
+                self._describe(
+                    vcpu,
+                    f"guest {kind} unmapped guest-physical address {mmio.phys_addr:#x}"
+                    f" ({mmio.len} bytes)",
+                )
+            )
             return False
         value = int.from_bytes(bytes(mmio.data)[: mmio.len], "little")
         if offset == Doorbell.WRITE:
@@ -323,7 +373,12 @@ class Machine:
                 assert self.memory is not None
                 self.console.write(self.memory.read(address, length))
             except ValueError:
-                self._fail(self._describe(vcpu, f"console write of {length} bytes at {address:#x} is outside guest RAM"))
+                self._fail(
+                    self._describe(
+                        vcpu,
+                        f"console write of {length} bytes at {address:#x} is outside guest RAM",
+                    )
+                )
                 return False
         elif offset == Doorbell.PUTC:
             self.console.write(bytes([value & 0xFF]))
@@ -383,5 +438,10 @@ class Machine:
     def __enter__(self) -> "Machine":
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()

@@ -67,6 +67,8 @@ class GuestMemory:
         offset = self.host_offset(gpa, length)
         return ctypes.string_at(self.host_address + offset, length)
 
-    def write_struct(self, gpa: int, value: ctypes.Structure | ctypes.Array[ctypes.c_uint64]) -> None:
+    def write_struct(
+        self, gpa: int, value: ctypes.Structure | ctypes.Array[ctypes.c_uint64]
+    ) -> None:
         """Copy a ctypes structure into guest RAM."""
         self.write(gpa, bytes(value))

@@ -1,0 +1,125 @@
+"""The `spanvm` command line: run a guest locally, report KVM capabilities, write the CRDs."""
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from spanvm.api.quantity import parse_memory
+from spanvm.payloads.build import PayloadBuildError, PayloadImage, payload_image
+from spanvm.payloads.catalog import PAYLOAD_NAMES, PAYLOADS
+from spanvm.vmm.layout import MAX_VCPUS
+from spanvm.vmm.machine import Machine, VmConfig, VmError, kvm_capabilities
+
+EXIT_USAGE = 2
+EXIT_VM_ERROR = 70
+EXIT_TIMEOUT = 124
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _resolve_image(payload: str) -> PayloadImage:
+    if payload in PAYLOADS:
+        return payload_image(payload)
+    path = Path(payload)
+    if not path.is_file():
+        raise UsageError(
+            f"no payload named {payload!r} and no file at that path"
+            f" (payloads: {', '.join(PAYLOAD_NAMES)})"
+        )
+    if path.stat().st_size == 0:
+        raise UsageError(f"{payload} is empty")
+    return PayloadImage.flat(path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run one guest in this process and stream its console; exit with the guest's code."""
+    try:
+        memory = parse_memory(args.memory)
+    except ValueError as err:
+        raise UsageError(f"--memory: {err}") from None
+    if not 1 <= args.vcpus <= MAX_VCPUS:
+        raise UsageError(f"--vcpus must be between 1 and {MAX_VCPUS}, got {args.vcpus}")
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout must be positive, got {args.timeout}")
+    info = PAYLOADS.get(args.payload)
+    if info and args.vcpus < info.min_vcpus:
+        raise UsageError(f"payload {info.name} needs --vcpus >= {info.min_vcpus}")
+    if args.arg is not None and args.arg < 0:
+        raise UsageError(f"--arg must be >= 0, got {args.arg}")
+    image = _resolve_image(args.payload)
+    arg = args.arg if args.arg is not None else (info.default_arg if info else 0)
+
+    def sink(data: bytes) -> None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+    with Machine(VmConfig(memory, args.vcpus, image, arg), console_sink=sink) as machine:
+        result = machine.run(idle_timeout=args.timeout)
+    if result.error:
+        print(
+            f"spanvm: {'timeout' if result.timed_out else 'vm error'}: {result.error}",
+            file=sys.stderr,
+        )
+        return EXIT_TIMEOUT if result.timed_out else EXIT_VM_ERROR
+    assert result.exit_code is not None
+    return result.exit_code & 0xFF
+
+
+def cmd_kvm_info(_args: argparse.Namespace) -> int:
+    """Print KVM_CHECK_EXTENSION results for the capabilities spanvm uses."""
+    for name, value in kvm_capabilities().items():
+        print(f"{name:16} {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="spanvm", description="spanvm: KVM virtual machines spanning several nodes"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="run a guest payload locally under KVM")
+    run.add_argument(
+        "payload", help=f"payload name ({', '.join(PAYLOAD_NAMES)}) or path of a flat binary"
+    )
+    run.add_argument("--vcpus", type=int, default=1, help="virtual CPUs (default 1)")
+    run.add_argument("--memory", default="256Mi", help="guest memory quantity (default 256Mi)")
+    run.add_argument(
+        "--arg", type=int, default=None, help="payload argument (default: the payload's)"
+    )
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="stop a guest that neither exits nor prints for this many seconds (default 30)",
+    )
+    run.set_defaults(func=cmd_run)
+    info = sub.add_parser("kvm-info", help="show the KVM capabilities spanvm uses")
+    info.set_defaults(func=cmd_kvm_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `spanvm` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except UsageError as err:
+        print(f"spanvm: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (VmError, PayloadBuildError) as err:
+        print(f"spanvm: error: {err}", file=sys.stderr)
+        return EXIT_VM_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Tiny hand-assembled flat guest binaries for testing the monitor's error paths."""
+
+import struct
+
+from spanvm.vmm.layout import MMIO_BASE, Doorbell
+
+
+def store_to(address: int, value: int) -> bytes:
+    """movabs rax, address; mov qword [rax], value (sign-extended imm32)."""
+    return b"\x48\xb8" + struct.pack("<Q", address) + b"\x48\xc7\x00" + struct.pack("<i", value)
+
+
+def load_from(address: int) -> bytes:
+    """movabs rax, address; mov rbx, [rax]."""
+    return b"\x48\xb8" + struct.pack("<Q", address) + b"\x48\x8b\x18"
+
+
+SPIN = b"\xeb\xfe"  # jmp .
+HLT = b"\xf4"  # privileged: faults at CPL3
+EXIT_7 = store_to(MMIO_BASE + Doorbell.EXIT, 7) + SPIN
+UNKNOWN_DOORBELL = store_to(MMIO_BASE + 0x100, 1) + SPIN
+MMIO_READ = load_from(MMIO_BASE + Doorbell.EXIT) + SPIN
+PORT_OUT = b"\xb0\x41\xe6\x80" + SPIN  # mov al, 'A'; out 0x80, al -> #GP (IOPL 0) -> shutdown

@@ -1,0 +1,88 @@
+"""`spanvm run`: streams the console, exits with the guest's code, one clear line on bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from guest_code import EXIT_7, HLT, SPIN
+from spanvm.devcluster.paths import repo_root
+
+pytestmark = pytest.mark.kvm
+
+
+def spanvm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(repo_root() / "operator")}
+    return subprocess.run(
+        [sys.executable, "-m", "spanvm.cli", *args],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_run_streams_console_and_exits_zero() -> None:
+    result = spanvm("run", "--vcpus", "2", "--memory", "256Mi", "smp-counter")
+    assert result.returncode == 0, result.stderr
+    assert "smp-counter: vcpus=2 n=100000 total=200000 expected=200000 OK" in result.stdout
+
+
+def test_run_flat_binary_exit_code(tmp_path: Path) -> None:
+    path = tmp_path / "exit7.bin"
+    path.write_bytes(EXIT_7)
+    assert spanvm("run", "--memory", "16Mi", str(path)).returncode == 7
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["run", "--memory", "lots", "hello"], "--memory: 'lots' is not a quantity"),
+        (["run", "--memory", "100M", "hello"], "--memory: '100M' is not a multiple of 2Mi"),
+        (["run", "--vcpus", "0", "hello"], "--vcpus must be between 1 and"),
+        (["run", "--vcpus", "two", "hello"], "argument --vcpus: invalid int value"),
+        (["run", "/no/such/file"], "no payload named '/no/such/file' and no file at that path"),
+        (["run", "--vcpus", "1", "mp-litmus"], "payload mp-litmus needs --vcpus >= 2"),
+        (["run", "--timeout", "0", "hello"], "--timeout must be positive"),
+        (["run", "--arg", "-1", "smp-counter"], "--arg must be >= 0"),
+    ],
+)
+def test_bad_arguments_give_one_clear_line(args: list[str], needle: str) -> None:
+    result = spanvm(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_payload_larger_than_memory(tmp_path: Path) -> None:
+    path = tmp_path / "big.bin"
+    path.write_bytes(b"\x90" * (20 << 20))
+    result = spanvm("run", "--memory", "16Mi", str(path))
+    assert result.returncode == 70
+    assert result.stderr.strip().splitlines() == [
+        "spanvm: error: payload image (20971520 bytes) and 1 vCPU stacks"
+        " do not fit in 16 MiB of guest memory"
+    ]
+
+
+def test_silent_guest_times_out_saying_where(tmp_path: Path) -> None:
+    path = tmp_path / "spin.bin"
+    path.write_bytes(SPIN)
+    result = spanvm("run", "--timeout", "1", "--vcpus", "2", str(path))
+    assert result.returncode == 124
+    assert "neither exited nor printed for 1s" in result.stderr
+    assert "vCPU 0: rip=0x200000" in result.stderr and "vCPU 1: rip=0x200000" in result.stderr
+
+
+def test_faulting_guest_is_a_vm_error(tmp_path: Path) -> None:
+    path = tmp_path / "hlt.bin"
+    path.write_bytes(HLT)
+    result = spanvm("run", str(path))
+    assert result.returncode == 70
+    assert (
+        "vm error: vCPU 0: KVM_EXIT_SHUTDOWN" in result.stderr and "Traceback" not in result.stderr
+    )
