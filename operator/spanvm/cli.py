@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from spanvm.api.quantity import parse_memory
+from spanvm.fabric.fragment import main as fragment_main
+from spanvm.fabric.launcher import LaunchError, launch, split_vcpus
 from spanvm.payloads.build import PayloadBuildError, PayloadImage, payload_image
 from spanvm.payloads.catalog import PAYLOAD_NAMES, PAYLOADS
 from spanvm.vmm.layout import MAX_VCPUS
@@ -62,6 +64,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
 
+    if args.fragments > 1 or args.netns:
+        return _run_fragments(args, memory, arg)
     with Machine(VmConfig(memory, args.vcpus, image, arg), console_sink=sink) as machine:
         result = machine.run(idle_timeout=args.timeout)
     if result.error:
@@ -72,6 +76,32 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_TIMEOUT if result.timed_out else EXIT_VM_ERROR
     assert result.exit_code is not None
     return result.exit_code & 0xFF
+
+
+def _run_fragments(args: argparse.Namespace, memory: int, arg: int) -> int:
+    """The guest split over local fragment processes joined by the fabric."""
+    try:
+        split_vcpus(args.vcpus, args.fragments)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    try:
+        with launch(
+            args.payload,
+            args.vcpus,
+            memory,
+            args.fragments,
+            arg=arg,
+            idle_timeout=args.timeout,
+            netns=args.netns,
+        ) as vm:
+            return vm.wait()
+    except (LaunchError, RuntimeError) as err:
+        raise VmError(str(err)) from None
+
+
+def cmd_fragment(args: argparse.Namespace) -> int:
+    """One fragment process (started by `spanvm run --fragments` or the node agent)."""
+    return fragment_main(args.status_fd)
 
 
 def cmd_kvm_info(_args: argparse.Namespace) -> int:
@@ -101,7 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="stop a guest that neither exits nor prints for this many seconds (default 30)",
     )
+    run.add_argument(
+        "--fragments",
+        type=int,
+        default=1,
+        help="split the guest over this many local fragment processes (default 1: in process)",
+    )
+    run.add_argument(
+        "--netns",
+        action="store_true",
+        help="run each fragment in its own network namespace (veth + bridge); needs root",
+    )
     run.set_defaults(func=cmd_run)
+    frag = sub.add_parser("fragment", help="run one fragment (configuration as JSON on stdin)")
+    frag.add_argument("--status-fd", type=int, default=None, help="write JSON progress lines here")
+    frag.set_defaults(func=cmd_fragment)
     info = sub.add_parser("kvm-info", help="show the KVM capabilities spanvm uses")
     info.set_defaults(func=cmd_kvm_info)
     return parser

@@ -44,6 +44,9 @@ class VmConfig:
     image: PayloadImage
     arg: int = 0
     local_vcpus: tuple[int, ...] | None = None  # vCPUs this process runs (all by default)
+    # A fragment runs vCPU threads as SCHED_IDLE so that page-fault service, which guests
+    # wait on, preempts vCPUs spinning on other pages at once (2 cores, many threads).
+    vcpu_sched_idle: bool = False
     device: str = KVM_DEVICE
 
 
@@ -116,9 +119,15 @@ class Machine:
     """One VM in this process. Use as a context manager; `run()` once."""
 
     def __init__(
-        self, config: VmConfig, console_sink: Callable[[bytes], None] | None = None
+        self,
+        config: VmConfig,
+        console_sink: Callable[[bytes], None] | None = None,
+        exit_handler: Callable[[int], None] | None = None,
     ) -> None:
+        """`exit_handler`, if given, receives the guest's exit code instead of the VM stopping
+        at once (a fragment forwards it to fragment 0, which stops every fragment)."""
         self.config = config
+        self._exit_handler = exit_handler
         self.console = Console(console_sink)
         self.vcpus: dict[int, Vcpu] = {}
         self.memory: GuestMemory | None = None
@@ -181,6 +190,7 @@ class Machine:
                 "KVM_SET_USER_MEMORY_REGION",
             )
         self.memory.write(cfg.image.load_address, image_bytes)
+        self.loaded_end = cfg.image.load_address + len(image_bytes)
         layout.write_system_area(self.memory, plan, cfg.arg)
         mmap_size = kvm_abi.ioctl(
             self._kvm_fd, kvm_abi.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE"
@@ -243,14 +253,14 @@ class Machine:
             self._request_stop()
             self._join()
             if timed_out:
-                self._fail(
+                self.fail(
                     f"guest neither exited nor printed for {idle_timeout:g}s; stopped it. "
                     + self.where_vcpus_were()
                 )
         except KeyboardInterrupt:
             self._request_stop()
             self._join()
-            self._fail("interrupted; " + self.where_vcpus_were())
+            self.fail("interrupted; " + self.where_vcpus_were())
         finally:
             if in_main:
                 signal.signal(KICK_SIGNAL, previous)
@@ -283,32 +293,41 @@ class Machine:
             with contextlib.suppress(ProcessLookupError):
                 signal.pthread_kill(thread.ident, KICK_SIGNAL)
 
-    def _fail(self, message: str) -> None:
+    @property
+    def stop_requested(self) -> threading.Event:
+        """Set once the VM was told to stop (exit, error, timeout)."""
+        return self._stop
+
+    def fail(self, message: str) -> None:
+        """Stop the VM with an error (the first error or exit wins)."""
         with self._lock:
             if self._error is None and self._exit_code is None:
                 self._error = message
         self._request_stop()
 
-    def _finish(self, code: int) -> None:
+    def finish(self, code: int) -> None:
+        """Stop the VM with the guest's exit code (the first error or exit wins)."""
         with self._lock:
             if self._error is None and self._exit_code is None:
                 self._exit_code = code
         self._request_stop()
 
     def _vcpu_loop(self, vcpu: Vcpu) -> None:
+        if self.config.vcpu_sched_idle:
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
         try:
             while not self._stop.is_set():
                 if kvm_abi.libc.ioctl(vcpu.fd, kvm_abi.KVM_RUN, None) < 0:
                     err = ctypes.get_errno()
                     if err in (errno.EINTR, errno.EAGAIN):
                         continue
-                    self._fail(f"vCPU {vcpu.id}: KVM_RUN failed: {os.strerror(err)}")
+                    self.fail(f"vCPU {vcpu.id}: KVM_RUN failed: {os.strerror(err)}")
                     return
                 vcpu.exits += 1
                 if not self._handle_exit(vcpu):
                     return
         except Exception as err:  # a monitor bug must stop the VM, not hang it
-            self._fail(f"vCPU {vcpu.id}: monitor error: {err!r}")
+            self.fail(f"vCPU {vcpu.id}: monitor error: {err!r}")
 
     def _handle_exit(self, vcpu: Vcpu) -> bool:
         """Act on one exit; False when this vCPU's thread should end."""
@@ -324,7 +343,7 @@ class Machine:
                 data = ctypes.string_at(vcpu.run_address + io.data_offset, io.count)
                 self.console.write(data)
                 return True
-            self._fail(
+            self.fail(
                 self._describe(
                     vcpu,
                     f"unexpected port I/O {'out' if io.direction else 'in'}"
@@ -351,14 +370,14 @@ class Machine:
             detail = f"KVM_EXIT_INTERNAL_ERROR (suberror {internal.suberror})"
         else:
             detail = f"unexpected exit {kvm_abi.exit_name(reason)}"
-        self._fail(self._describe(vcpu, detail))
+        self.fail(self._describe(vcpu, detail))
         return False
 
     def _doorbell(self, vcpu: Vcpu, mmio: kvm_abi.KvmRunMmio) -> bool:
         offset = mmio.phys_addr - layout.MMIO_BASE
         if not mmio.is_write or not 0 <= offset < layout.MMIO_SIZE:
             kind = "write to" if mmio.is_write else "read from"
-            self._fail(
+            self.fail(
                 self._describe(
                     vcpu,
                     f"guest {kind} unmapped guest-physical address {mmio.phys_addr:#x}"
@@ -373,7 +392,7 @@ class Machine:
                 assert self.memory is not None
                 self.console.write(self.memory.read(address, length))
             except ValueError:
-                self._fail(
+                self.fail(
                     self._describe(
                         vcpu,
                         f"console write of {length} bytes at {address:#x} is outside guest RAM",
@@ -386,15 +405,19 @@ class Machine:
             if len(self.marks) < MAX_MARKS:
                 self.marks.append((vcpu.id, value, time.monotonic()))
         elif offset == Doorbell.EXIT:
-            self._finish(value & 0xFFFFFFFF)
+            if self._exit_handler is not None:
+                vcpu.parked = True
+                self._exit_handler(value & 0xFFFFFFFF)
+            else:
+                self.finish(value & 0xFFFFFFFF)
             return False
         elif offset == Doorbell.PARK:
             vcpu.parked = True
             if all(v.parked for v in self.vcpus.values()) and self.config.local_vcpus is None:
-                self._fail("every vCPU parked and none reported an exit code")
+                self.fail("every vCPU parked and none reported an exit code")
             return False
         else:
-            self._fail(self._describe(vcpu, f"write to unknown doorbell register {offset:#x}"))
+            self.fail(self._describe(vcpu, f"write to unknown doorbell register {offset:#x}"))
             return False
         return True
 

@@ -1,0 +1,1 @@
+"""The memory fabric: page-granular coherent guest memory across fragment processes."""

@@ -1,0 +1,254 @@
+"""One fragment process: a KVM VM running some of the guest's vCPUs, its memory kept coherent
+with the other fragments through the fabric.
+
+Started as `spanvm fragment` with its configuration (including the VM's secret) as JSON on
+standard input, never on the command line. Fragment 0 holds vCPU 0 and reports for the whole
+VM: it prints the console of every vCPU and exits with the guest's exit code; the others exit
+0 when the VM ends. A lost peer stops every fragment with an error naming it (exit 70).
+Progress lines go as JSON to the file descriptor `--status-fd` (the launcher or agent reads
+the fabric endpoint from there).
+"""
+
+import json
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from spanvm.fabric.coherence import Coherence
+from spanvm.fabric.homes import HomeMap, HomeRange
+from spanvm.fabric.transport import FabricError, Handlers, Transport
+from spanvm.fabric.uffd import Userfault
+from spanvm.fabric.wire import Frame, Kind
+from spanvm.payloads.build import PayloadImage, payload_image
+from spanvm.vmm.layout import IMAGE_BASE
+from spanvm.vmm.machine import Machine, VmConfig, VmResult
+
+log = logging.getLogger("spanvm.fragment")
+EXIT_FAILED = 70
+STOP_GRACE_SECONDS = 5.0
+
+
+class FragmentConfig(BaseModel):
+    """Everything one fragment process needs (read from standard input as JSON)."""
+
+    index: int = Field(ge=0, description="This fragment's index; 0 reports for the VM.")
+    fragment_count: int = Field(ge=1, description="Fragments in the VM.")
+    vcpu_count: int = Field(ge=1, description="vCPUs of the whole VM.")
+    vcpu_ids: list[int] = Field(min_length=1, description="vCPUs this fragment runs.")
+    memory: int = Field(gt=0, description="Guest memory in bytes.")
+    payload: str = Field(description="Built-in payload name, or a flat binary's path.")
+    arg: int = Field(default=0, ge=0, description="Payload argument.")
+    homes: list[tuple[int, int, int]] = Field(description="(start, end, fragment) home ranges.")
+    listen_host: str = Field(default="127.0.0.1", description="Fabric listener address.")
+    peers: dict[int, str] = Field(
+        default_factory=dict, description="Endpoints of lower-index fragments."
+    )
+    secret: str = Field(min_length=32, description="Hex per-VM fabric secret.")
+    idle_timeout: float | None = Field(default=None, description="Fragment 0: stop a silent guest.")
+    node_name: str = Field(default="local", description="Where this fragment runs, for messages.")
+
+
+class Fragment:
+    """Builds and runs one fragment."""
+
+    def __init__(
+        self,
+        config: FragmentConfig,
+        console_sink: Callable[[bytes], None] | None,
+        status: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.config = config
+        self.status = status
+        self.stopping = threading.Event()
+        image = (
+            payload_image(config.payload)
+            if "/" not in config.payload
+            else PayloadImage.flat(Path(config.payload))
+        )
+        self.homes = HomeMap([HomeRange(*h) for h in config.homes])
+        self.transport = Transport(
+            config.index,
+            config.fragment_count,
+            bytes.fromhex(config.secret),
+            Handlers(
+                on_request=lambda peer, f: self.coherence.serve(peer, f.kind, f.page, f.request),
+                on_directive=self._on_directive,
+                on_grant=self._on_grant,
+                on_event=self._on_event,
+                on_failure=self._on_failure,
+            ),
+        )
+        sink = console_sink if config.index == 0 else self._forward_console
+        self.machine = Machine(
+            VmConfig(
+                config.memory,
+                config.vcpu_count,
+                image,
+                config.arg,
+                local_vcpus=tuple(config.vcpu_ids),
+                vcpu_sched_idle=True,
+            ),
+            console_sink=sink,
+            exit_handler=self._on_guest_exit,
+        )
+        assert self.machine.memory is not None
+        memory = self.machine.memory
+        start = memory.host_address + memory.host_offset(IMAGE_BASE, 4096)
+        self.uffd = Userfault(start, memory.host_address + memory.size - start)
+        self.coherence = Coherence(
+            config.index,
+            memory=memory,
+            uffd=self.uffd,
+            homes=self.homes,
+            send=self.transport.send,
+            request=self.transport.request,
+        )
+        self.coherence.adopt_initial_contents(self.machine.loaded_end)
+        self._fault_thread = threading.Thread(target=self._fault_loop, name="uffd", daemon=True)
+
+    def _on_directive(self, frame: Frame) -> Frame:
+        return self.coherence.on_directive(frame)
+
+    def _on_grant(self, frame: Frame) -> None:
+        self.coherence.on_grant(frame)
+
+    # -- events ------------------------------------------------------------------------------
+    def _forward_console(self, data: bytes) -> None:
+        try:
+            self.transport.send(0, Frame(Kind.CONSOLE, payload=data))
+        except FabricError as err:
+            self.machine.fail(str(err))
+
+    def _on_guest_exit(self, code: int) -> None:
+        if self.config.index == 0:
+            self.machine.finish(code)
+        else:
+            try:
+                self.transport.send(0, Frame(Kind.EXIT, page=code))
+            except FabricError as err:
+                self.machine.fail(str(err))
+
+    def _on_event(self, peer: int, frame: Frame) -> None:
+        if frame.kind == Kind.CONSOLE:
+            self.machine.console.write(frame.payload)
+        elif frame.kind == Kind.EXIT:
+            self.machine.finish(frame.page)
+        elif frame.kind == Kind.STOP:
+            self.stopping.set()
+            self.transport.stopping()
+            self.machine.finish(frame.page)
+        elif frame.kind == Kind.STARTED:
+            log.info("%s", frame.payload.decode(errors="replace"))
+        elif frame.kind == Kind.FAILED:
+            self.stopping.set()
+            self.transport.stopping()
+            self.machine.fail(f"fragment {peer} failed: {frame.payload.decode(errors='replace')}")
+
+    def _on_failure(self, message: str) -> None:
+        log.error("fragment %d: %s", self.config.index, message)
+        self.machine.fail(message)
+
+    def _fault_loop(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                for fault in self.uffd.read_faults(0.1):
+                    self.coherence.handle_fault(fault)
+        except Exception as err:
+            if not self.stopping.is_set():
+                self.machine.fail(f"fragment {self.config.index}: page fault service failed: {err}")
+
+    # -- running -----------------------------------------------------------------------------
+    def run(self) -> VmResult:
+        cfg = self.config
+        endpoint = self.transport.listen(cfg.listen_host)
+        self.status({"event": "listening", "endpoint": endpoint, "index": cfg.index})
+        self.transport.connect(cfg.peers)
+        self.transport.wait_connected()
+        self.status({"event": "connected", "index": cfg.index})
+        self._fault_thread.start()
+        started = f"fragment {cfg.index} on {cfg.node_name} ({endpoint}) runs vCPUs {cfg.vcpu_ids}"
+        if cfg.index == 0:
+            log.info("%s", started)
+        else:
+            self.transport.send(0, Frame(Kind.STARTED, payload=started.encode()))
+        watchdog = threading.Thread(target=self._watchdog, daemon=True)
+        watchdog.start()
+        result = self.machine.run(idle_timeout=cfg.idle_timeout if cfg.index == 0 else None)
+        self.stopping.set()
+        if cfg.index == 0:
+            self.transport.stopping()
+            if result.error:
+                self.transport.broadcast(Frame(Kind.FAILED, payload=result.error.encode()))
+            else:
+                self.transport.broadcast(Frame(Kind.STOP, page=result.exit_code or 0))
+        return result
+
+    def _watchdog(self) -> None:
+        """Never hang: once the VM is told to stop, the process ends within the grace period."""
+        self.machine.stop_requested.wait()
+        if not self.stopping.wait(STOP_GRACE_SECONDS):
+            print(
+                f"spanvm fragment {self.config.index}: vCPUs did not stop within"
+                f" {STOP_GRACE_SECONDS:.0f}s; exiting",
+                file=sys.stderr,
+            )
+            os._exit(EXIT_FAILED)
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.transport.close()
+        self._fault_thread.join(1.0)
+        self.machine.close()
+        self.uffd.close()
+
+
+def main(status_fd: int | None) -> int:
+    """`spanvm fragment`: read the configuration from stdin, run, exit with the outcome."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    config = FragmentConfig.model_validate_json(sys.stdin.read())
+    status_file = os.fdopen(status_fd, "w", buffering=1) if status_fd is not None else None
+
+    def status(event: dict[str, Any]) -> None:
+        if status_file is not None:
+            status_file.write(json.dumps(event) + "\n")
+
+    def sink(data: bytes) -> None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+    fragment = Fragment(config, sink, status)
+    try:
+        try:
+            result = fragment.run()
+        except FabricError as err:
+            print(f"spanvm fragment {config.index}: {err}", file=sys.stderr)
+            status({"event": "failed", "error": str(err)})
+            return EXIT_FAILED
+        counters = fragment.coherence.counters
+        status(
+            {
+                "event": "finished",
+                "exit_code": result.exit_code,
+                "error": result.error,
+                "faults": counters.page_faults,
+                "pages_in": counters.pages_in,
+                "pages_out": counters.pages_out,
+                **counters.fault_percentiles(),
+            }
+        )
+        if result.error:
+            print(f"spanvm fragment {config.index}: {result.error}", file=sys.stderr)
+            return EXIT_FAILED
+        return (result.exit_code or 0) & 0xFF if config.index == 0 else 0
+    finally:
+        fragment.close()

@@ -1,0 +1,277 @@
+"""The fabric's TCP transport: authenticated connections to every peer, framed messages,
+request/reply matching, heartbeats and failure detection.
+
+Each pair of fragments shares one connection (the higher index connects to the lower), so
+every message between two fragments travels in order. A reader thread per peer dispatches
+frames: replies complete the waiting request (a GRANT is applied first, in order), directives
+are answered inline, requests go to a worker pool, events go to the fragment.
+"""
+
+import contextlib
+import itertools
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+from spanvm.fabric.wire import (
+    AuthError,
+    Frame,
+    Kind,
+    ProtocolError,
+    handshake_client,
+    handshake_server,
+    read_frame,
+)
+
+log = logging.getLogger("spanvm.fabric")
+
+HEARTBEAT_INTERVAL = 0.5
+PEER_LOST_AFTER = 3.0
+REQUEST_TIMEOUT = 15.0
+CONNECT_TIMEOUT = 30.0
+
+
+class FabricError(RuntimeError):
+    """The fabric cannot go on (a peer is lost, a request timed out): the VM stops."""
+
+
+@dataclass
+class Peer:
+    """One authenticated connection to another fragment."""
+
+    index: int
+    sock: socket.socket
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Handlers:
+    """What the fragment does with incoming traffic."""
+
+    on_request: Callable[[int, Frame], None]  # READ/WRITE for a page homed here
+    on_directive: Callable[[Frame], Frame]  # DOWNGRADE/INVALIDATE -> reply
+    on_grant: Callable[[Frame], None]
+    on_event: Callable[[int, Frame], None]  # CONSOLE, EXIT, STOP, STARTED, FAILED
+    on_failure: Callable[[str], None]
+
+
+class Transport:
+    """One fragment's connections."""
+
+    def __init__(self, index: int, count: int, secret: bytes, handlers: Handlers) -> None:
+        self.index, self.count, self.secret, self.handlers = index, count, secret, handlers
+        self.peers: dict[int, Peer] = {}
+        self._peers_changed = threading.Condition()
+        self._pending: dict[int, Future[Frame]] = {}
+        self._pending_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._workers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fabric-home")
+        self._closing = threading.Event()
+        self._listener: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self.refused = 0
+
+    # -- setup ------------------------------------------------------------------------------
+    def listen(self, host: str, port: int = 0) -> str:
+        """Bind the fabric listener; returns its host:port."""
+        sock = socket.create_server((host, port), reuse_port=False)
+        self._listener = sock
+        self._spawn(self._accept_loop, "fabric-accept")
+        bound = sock.getsockname()
+        return f"{bound[0]}:{bound[1]}"
+
+    def connect(self, endpoints: dict[int, str]) -> None:
+        """Connect to the listed peers (those with a lower index), retrying until they listen."""
+        for index, endpoint in sorted(endpoints.items()):
+            host, port = endpoint.rsplit(":", 1)
+            deadline = time.monotonic() + CONNECT_TIMEOUT
+            while True:
+                try:
+                    sock = socket.create_connection((host, int(port)), timeout=5)
+                    break
+                except OSError as err:
+                    if time.monotonic() > deadline:
+                        raise FabricError(
+                            f"cannot reach fragment {index} at {endpoint}: {err}"
+                        ) from None
+                    time.sleep(0.1)
+            try:
+                peer_index = handshake_client(sock, self.secret, self.index)
+            except (AuthError, ProtocolError, OSError) as err:
+                sock.close()
+                raise FabricError(f"fragment {index} at {endpoint}: {err}") from None
+            if peer_index != index:
+                sock.close()
+                raise FabricError(f"{endpoint} is fragment {peer_index}, expected {index}")
+            self._add_peer(Peer(index, sock))
+
+    def wait_connected(self, timeout: float = CONNECT_TIMEOUT) -> None:
+        """Block until every other fragment is connected."""
+        deadline = time.monotonic() + timeout
+        with self._peers_changed:
+            while len(self.peers) < self.count - 1:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = sorted(set(range(self.count)) - set(self.peers) - {self.index})
+                    raise FabricError(f"fragments {missing} did not connect within {timeout:.0f}s")
+                self._peers_changed.wait(left)
+        self._spawn(self._heartbeat_loop, "fabric-heartbeat")
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._closing.is_set():
+            try:
+                sock, address = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._admit, args=(sock, address), daemon=True).start()
+
+    def _admit(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        try:
+            index = handshake_server(sock, self.secret, self.index)
+            if not 0 <= index < self.count or index == self.index or index in self.peers:
+                raise AuthError(f"unexpected fragment index {index}")
+        except (AuthError, ProtocolError, OSError, ValueError) as err:
+            self.refused += 1
+            log.warning("refused fabric connection from %s:%s: %s", address[0], address[1], err)
+            sock.close()
+            return
+        self._add_peer(Peer(index, sock))
+
+    def _add_peer(self, peer: Peer) -> None:
+        peer.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._peers_changed:
+            self.peers[peer.index] = peer
+            self._peers_changed.notify_all()
+        self._spawn(lambda: self._reader(peer), f"fabric-reader-{peer.index}")
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    # -- sending -------------------------------------------------------------------------------
+    def send(self, index: int, frame: Frame) -> None:
+        peer = self.peers.get(index)
+        if peer is None:
+            raise FabricError(f"fragment {index} is not connected")
+        data = frame.encode()
+        try:
+            with peer.lock:
+                peer.sock.sendall(data)
+        except OSError as err:
+            raise FabricError(f"fragment {index} lost: {err}") from None
+
+    def broadcast(self, frame: Frame) -> None:
+        """Send to every peer, ignoring those already gone (used while stopping)."""
+        for index in list(self.peers):
+            with contextlib.suppress(FabricError):
+                self.send(index, frame)
+
+    def request(self, index: int, frame: Frame) -> Frame:
+        """Send a request and wait for its reply."""
+        request_id = next(self._ids)
+        future: Future[Frame] = Future()
+        with self._pending_lock:
+            self._pending[request_id] = future
+        try:
+            self.send(index, Frame(frame.kind, frame.flags, request_id, frame.page, frame.payload))
+            return future.result(REQUEST_TIMEOUT)
+        except FutureTimeout:
+            raise FabricError(
+                f"fragment {index} did not answer {frame.kind.name} for page"
+                f" {frame.page:#x} within {REQUEST_TIMEOUT:.0f}s"
+            ) from None
+        finally:
+            with self._pending_lock:
+                self._pending.pop(request_id, None)
+
+    # -- receiving ---------------------------------------------------------------------------
+    def _reader(self, peer: Peer) -> None:
+        try:
+            while True:
+                frame = read_frame(peer.sock)
+                peer.last_seen = time.monotonic()
+                self._dispatch(peer, frame)
+        except Exception as err:
+            if not self._closing.is_set():
+                self._fail(f"fragment {peer.index} lost: {err}")
+
+    def _dispatch(self, peer: Peer, frame: Frame) -> None:
+        kind = frame.kind
+        if kind == Kind.PING:
+            return
+        if kind in (Kind.GRANT, Kind.DATA, Kind.ACK):
+            if kind == Kind.GRANT:
+                self.handlers.on_grant(frame)
+            with self._pending_lock:
+                future = self._pending.get(frame.request)
+            if future is not None:
+                future.set_result(frame)
+            return
+        if kind in (Kind.READ, Kind.WRITE):
+            self._workers.submit(self._serve, peer.index, frame)
+            return
+        if kind in (Kind.DOWNGRADE, Kind.INVALIDATE):
+            self.send(peer.index, self.handlers.on_directive(frame))
+            return
+        self.handlers.on_event(peer.index, frame)
+
+    def _serve(self, index: int, frame: Frame) -> None:
+        try:
+            self.handlers.on_request(index, frame)
+        except Exception as err:
+            self._fail(
+                f"serving {frame.kind.name} of page {frame.page:#x} for fragment {index}: {err}"
+            )
+
+    def _heartbeat_loop(self) -> None:
+        while not self._closing.wait(HEARTBEAT_INTERVAL):
+            now = time.monotonic()
+            for peer in list(self.peers.values()):
+                if now - peer.last_seen > PEER_LOST_AFTER:
+                    self._fail(
+                        f"fragment {peer.index} lost: no message for {now - peer.last_seen:.1f}s"
+                    )
+                    return
+                try:
+                    self.send(peer.index, Frame(Kind.PING))
+                except FabricError as err:
+                    self._fail(str(err))
+                    return
+
+    def _fail(self, message: str) -> None:
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        with self._pending_lock:
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(FabricError(message))
+        self.handlers.on_failure(message)
+
+    def stopping(self) -> None:
+        """The VM is ending: connections closing from now on are not failures."""
+        self._closing.set()
+
+    # -- teardown ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop listening, close every connection, fail what still waits."""
+        self._closing.set()
+        with self._pending_lock:
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(FabricError("fabric closed"))
+        if self._listener is not None:
+            self._listener.close()
+        for peer in self.peers.values():
+            with contextlib.suppress(OSError):
+                peer.sock.shutdown(socket.SHUT_RDWR)
+            peer.sock.close()
+        self._workers.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,208 @@
+"""userfaultfd(2) for guest RAM: MISSING and write-protect faults, page install/protect/drop.
+
+Guest accesses to a page this fragment lacks arrive here (KVM faults on the host mapping);
+the fabric resolves them with UFFDIO_COPY, UFFDIO_WRITEPROTECT or UFFDIO_WAKE, and drops
+pages with MADV_DONTNEED (which also zaps KVM's mapping of them).
+"""
+
+import ctypes
+import errno
+import os
+import select
+from dataclasses import dataclass
+
+from spanvm.vmm.kvm_abi import MADV_DONTNEED, libc
+
+PAGE_SIZE = 4096
+SYS_USERFAULTFD = 323
+UFFD_API = 0xAA
+UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0
+UFFD_FEATURE_THREAD_ID = 1 << 8
+UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP = 1, 2
+UFFDIO_COPY_MODE_DONTWAKE, UFFDIO_COPY_MODE_WP = 1, 2
+UFFDIO_WRITEPROTECT_MODE_WP, UFFDIO_WRITEPROTECT_MODE_DONTWAKE = 1, 2
+UFFD_EVENT_PAGEFAULT = 0x12
+UFFD_PAGEFAULT_FLAG_WRITE, UFFD_PAGEFAULT_FLAG_WP = 1, 2
+O_CLOEXEC, O_NONBLOCK = 0o2000000, 0o4000
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (UFFD_API << 8) | nr
+
+
+class UffdioApi(ctypes.Structure):
+    _fields_ = [
+        ("api", ctypes.c_uint64),
+        ("features", ctypes.c_uint64),
+        ("ioctls", ctypes.c_uint64),
+    ]
+
+
+class UffdioRange(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class UffdioRegister(ctypes.Structure):
+    _fields_ = [("range", UffdioRange), ("mode", ctypes.c_uint64), ("ioctls", ctypes.c_uint64)]
+
+
+class UffdioCopy(ctypes.Structure):
+    _fields_ = [
+        ("dst", ctypes.c_uint64),
+        ("src", ctypes.c_uint64),
+        ("len", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("copy", ctypes.c_int64),
+    ]
+
+
+class UffdioWriteprotect(ctypes.Structure):
+    _fields_ = [("range", UffdioRange), ("mode", ctypes.c_uint64)]
+
+
+class UffdMsg(ctypes.Structure):
+    _fields_ = [
+        ("event", ctypes.c_uint8),
+        ("reserved1", ctypes.c_uint8),
+        ("reserved2", ctypes.c_uint16),
+        ("reserved3", ctypes.c_uint32),
+        ("flags", ctypes.c_uint64),
+        ("address", ctypes.c_uint64),
+        ("ptid", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+UFFDIO_API_IOCTL = _ioc(3, 0x3F, ctypes.sizeof(UffdioApi))
+UFFDIO_REGISTER = _ioc(3, 0x00, ctypes.sizeof(UffdioRegister))
+UFFDIO_UNREGISTER = _ioc(2, 0x01, ctypes.sizeof(UffdioRange))
+UFFDIO_WAKE = _ioc(2, 0x02, ctypes.sizeof(UffdioRange))
+UFFDIO_COPY = _ioc(3, 0x03, ctypes.sizeof(UffdioCopy))
+UFFDIO_WRITEPROTECT = _ioc(3, 0x06, ctypes.sizeof(UffdioWriteprotect))
+
+libc.syscall.restype = ctypes.c_long
+libc.read.restype = ctypes.c_ssize_t
+libc.read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+
+
+class UffdError(OSError):
+    """A userfaultfd operation failed."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One guest page fault: the host address and whether it was a write / a WP fault."""
+
+    address: int
+    write: bool
+    wp: bool
+
+
+class Userfault:
+    """One userfaultfd over a host mapping, registered for MISSING and WP faults."""
+
+    def __init__(self, start: int, length: int) -> None:
+        fd = libc.syscall(SYS_USERFAULTFD, O_CLOEXEC | O_NONBLOCK)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise UffdError(err, f"userfaultfd: {os.strerror(err)}")
+        self.fd = int(fd)
+        self.start, self.length = start, length
+        self._scratch = ctypes.create_string_buffer(PAGE_SIZE)
+        try:
+            api = UffdioApi(
+                api=UFFD_API, features=UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_THREAD_ID
+            )
+            self._ioctl(UFFDIO_API_IOCTL, api, "UFFDIO_API")
+            reg = UffdioRegister(
+                range=UffdioRange(start, length),
+                mode=UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP,
+            )
+            self._ioctl(UFFDIO_REGISTER, reg, "UFFDIO_REGISTER")
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _ioctl(self, request: int, arg: ctypes.Structure, what: str) -> int:
+        result: int = libc.ioctl(self.fd, request, ctypes.addressof(arg))
+        if result < 0:
+            err = ctypes.get_errno()
+            raise UffdError(err, f"{what}: {os.strerror(err)}")
+        return result
+
+    def close(self) -> None:
+        """Close the fd; faults still waiting are released (the VM is stopping by then)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def read_faults(self, timeout: float) -> list[Fault]:
+        """Faults pending now, waiting up to `timeout` seconds for the first."""
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return []
+        faults: list[Fault] = []
+        msg = UffdMsg()
+        size = ctypes.sizeof(msg)
+        while True:
+            n = libc.read(self.fd, ctypes.addressof(msg), size)
+            if n < 0:
+                err = ctypes.get_errno()
+                if err in (errno.EAGAIN, errno.EINTR):
+                    return faults
+                raise UffdError(err, f"read from userfaultfd: {os.strerror(err)}")
+            if n != size:
+                return faults
+            if msg.event == UFFD_EVENT_PAGEFAULT:
+                faults.append(
+                    Fault(
+                        address=msg.address & ~(PAGE_SIZE - 1),
+                        write=bool(msg.flags & UFFD_PAGEFAULT_FLAG_WRITE),
+                        wp=bool(msg.flags & UFFD_PAGEFAULT_FLAG_WP),
+                    )
+                )
+
+    def install(self, address: int, data: bytes | None, writable: bool) -> bool:
+        """Map a page with `data` (zeros if None), write-protected unless writable; wakes the
+        faulting threads. False if the page was already present."""
+        if data is None:
+            ctypes.memset(self._scratch, 0, PAGE_SIZE)
+        else:
+            ctypes.memmove(self._scratch, data, PAGE_SIZE)
+        copy = UffdioCopy(
+            dst=address,
+            src=ctypes.addressof(self._scratch),
+            len=PAGE_SIZE,
+            mode=0 if writable else UFFDIO_COPY_MODE_WP,
+        )
+        result = libc.ioctl(self.fd, UFFDIO_COPY, ctypes.addressof(copy))
+        if result < 0:
+            err = ctypes.get_errno()
+            if err == errno.EEXIST:
+                self.wake(address)
+                return False
+            raise UffdError(err, f"UFFDIO_COPY at {address:#x}: {os.strerror(err)}")
+        return True
+
+    def protect(self, address: int) -> None:
+        """Write-protect a present page (its next guest write faults with WP)."""
+        wp = UffdioWriteprotect(
+            range=UffdioRange(address, PAGE_SIZE), mode=UFFDIO_WRITEPROTECT_MODE_WP
+        )
+        self._ioctl(UFFDIO_WRITEPROTECT, wp, "UFFDIO_WRITEPROTECT")
+
+    def unprotect(self, address: int) -> None:
+        """Make a present page writable again and wake threads waiting on it."""
+        wp = UffdioWriteprotect(range=UffdioRange(address, PAGE_SIZE), mode=0)
+        self._ioctl(UFFDIO_WRITEPROTECT, wp, "UFFDIO_WRITEPROTECT")
+
+    def wake(self, address: int) -> None:
+        """Wake threads waiting on a page that is already resolved."""
+        self._ioctl(UFFDIO_WAKE, UffdioRange(address, PAGE_SIZE), "UFFDIO_WAKE")
+
+    @staticmethod
+    def drop(address: int) -> None:
+        """Drop a page (MADV_DONTNEED): its next access faults as MISSING."""
+        if libc.madvise(address, PAGE_SIZE, MADV_DONTNEED) != 0:
+            err = ctypes.get_errno()
+            raise UffdError(err, f"madvise(DONTNEED) at {address:#x}: {os.strerror(err)}")

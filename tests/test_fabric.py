@@ -1,0 +1,179 @@
+"""The memory fabric: one guest across several fragment processes on real KVM, coherent over
+TCP; failures stop the VM naming the lost fragment; strangers are refused."""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from spanvm.fabric.homes import HomeMap, plan_homes
+from spanvm.fabric.launcher import LocalVm, launch, split_vcpus
+from spanvm.fabric.wire import AuthError, Frame, Kind, ProtocolError, handshake_client, read_frame
+from spanvm.vmm.expected import smp_sum
+
+pytestmark = pytest.mark.kvm
+MiB = 1 << 20
+
+
+@contextmanager
+def local_vm(
+    tmp_path: Path, payload: str, vcpus: int, fragments: int, arg: int, **kw: object
+) -> Iterator[tuple[LocalVm, IO[bytes], Path]]:
+    out, err = tmp_path / "console.txt", tmp_path / "fragments.log"
+    with (
+        out.open("wb") as stdout,
+        err.open("wb") as stderr,
+        launch(
+            payload,
+            vcpus,
+            kw.pop("memory", 64 * MiB),
+            fragments,
+            arg=arg,  # type: ignore[arg-type]
+            stdout=stdout,
+            stderr=stderr,
+            **kw,  # type: ignore[arg-type]
+        ) as vm,
+    ):
+        yield vm, stdout, err
+
+
+def run_local(
+    tmp_path: Path, payload: str, vcpus: int, fragments: int, arg: int, **kw: object
+) -> tuple[int, str, str]:
+    with local_vm(tmp_path, payload, vcpus, fragments, arg, **kw) as (vm, _, err):
+        code = vm.wait(timeout=300)
+    return code, (tmp_path / "console.txt").read_text(), err.read_text()
+
+
+def wait_connected(vm: LocalVm, timeout: float = 30) -> None:
+    for f in vm.fragments:
+        while not any(e.get("event") == "connected" for e in f.events):
+            f.read_status(timeout)
+
+
+@pytest.mark.parametrize(("fragments", "n"), [(2, 20_000), (3, 5_000)])
+def test_smp_counter_across_fragments_is_exact(tmp_path: Path, fragments: int, n: int) -> None:
+    code, console, log = run_local(tmp_path, "smp-counter", fragments, fragments, n)
+    assert code == 0, log
+    total = fragments * n
+    assert f"smp-counter: vcpus={fragments} n={n} total={total} expected={total} OK" in console
+
+
+def test_mp_litmus_across_two_fragments(tmp_path: Path) -> None:
+    code, console, log = run_local(tmp_path, "mp-litmus", 2, 2, 10_000)
+    assert code == 0, log
+    assert "mp-litmus: rounds=10000 violations=0" in console
+
+
+def test_smp_sum_across_fragments_matches_the_host(tmp_path: Path) -> None:
+    words = 1 << 18
+    code, console, log = run_local(tmp_path, "smp-sum", 2, 2, words)
+    assert code == 0, log
+    assert f"smp-sum: n={words} vcpus=2 sum={smp_sum(words)}" in console
+
+
+@pytest.mark.parametrize("policy", ["proportional", "first"])
+def test_memtest_with_remote_homes_verifies_every_byte(tmp_path: Path, policy: str) -> None:
+    """proportional: each vCPU verifies the half homed on the other fragment; first: every
+    page is homed on fragment 0, so fragment 1 writes only pages it must take ownership of."""
+    code, console, log = run_local(
+        tmp_path, "memtest", 2, 2, 1, memory=32 * MiB, home_policy=policy
+    )
+    assert code == 0, log
+    heap = 32 * MiB - 4 * MiB  # system area + image/stacks (2 MiB each)
+    assert f"memtest: passes=1 bytes={heap} errors=0" in console
+
+
+def test_console_of_every_fragment_reaches_fragment_0(tmp_path: Path) -> None:
+    code, console, log = run_local(tmp_path, "hello", 3, 3, 0)
+    assert code == 0, log
+    assert console.splitlines() == [f"hello from vCPU {i} of 3" for i in range(3)]
+    assert "fragment 2 on local-2" in log and "runs vCPUs [2]" in log
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_lost_fragment_stops_the_vm_naming_it(tmp_path: Path, how: str) -> None:
+    with local_vm(tmp_path, "smp-counter", 2, 2, 2_000_000_000) as (vm, _, err):
+        wait_connected(vm)
+        time.sleep(1.0)
+        victim = vm.fragments[1].process
+        victim.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+        lost_at = time.monotonic()
+        code = vm.fragments[0].process.wait(timeout=30)
+        elapsed = time.monotonic() - lost_at
+        if how == "stop":
+            victim.kill()
+    log = err.read_text()
+    assert code == 70, log
+    assert "fragment 1 lost" in log, log
+    assert elapsed < 15, f"fragment 0 took {elapsed:.1f}s to notice"
+
+
+def test_strangers_are_refused_and_the_vm_keeps_running(tmp_path: Path) -> None:
+    n = 30_000
+    with local_vm(tmp_path, "smp-counter", 2, 2, n) as (vm, _, err):
+        wait_connected(vm)
+        host, port = vm.fragments[0].endpoint.rsplit(":", 1)
+        with (
+            socket.create_connection((host, int(port)), timeout=10) as sock,
+            pytest.raises((AuthError, ConnectionError)),
+        ):
+            handshake_client(sock, os.urandom(32), 1)  # the wrong secret
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"\x00garbage" * 100)
+            sock.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):
+                while sock.recv(4096):  # the listener greets, then drops us
+                    pass
+        code = vm.wait(timeout=300)
+    log = err.read_text()
+    assert code == 0, log
+    assert f"total={2 * n} expected={2 * n} OK" in (tmp_path / "console.txt").read_text()
+    assert log.count("refused fabric connection") == 2, log
+
+
+def test_netns_fragments_cross_real_interfaces(tmp_path: Path) -> None:
+    before = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=True
+    ).stdout
+    code, console, log = run_local(tmp_path, "smp-counter", 3, 3, 2_000, netns=True)
+    assert code == 0, log
+    assert "total=6000 expected=6000 OK" in console
+    assert "(10.231." in log  # fragments listened on namespace addresses
+    after = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=True
+    ).stdout
+    assert after == before, "namespaces left behind"
+
+
+def test_home_plans_cover_coherent_memory_once() -> None:
+    for vcpus in ([1, 1], [1, 2, 1], [3]):
+        homes = plan_homes(3584 * MiB, vcpus)
+        assert {h.index for h in homes} == set(range(len(vcpus)))
+        covered = sum(h.end - h.start for h in homes)
+        assert covered == 3584 * MiB - 2 * MiB
+        lookup = HomeMap(homes)
+        assert (
+            lookup.home((2 * MiB) >> 12) == 0
+            and lookup.home(((4 << 30) + 4096) >> 12) == len(vcpus) - 1
+        )
+    assert split_vcpus(5, 2) == [[0, 1, 2], [3, 4]]
+    with pytest.raises(ValueError, match="fragments"):
+        split_vcpus(2, 3)
+
+
+def test_garbage_frames_are_protocol_errors() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(Frame(Kind.PING).encode() + b"XX" + bytes(22))
+        assert read_frame(b).kind == Kind.PING
+        with pytest.raises(ProtocolError, match="bad magic"):
+            read_frame(b)
