@@ -14,6 +14,7 @@ Requests, grants and directives are idempotent where a race can repeat them.
 """
 
 import ctypes
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -21,11 +22,13 @@ from dataclasses import dataclass, field
 
 from spanvm.fabric.homes import PAGE, HomeMap
 from spanvm.fabric.uffd import Fault, Userfault
-from spanvm.fabric.wire import EXCLUSIVE, HAS_DATA, WANT_DATA, Frame, Kind
+from spanvm.fabric.wire import BATCH, EXCLUSIVE, HAS_DATA, WANT_DATA, Frame, Kind
 from spanvm.vmm.memory import GuestMemory
 
 INVALID, SHARED, MODIFIED = 0, 1, 2
 LOCK_STRIPES = 1024
+READAHEAD = 16  # pages a remote fault on a missing page asks for (home sends the cheap ones)
+BATCH_HEADER = struct.Struct("<QQQ")  # included, exclusive, zero-filled bitmaps of a batch
 NO_OWNER = -1
 
 
@@ -77,6 +80,7 @@ class Coherence:
         homes: HomeMap,
         send: Send,
         request: Request,
+        readahead: int = READAHEAD,
     ) -> None:
         self.index = index
         self.memory = memory
@@ -89,6 +93,7 @@ class Coherence:
         self.sharers: dict[int, int] = {}  # home pages only; bitmask of fragment indexes
         self.locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
         self.counters = Counters()
+        self.readahead = max(1, min(64, readahead))
 
     # -- addresses -------------------------------------------------------------------------
     def host(self, page: int) -> int:
@@ -146,6 +151,7 @@ class Coherence:
     # -- the fault path (the uffd thread) ----------------------------------------------------
     def handle_fault(self, fault: Fault) -> None:
         """Resolve one guest fault: locally when this fragment is home, else from the home."""
+        started = time.perf_counter()
         page = self.page_of_host(fault.address)
         wants_write = fault.write or fault.wp
         state = self.local_state(page)
@@ -158,25 +164,61 @@ class Coherence:
         if home == self.index:
             self.serve(self.index, kind, page, request_id=0)
             return
-        started = time.perf_counter()
-        self.request(home, Frame(kind, page=page))  # the grant is applied by the reader
+        if state == INVALID and (window := self.readahead_for(page)) > 1:
+            request = Frame(kind, BATCH, page=page, payload=struct.pack("<H", window))
+        else:
+            request = Frame(kind, page=page)
+        self.request(home, request)  # the grant is applied by the reader
         self.counters.remote_faults += 1
         if len(self.counters.remote_fault_seconds) < 100_000:
             self.counters.remote_fault_seconds.append(time.perf_counter() - started)
 
     # -- the home side ------------------------------------------------------------------------
-    def serve(self, requester: int, kind: Kind, page: int, request_id: int) -> None:
+    def serve(
+        self, requester: int, kind: Kind, page: int, request_id: int, readahead: int = 1
+    ) -> None:
         """Handle READ/WRITE for a page this fragment is home for; grants go out under the lock."""
+        self._check_home(requester, page)
+        with self.locks[page % LOCK_STRIPES]:
+            self._serve_locked(requester, kind, page, request_id, readahead)
+
+    def try_serve_inline(self, requester: int, frame: Frame) -> bool:
+        """Serve a request at once (on the connection's reader thread) when its page lock is
+        free and no other fragment must act first; False means: queue it for a worker."""
+        page = frame.page
+        self._check_home(requester, page)
+        lock = self.locks[page % LOCK_STRIPES]
+        if not lock.acquire(blocking=False):
+            return False
+        try:
+            if not self._local_only(requester, frame.kind, page):
+                return False
+            self._serve_locked(requester, frame.kind, page, frame.request, readahead_count(frame))
+            return True
+        finally:
+            lock.release()
+
+    def _local_only(self, r: int, kind: Kind, page: int) -> bool:
+        """Whether serving needs no directive to another fragment."""
+        owner, sharers, me = self.owner.get(page, self.index), self.sharers.get(page, 0), self.index
+        if kind == Kind.READ:
+            return owner in (me, r, NO_OWNER) or bool(sharers >> r & 1)
+        if owner == NO_OWNER:
+            return sharers & ~((1 << me) | (1 << r)) == 0
+        return owner in (me, r)
+
+    def _check_home(self, requester: int, page: int) -> None:
         if self.homes.home(page) != self.index:
             raise CoherenceError(
                 f"fragment {requester} asked fragment {self.index} for page {page:#x},"
                 " which is homed elsewhere"
             )
-        with self.locks[page % LOCK_STRIPES]:
-            if kind == Kind.READ:
-                self._serve_read(requester, page, request_id)
-            else:
-                self._serve_write(requester, page, request_id)
+
+    def _serve_locked(self, r: int, kind: Kind, page: int, request_id: int, readahead: int) -> None:
+        if kind == Kind.READ:
+            self._serve_read(r, page, request_id, readahead)
+        else:
+            self._serve_write(r, page, request_id, readahead)
 
     def _grant(self, requester: int, page: int, request_id: int, flags: int, data: bytes) -> None:
         if requester == self.index:
@@ -185,7 +227,11 @@ class Coherence:
             self.counters.pages_out += 1
         self.send(requester, Frame(Kind.GRANT, flags, request_id, page, data))
 
-    def _serve_read(self, r: int, page: int, request_id: int) -> None:
+    def _virgin(self, page: int) -> bool:
+        """Owned by its home and never touched anywhere: all zeros, no copy exists."""
+        return self.owner.get(page, self.index) == self.index and self.local_state(page) == INVALID
+
+    def _serve_read(self, r: int, page: int, request_id: int, window: int = 1) -> None:
         me, bit = self.index, 1 << r
         owner = self.owner.get(page, me)
         sharers = self.sharers.get(page, 0)
@@ -193,6 +239,11 @@ class Coherence:
             if r == me and self.local_state(page) == INVALID:
                 self._install(page, b"", writable=owner == me)  # first touch of a home page
             self._grant(r, page, request_id, EXCLUSIVE if owner == r else 0, b"")
+            return
+        if r != me and self._virgin(page):
+            # First touch anywhere: the (zero) page moves to its first user; no data travels.
+            self.owner[page] = r
+            self._send_grant(r, page, request_id, EXCLUSIVE | HAS_DATA, b"", window, False)
             return
         if owner != NO_OWNER:
             if owner == me:
@@ -207,9 +258,66 @@ class Coherence:
             sharers, owner = (1 << owner) | (1 << me), NO_OWNER
         self.owner[page] = NO_OWNER
         self.sharers[page] = sharers | bit
-        self._grant(r, page, request_id, HAS_DATA, self._data(page))
+        self._send_grant(r, page, request_id, HAS_DATA, self._data(page), window, False)
 
-    def _serve_write(self, r: int, page: int, request_id: int) -> None:
+    def _send_grant(  # noqa: PLR0917 - the fields of one grant
+        self,
+        r: int,
+        first: int,
+        request_id: int,
+        flags: int,
+        data: bytes,
+        window: int,
+        writes: bool,
+    ) -> None:
+        """Grant `first`, plus (read-ahead) those of the next `window - 1` pages that cost no
+        other fragment anything: untouched pages move to r as exclusive zero pages; for reads,
+        pages the home owns or shares become Shared by r. One message carries them all."""
+        if r == self.index:
+            return
+        if window <= 1 or not flags & HAS_DATA:
+            self._grant(r, first, request_id, flags, data)
+            return
+        me = self.index
+        included, exclusive, zero = 1, int(bool(flags & EXCLUSIVE)), int(not data)
+        shared: list[int] = []  # pages r will share with the home
+        held: list[threading.Lock] = []
+        try:
+            for offset in range(1, window):
+                page, bit = first + offset, 1 << offset
+                lock = self.locks[page % LOCK_STRIPES]
+                if not lock.acquire(blocking=False):
+                    continue
+                held.append(lock)
+                owner, sharers = self.owner.get(page, me), self.sharers.get(page, 0)
+                if owner == r or sharers >> r & 1:
+                    continue
+                if self._virgin(page):
+                    self.owner[page] = r
+                    included, exclusive, zero = included | bit, exclusive | bit, zero | bit
+                elif not writes and owner in (me, NO_OWNER):
+                    self.owner[page] = NO_OWNER
+                    self.sharers[page] = (1 << me if owner == me else sharers) | (1 << r)
+                    included |= bit
+                    shared.append(page)
+            self._protect_pages([p for p in shared if self.local_state(p) == MODIFIED])
+            chunks = [data] if data else []
+            chunks += [self._data(p) for p in shared]
+            self.counters.pages_out += len(chunks)
+            payload = BATCH_HEADER.pack(included, exclusive, zero) + b"".join(chunks)
+            self.send(r, Frame(Kind.GRANT, flags | BATCH, request_id, first, payload))
+        finally:
+            for lock in held:
+                lock.release()
+
+    def _protect_pages(self, pages: list[int]) -> None:
+        """Write-protect Modified pages, one ioctl per contiguous run (each is a TLB flush)."""
+        for run_start, run in _runs(pages):
+            self.uffd.protect(self.host(run_start), run)
+            for page in range(run_start, run_start + run):
+                self.state[self._slot(page)] = SHARED
+
+    def _serve_write(self, r: int, page: int, request_id: int, window: int = 1) -> None:
         me, bit = self.index, 1 << r
         owner = self.owner.get(page, me)
         sharers = self.sharers.get(page, 0)
@@ -246,7 +354,10 @@ class Coherence:
             else:
                 self._install(page, data, writable=True)
             return
-        self._grant(r, page, request_id, EXCLUSIVE | (0 if had_copy else HAS_DATA), data)
+        if had_copy:
+            self._grant(r, page, request_id, EXCLUSIVE, b"")
+        else:
+            self._send_grant(r, page, request_id, EXCLUSIVE | HAS_DATA, data, window, True)
 
     # -- directives and grants from a home (a reader thread, in connection order) -----------
     def on_directive(self, frame: Frame) -> Frame:
@@ -276,6 +387,9 @@ class Coherence:
 
     def on_grant(self, frame: Frame) -> None:
         """Apply a GRANT before the waiting fault handler resumes."""
+        if frame.flags & BATCH:
+            self._apply_batch(frame)
+            return
         page, exclusive = frame.page, bool(frame.flags & EXCLUSIVE)
         state = self.local_state(page)
         if frame.flags & HAS_DATA:
@@ -293,3 +407,59 @@ class Coherence:
             )
         else:
             self.uffd.wake(self.host(page))
+
+    def _apply_batch(self, frame: Frame) -> None:
+        """Install a batched grant, one UFFDIO_COPY per run of pages of the same kind."""
+        included, exclusive, zero = BATCH_HEADER.unpack_from(frame.payload)
+        offset = BATCH_HEADER.size
+        bit = 0
+        while bit < 64:
+            if not included >> bit & 1:
+                bit += 1
+                continue
+            kind = (exclusive >> bit & 1, zero >> bit & 1)
+            end = bit + 1
+            while (
+                end < 64 and included >> end & 1 and (exclusive >> end & 1, zero >> end & 1) == kind
+            ):
+                end += 1
+            first, count = frame.page + bit, end - bit
+            for page in range(first, first + count):
+                if self.local_state(page) != INVALID:
+                    raise CoherenceError(
+                        f"batched grant of page {page:#x} already held by fragment {self.index}"
+                    )
+            data = None
+            if not kind[1]:
+                data = frame.payload[offset : offset + count * PAGE]
+                offset += count * PAGE
+            self.uffd.install(self.host(first), data, writable=bool(kind[0]), pages=count)
+            for page in range(first, first + count):
+                self.state[self._slot(page)] = MODIFIED if kind[0] else SHARED
+            self.counters.pages_in += count
+            bit = end
+
+    def readahead_for(self, page: int) -> int:
+        """How many pages a READ fault on `page` asks for: up to READAHEAD, same home range."""
+        for h in self.homes.homes:
+            if h.start <= page * PAGE < h.end:
+                return max(1, min(self.readahead, h.end // PAGE - page))
+        return 1
+
+
+def readahead_count(frame: Frame) -> int:
+    """The read-ahead window a request asks for (1 when it carries none)."""
+    if frame.flags & BATCH and len(frame.payload) >= 2:
+        return max(1, min(64, int(struct.unpack_from("<H", frame.payload)[0])))
+    return 1
+
+
+def _runs(pages: list[int]) -> list[tuple[int, int]]:
+    """(first, length) of each run of consecutive page numbers, in order."""
+    runs: list[tuple[int, int]] = []
+    for page in sorted(pages):
+        if runs and runs[-1][0] + runs[-1][1] == page:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((page, 1))
+    return runs

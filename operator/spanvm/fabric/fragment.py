@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from spanvm.fabric.coherence import Coherence
+from spanvm.fabric.coherence import READAHEAD, Coherence, readahead_count
 from spanvm.fabric.homes import HomeMap, HomeRange
 from spanvm.fabric.transport import FabricError, Handlers, Transport
 from spanvm.fabric.uffd import Userfault
@@ -52,6 +52,9 @@ class FragmentConfig(BaseModel):
     secret: str = Field(min_length=32, description="Hex per-VM fabric secret.")
     idle_timeout: float | None = Field(default=None, description="Fragment 0: stop a silent guest.")
     node_name: str = Field(default="local", description="Where this fragment runs, for messages.")
+    readahead: int = Field(
+        default=READAHEAD, ge=1, le=64, description="Pages a missing-page fault asks for."
+    )
 
 
 class Fragment:
@@ -77,7 +80,8 @@ class Fragment:
             config.fragment_count,
             bytes.fromhex(config.secret),
             Handlers(
-                on_request=lambda peer, f: self.coherence.serve(peer, f.kind, f.page, f.request),
+                on_request=self._on_request,
+                try_inline=self._try_inline,
                 on_directive=self._on_directive,
                 on_grant=self._on_grant,
                 on_event=self._on_event,
@@ -108,9 +112,16 @@ class Fragment:
             homes=self.homes,
             send=self.transport.send,
             request=self.transport.request,
+            readahead=config.readahead,
         )
         self.coherence.adopt_initial_contents(self.machine.loaded_end)
         self._fault_thread = threading.Thread(target=self._fault_loop, name="uffd", daemon=True)
+
+    def _on_request(self, peer: int, frame: Frame) -> None:
+        self.coherence.serve(peer, frame.kind, frame.page, frame.request, readahead_count(frame))
+
+    def _try_inline(self, peer: int, frame: Frame) -> bool:
+        return self.coherence.try_serve_inline(peer, frame)
 
     def _on_directive(self, frame: Frame) -> Frame:
         return self.coherence.on_directive(frame)
@@ -244,6 +255,7 @@ def main(status_fd: int | None) -> int:
                 "pages_in": counters.pages_in,
                 "pages_out": counters.pages_out,
                 **counters.fault_percentiles(),
+                "marks": [[v, value, t] for v, value, t in result.marks],
             }
         )
         if result.error:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from spanvm.fabric.coherence import READAHEAD
 from spanvm.fabric.fragment import FragmentConfig
 from spanvm.fabric.homes import plan_homes
 from spanvm.fabric.netns import NamespaceNet
@@ -104,6 +105,7 @@ def launch(  # noqa: PLR0917 - mirrors `spanvm run`'s options
     idle_timeout: float | None = None,
     netns: bool = False,
     home_policy: str = "proportional",
+    readahead: int = READAHEAD,
     stdout: int | IO[bytes] | None = None,
     stderr: int | IO[bytes] | None = None,
 ) -> Iterator[LocalVm]:
@@ -134,6 +136,7 @@ def launch(  # noqa: PLR0917 - mirrors `spanvm run`'s options
                 secret=secret,
                 idle_timeout=idle_timeout if index == 0 else None,
                 node_name=net.namespace(index) if net else f"local-{index}",
+                readahead=readahead,
             )
             read_fd, write_fd = os.pipe()
             command = [sys.executable, "-m", "spanvm.cli", "fragment", "--status-fd", str(write_fd)]

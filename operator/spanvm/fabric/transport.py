@@ -54,7 +54,8 @@ class Peer:
 class Handlers:
     """What the fragment does with incoming traffic."""
 
-    on_request: Callable[[int, Frame], None]  # READ/WRITE for a page homed here
+    on_request: Callable[[int, Frame], None]  # READ/WRITE for a page homed here (a worker)
+    try_inline: Callable[[int, Frame], bool]  # serve now if no other fragment must act
     on_directive: Callable[[Frame], Frame]  # DOWNGRADE/INVALIDATE -> reply
     on_grant: Callable[[Frame], None]
     on_event: Callable[[int, Frame], None]  # CONSOLE, EXIT, STOP, STARTED, FAILED
@@ -216,7 +217,8 @@ class Transport:
                 future.set_result(frame)
             return
         if kind in (Kind.READ, Kind.WRITE):
-            self._workers.submit(self._serve, peer.index, frame)
+            if not self.handlers.try_inline(peer.index, frame):
+                self._workers.submit(self._serve, peer.index, frame)
             return
         if kind in (Kind.DOWNGRADE, Kind.INVALIDATE):
             self.send(peer.index, self.handlers.on_directive(frame))

@@ -162,17 +162,20 @@ class Userfault:
                     )
                 )
 
-    def install(self, address: int, data: bytes | None, writable: bool) -> bool:
-        """Map a page with `data` (zeros if None), write-protected unless writable; wakes the
-        faulting threads. False if the page was already present."""
+    def install(self, address: int, data: bytes | None, writable: bool, pages: int = 1) -> bool:
+        """Map `pages` contiguous pages with `data` (zeros if None), write-protected unless
+        writable, in one ioctl; wakes the faulting threads. False if already present."""
+        length = pages * PAGE_SIZE
+        if len(self._scratch) < length:
+            self._scratch = ctypes.create_string_buffer(length)
         if data is None:
-            ctypes.memset(self._scratch, 0, PAGE_SIZE)
+            ctypes.memset(self._scratch, 0, length)
         else:
-            ctypes.memmove(self._scratch, data, PAGE_SIZE)
+            ctypes.memmove(self._scratch, data, length)
         copy = UffdioCopy(
             dst=address,
             src=ctypes.addressof(self._scratch),
-            len=PAGE_SIZE,
+            len=length,
             mode=0 if writable else UFFDIO_COPY_MODE_WP,
         )
         result = libc.ioctl(self.fd, UFFDIO_COPY, ctypes.addressof(copy))
@@ -184,10 +187,10 @@ class Userfault:
             raise UffdError(err, f"UFFDIO_COPY at {address:#x}: {os.strerror(err)}")
         return True
 
-    def protect(self, address: int) -> None:
-        """Write-protect a present page (its next guest write faults with WP)."""
+    def protect(self, address: int, pages: int = 1) -> None:
+        """Write-protect present pages (their next guest write faults with WP)."""
         wp = UffdioWriteprotect(
-            range=UffdioRange(address, PAGE_SIZE), mode=UFFDIO_WRITEPROTECT_MODE_WP
+            range=UffdioRange(address, pages * PAGE_SIZE), mode=UFFDIO_WRITEPROTECT_MODE_WP
         )
         self._ioctl(UFFDIO_WRITEPROTECT, wp, "UFFDIO_WRITEPROTECT")
 

@@ -40,7 +40,7 @@ class Kind(enum.IntEnum):
     FAILED = 14  # a fragment failed (payload: message): every fragment stops
 
 
-EXCLUSIVE, HAS_DATA, WANT_DATA = 1, 2, 4
+EXCLUSIVE, HAS_DATA, WANT_DATA, BATCH = 1, 2, 4, 8  # BATCH: read-ahead window / several pages
 
 
 class ProtocolError(ConnectionError):

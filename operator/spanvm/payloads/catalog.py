@@ -44,6 +44,12 @@ PAYLOADS: dict[str, PayloadInfo] = {
             10_000,
             min_vcpus=2,
         ),
+        PayloadInfo(
+            "stream",
+            "vCPU 0 writes every heap page, then the last vCPU reads one word of each and prints"
+            " their sum, phases timed by doorbell marks (measures page-fault service)",
+            0,
+        ),
     )
 }
 

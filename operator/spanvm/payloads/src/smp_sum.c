@@ -22,6 +22,7 @@ int payload_main(const struct spanvm_bootinfo *bi) {
     }
     barrier_wait(&filled, parts);
     if (too_big) return 2;
+    if (me == 0) mmio_write(DB_NOP, 0); /* marks 0..1 time the fill and the sums */
     for (u64 i = slice_start(n, me, parts); i < slice_start(n, me + 1, parts); i++) a[i] = mix64(i);
     barrier_wait(&filled, parts);
     u64 other = (me + 1) % parts, lo = slice_start(n, other, parts), hi = slice_start(n, other + 1, parts);
@@ -30,6 +31,7 @@ int payload_main(const struct spanvm_bootinfo *bi) {
     atomic_fetch_add(&total, s);
     barrier_wait(&summed, parts);
     if (me != 0) return 0;
+    mmio_write(DB_NOP, 1);
     print("smp-sum: n=");
     print_u64(n);
     print(" vcpus=");
