@@ -59,6 +59,7 @@ cluster-down: venv
 
 bench: venv payloads
 	$(PYTHON) hack/bench/vmm.py
+	$(PYTHON) hack/bench/fabric.py
 
 clean:
 	-hack/control-plane purge
