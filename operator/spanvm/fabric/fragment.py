@@ -151,18 +151,23 @@ class Fragment:
         elif frame.kind == Kind.EXIT:
             self.machine.finish(frame.page)
         elif frame.kind == Kind.STOP:
+            # Forward it first: every link then carries the STOP ahead of this fragment's
+            # departure, so no peer mistakes the closing connection for a lost fragment.
             self.stopping.set()
             self.transport.stopping()
+            self.transport.broadcast(frame)
             self.machine.finish(frame.page)
         elif frame.kind == Kind.STARTED:
             log.info("%s", frame.payload.decode(errors="replace"))
         elif frame.kind == Kind.FAILED:
             self.stopping.set()
             self.transport.stopping()
+            self.transport.broadcast(frame)
             self.machine.fail(f"fragment {peer} failed: {frame.payload.decode(errors='replace')}")
 
     def _on_failure(self, message: str) -> None:
         log.error("fragment %d: %s", self.config.index, message)
+        self.transport.broadcast(Frame(Kind.FAILED, payload=message.encode()))
         self.machine.fail(message)
 
     def _fault_loop(self) -> None:
