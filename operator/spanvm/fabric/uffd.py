@@ -11,7 +11,7 @@ import os
 import select
 from dataclasses import dataclass
 
-from spanvm.vmm.kvm_abi import MADV_DONTNEED, libc
+from spanvm.vmm.kvm_abi import MADV_DONTNEED, ioc, ioctl, libc
 
 PAGE_SIZE = 4096
 SYS_USERFAULTFD = 323
@@ -27,7 +27,7 @@ O_CLOEXEC, O_NONBLOCK = 0o2000000, 0o4000
 
 
 def _ioc(direction: int, nr: int, size: int) -> int:
-    return (direction << 30) | (size << 16) | (UFFD_API << 8) | nr
+    return ioc(direction, UFFD_API, nr, size)
 
 
 class UffdioApi(ctypes.Structure):
@@ -124,11 +124,7 @@ class Userfault:
             raise
 
     def _ioctl(self, request: int, arg: ctypes.Structure, what: str) -> int:
-        result: int = libc.ioctl(self.fd, request, ctypes.addressof(arg))
-        if result < 0:
-            err = ctypes.get_errno()
-            raise UffdError(err, f"{what}: {os.strerror(err)}")
-        return result
+        return ioctl(self.fd, request, arg, what, error=UffdError)
 
     def close(self) -> None:
         """Close the fd; faults still waiting are released (the VM is stopping by then)."""

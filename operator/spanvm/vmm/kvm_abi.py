@@ -33,8 +33,13 @@ MADV_DONTNEED, MADV_NOHUGEPAGE = 4, 15
 KVMIO = 0xAE
 
 
+def ioc(direction: int, kind: int, nr: int, size: int) -> int:
+    """Linux's _IOC(): an ioctl request number (direction 0 none, 1 write, 2 read, 3 both)."""
+    return (direction << 30) | (size << 16) | (kind << 8) | nr
+
+
 def _ioc(direction: int, nr: int, size: int) -> int:
-    return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
+    return ioc(direction, KVMIO, nr, size)
 
 
 def _io(nr: int) -> int:
@@ -297,8 +302,9 @@ def ioctl(
     request: int,
     arg: int | ctypes.Structure | ctypes.Array[ctypes.c_char] | None = None,
     what: str = "",
+    error: type[OSError] = KvmError,
 ) -> int:
-    """Call ioctl(2); raise KvmError naming `what` on failure, else return the result."""
+    """Call ioctl(2); raise `error` naming `what` on failure, else return the result."""
     if isinstance(arg, ctypes.Structure | ctypes.Array):
         pointer: int | None = ctypes.addressof(arg)
     else:
@@ -306,7 +312,7 @@ def ioctl(
     result: int = libc.ioctl(fd, request, pointer)
     if result < 0:
         err = ctypes.get_errno()
-        raise KvmError(err, f"{what or hex(request)}: {os.strerror(err)}")
+        raise error(err, f"{what or hex(request)}: {os.strerror(err)}")
     return result
 
 
