@@ -16,7 +16,15 @@ import pytest
 
 from spanvm.fabric.homes import HomeMap, plan_homes
 from spanvm.fabric.launcher import LocalVm, launch, split_vcpus
-from spanvm.fabric.wire import AuthError, Frame, Kind, ProtocolError, handshake_client, read_frame
+from spanvm.fabric.wire import (
+    HEADER,
+    AuthError,
+    Frame,
+    Kind,
+    ProtocolError,
+    handshake_client,
+    read_frame,
+)
 from spanvm.vmm.expected import smp_sum
 
 pytestmark = pytest.mark.kvm
@@ -173,7 +181,8 @@ def test_home_plans_cover_coherent_memory_once() -> None:
 def test_garbage_frames_are_protocol_errors() -> None:
     a, b = socket.socketpair()
     with a, b:
-        a.sendall(Frame(Kind.PING).encode() + b"XX" + bytes(22))
-        assert read_frame(b).kind == Kind.PING
+        a.sendall(Frame(Kind.PING).encode() + b"XX" + bytes(HEADER.size - 2))
+        stream = b.makefile("rb")
+        assert read_frame(stream).kind == Kind.PING
         with pytest.raises(ProtocolError, match="bad magic"):
-            read_frame(b)
+            read_frame(stream)

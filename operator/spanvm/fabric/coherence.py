@@ -91,6 +91,10 @@ class Coherence:
         self.state = bytearray(memory.size // PAGE)  # by host page number
         self.owner: dict[int, int] = {}  # home pages only; default: this fragment
         self.sharers: dict[int, int] = {}  # home pages only; bitmask of fragment indexes
+        # Per-page versions: the home counts ownership changes; every fragment remembers the
+        # newest version it applied and refuses an older one (a stale grant or a lost update).
+        self.version: dict[int, int] = {}  # home pages only
+        self.seen: dict[int, int] = {}
         self.locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
         self.counters = Counters()
         self.readahead = max(1, min(64, readahead))
@@ -225,7 +229,22 @@ class Coherence:
             return
         if flags & HAS_DATA:
             self.counters.pages_out += 1
-        self.send(requester, Frame(Kind.GRANT, flags, request_id, page, data))
+        version = self.version.get(page, 0)
+        self.send(requester, Frame(Kind.GRANT, flags, request_id, page, data, version))
+
+    def _new_owner(self, page: int, owner: int) -> None:
+        self.owner[page] = owner
+        self.version[page] = self.version.get(page, 0) + 1
+
+    def _check_returned(self, page: int, reply: Frame) -> None:
+        """The owner's copy must be the directory's newest version."""
+        expected = self.version.get(page, 0)
+        if reply.page_version != expected:
+            raise CoherenceError(
+                f"page {page:#x} came back at version {reply.page_version}, directory has"
+                f" {expected}: an update was lost"
+            )
+        self.seen[page] = expected
 
     def _virgin(self, page: int) -> bool:
         """Owned by its home and never touched anywhere: all zeros, no copy exists."""
@@ -242,7 +261,7 @@ class Coherence:
             return
         if r != me and self._virgin(page):
             # First touch anywhere: the (zero) page moves to its first user; no data travels.
-            self.owner[page] = r
+            self._new_owner(page, r)
             self._send_grant(r, page, request_id, EXCLUSIVE | HAS_DATA, b"", window, False)
             return
         if owner != NO_OWNER:
@@ -253,6 +272,7 @@ class Coherence:
                     self._protect(page)
             else:
                 reply = self.request(owner, Frame(Kind.DOWNGRADE, page=page))
+                self._check_returned(page, reply)
                 self._install(page, reply.payload, writable=False)
                 self.counters.pages_in += 1
             sharers, owner = (1 << owner) | (1 << me), NO_OWNER
@@ -293,7 +313,7 @@ class Coherence:
                 if owner == r or sharers >> r & 1:
                     continue
                 if self._virgin(page):
-                    self.owner[page] = r
+                    self._new_owner(page, r)
                     included, exclusive, zero = included | bit, exclusive | bit, zero | bit
                 elif not writes and owner in (me, NO_OWNER):
                     self.owner[page] = NO_OWNER
@@ -304,7 +324,12 @@ class Coherence:
             chunks = [data] if data else []
             chunks += [self._data(p) for p in shared]
             self.counters.pages_out += len(chunks)
-            payload = BATCH_HEADER.pack(included, exclusive, zero) + b"".join(chunks)
+            versions = [self.version.get(first + b, 0) for b in range(64) if included >> b & 1]
+            payload = (
+                BATCH_HEADER.pack(included, exclusive, zero)
+                + struct.pack(f"<{len(versions)}I", *versions)
+                + b"".join(chunks)
+            )
             self.send(r, Frame(Kind.GRANT, flags | BATCH, request_id, first, payload))
         finally:
             for lock in held:
@@ -335,6 +360,7 @@ class Coherence:
                 self._drop(page)
             else:
                 reply = self.request(owner, Frame(Kind.INVALIDATE, WANT_DATA, page=page))
+                self._check_returned(page, reply)
                 data = reply.payload
                 self.counters.pages_in += 1
         else:
@@ -346,9 +372,10 @@ class Coherence:
                         self._drop(page)
                     else:
                         self.request(s, Frame(Kind.INVALIDATE, page=page))
-        self.owner[page] = r
+        self._new_owner(page, r)
         self.sharers[page] = 0
         if r == me:
+            self.seen[page] = self.version[page]
             if had_copy:
                 self._unprotect(page)
             else:
@@ -371,7 +398,13 @@ class Coherence:
                 )
             self._protect(page)
             self.counters.pages_out += 1
-            return Frame(Kind.DATA, request=frame.request, page=page, payload=self._data(page))
+            return Frame(
+                Kind.DATA,
+                request=frame.request,
+                page=page,
+                payload=self._data(page),
+                page_version=self.seen.get(page, 0),
+            )
         if frame.flags & WANT_DATA:
             if state != MODIFIED:
                 raise CoherenceError(
@@ -381,7 +414,13 @@ class Coherence:
             data = self._data(page)
             self._drop(page)
             self.counters.pages_out += 1
-            return Frame(Kind.DATA, request=frame.request, page=page, payload=data)
+            return Frame(
+                Kind.DATA,
+                request=frame.request,
+                page=page,
+                payload=data,
+                page_version=self.seen.get(page, 0),
+            )
         self._drop(page)
         return Frame(Kind.ACK, request=frame.request, page=page)
 
@@ -391,6 +430,7 @@ class Coherence:
             self._apply_batch(frame)
             return
         page, exclusive = frame.page, bool(frame.flags & EXCLUSIVE)
+        self._accept_version(page, frame.page_version)
         state = self.local_state(page)
         if frame.flags & HAS_DATA:
             if state != INVALID:
@@ -408,10 +448,23 @@ class Coherence:
         else:
             self.uffd.wake(self.host(page))
 
+    def _accept_version(self, page: int, version: int) -> None:
+        if version < self.seen.get(page, 0):
+            raise CoherenceError(
+                f"stale grant of page {page:#x}: version {version} after {self.seen[page]}"
+            )
+        self.seen[page] = version
+
     def _apply_batch(self, frame: Frame) -> None:
         """Install a batched grant, one UFFDIO_COPY per run of pages of the same kind."""
         included, exclusive, zero = BATCH_HEADER.unpack_from(frame.payload)
-        offset = BATCH_HEADER.size
+        count = included.bit_count()
+        versions = struct.unpack_from(f"<{count}I", frame.payload, BATCH_HEADER.size)
+        offset = BATCH_HEADER.size + 4 * count
+        for page, version in zip(
+            (frame.page + b for b in range(64) if included >> b & 1), versions, strict=True
+        ):
+            self._accept_version(page, version)
         bit = 0
         while bit < 64:
             if not included >> bit & 1:

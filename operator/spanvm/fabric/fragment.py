@@ -217,9 +217,11 @@ class Fragment:
             os._exit(EXIT_FAILED)
 
     def close(self) -> None:
+        """Tear down in dependency order: nothing may touch guest RAM once it is unmapped."""
         self.stopping.set()
         self.transport.close()
-        self._fault_thread.join(1.0)
+        if self._fault_thread.is_alive():
+            self._fault_thread.join(5.0)
         self.machine.close()
         self.uffd.close()
 

@@ -9,6 +9,7 @@ endpoints of the lower-index ones, which it connects to.
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -83,6 +84,12 @@ class LocalVm:
             codes.append(f.process.wait(left))
         for f in self.fragments:
             f.events += [json.loads(line) for line in f.status.read().splitlines() if line.strip()]
+        for f, code in zip(self.fragments, codes, strict=True):
+            if code < 0:  # a signal: the fragment could not say why itself
+                print(
+                    f"spanvm: fragment {f.index} died of {signal.Signals(-code).name}",
+                    file=sys.stderr,
+                )
         if any(code != 0 for code in codes[1:]) or codes[0] < 0:
             return 70
         return codes[0]

@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import BinaryIO, cast
 
 from spanvm.fabric.wire import (
     AuthError,
@@ -182,7 +183,7 @@ class Transport:
         with self._pending_lock:
             self._pending[request_id] = future
         try:
-            self.send(index, Frame(frame.kind, frame.flags, request_id, frame.page, frame.payload))
+            self.send(index, replace(frame, request=request_id))
             return future.result(REQUEST_TIMEOUT)
         except FutureTimeout:
             raise FabricError(
@@ -195,9 +196,10 @@ class Transport:
 
     # -- receiving ---------------------------------------------------------------------------
     def _reader(self, peer: Peer) -> None:
+        stream = cast(BinaryIO, peer.sock.makefile("rb", buffering=1 << 16))
         try:
             while True:
-                frame = read_frame(peer.sock)
+                frame = read_frame(stream)
                 peer.last_seen = time.monotonic()
                 self._dispatch(peer, frame)
         except Exception as err:
@@ -263,8 +265,9 @@ class Transport:
         self._closing.set()
 
     # -- teardown ----------------------------------------------------------------------------
-    def close(self) -> None:
-        """Stop listening, close every connection, fail what still waits."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop listening, close every connection, fail what still waits, and wait for the
+        reader and worker threads to end (they touch guest memory: it must outlive them)."""
         self._closing.set()
         with self._pending_lock:
             for future in self._pending.values():
@@ -276,4 +279,8 @@ class Transport:
             with contextlib.suppress(OSError):
                 peer.sock.shutdown(socket.SHUT_RDWR)
             peer.sock.close()
-        self._workers.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        self._workers.shutdown(wait=True, cancel_futures=True)

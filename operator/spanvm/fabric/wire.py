@@ -1,7 +1,7 @@
 """The fabric's wire format: framed, versioned messages and the authenticating handshake.
 
-Every frame is a 24-byte header (magic "SV", version, type, flags, request id, page, payload
-length) and a payload. A connection starts with a mutual HMAC-SHA256 challenge-response over
+Every frame is a 26-byte header (magic "SV", version, type, flags, page version, request id,
+page, payload length) and a payload. A connection starts with a mutual HMAC-SHA256 challenge-response over
 the per-VM secret; a peer that cannot prove the secret gets nothing and is dropped.
 """
 
@@ -12,10 +12,11 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
+from typing import BinaryIO
 
 MAGIC = b"SV"
 VERSION = 1
-HEADER = struct.Struct("<2sBBHHIQI")
+HEADER = struct.Struct("<2sBBHIIQI")  # magic version kind flags page-version request page length
 MAX_PAYLOAD = 1 << 20
 GREETING = b"SPANVM-FABRIC/1\n"
 NONCE = 32
@@ -60,11 +61,19 @@ class Frame:
     request: int = 0
     page: int = 0
     payload: bytes = b""
+    page_version: int = 0  # the page's directory version (GRANT, DATA)
 
     def encode(self) -> bytes:
         return (
             HEADER.pack(
-                MAGIC, VERSION, self.kind, self.flags, 0, self.request, self.page, len(self.payload)
+                MAGIC,
+                VERSION,
+                self.kind,
+                self.flags,
+                self.page_version,
+                self.request,
+                self.page,
+                len(self.payload),
             )
             + self.payload
         )
@@ -81,10 +90,19 @@ def recv_exact(sock: socket.socket, size: int) -> bytes:
     return bytes(chunks)
 
 
-def read_frame(sock: socket.socket) -> Frame:
-    """The next frame; ProtocolError on a bad magic, version, type or length."""
-    magic, version, kind, flags, _, request, page, length = HEADER.unpack(
-        recv_exact(sock, HEADER.size)
+def _read_exact(stream: BinaryIO, size: int) -> bytes:
+    data = stream.read(size)
+    if data is None or len(data) < size:
+        raise ConnectionError("connection closed by peer")
+    return data
+
+
+def read_frame(stream: BinaryIO) -> Frame:
+    """The next frame from a buffered stream over the connection (`sock.makefile("rb")`, so
+    a header and its payload usually cost one recv); ProtocolError on a bad magic, version,
+    type or length."""
+    magic, version, kind, flags, page_version, request, page, length = HEADER.unpack(
+        _read_exact(stream, HEADER.size)
     )
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {magic!r}")
@@ -96,7 +114,8 @@ def read_frame(sock: socket.socket) -> Frame:
         kind_ = Kind(kind)
     except ValueError:
         raise ProtocolError(f"unknown message type {kind}") from None
-    return Frame(kind_, flags, request, page, recv_exact(sock, length) if length else b"")
+    payload = _read_exact(stream, length) if length else b""
+    return Frame(kind_, flags, request, page, payload, page_version)
 
 
 def _mac(secret: bytes, role: bytes, *parts: bytes) -> bytes:
