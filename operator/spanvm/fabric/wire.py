@@ -1,8 +1,9 @@
 """The fabric's wire format: framed, versioned messages and the authenticating handshake.
 
 Every frame is a 26-byte header (magic "SV", version, type, flags, page version, request id,
-page, payload length) and a payload. A connection starts with a mutual HMAC-SHA256 challenge-response over
-the per-VM secret; a peer that cannot prove the secret gets nothing and is dropped.
+page, payload length) and a payload. A connection starts with a mutual HMAC-SHA256
+challenge-response over the per-VM secret; a peer that cannot prove the secret gets nothing
+and is dropped.
 """
 
 import enum
