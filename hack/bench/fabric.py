@@ -2,10 +2,10 @@
 """Memory fabric benchmark: remote page-fault service against its parts, in one run.
 
 Prints one table. The ratios are what count (absolute times on shared machines are noise):
-- remote fault p50/p99: a guest on fragment 1 streams through memory homed on fragment 0
-  (`stream`, home policy `first`), measured from the fault event to the page installed;
+- remote fault p50/p99: a guest on fragment 1 streams through pages fragment 0 wrote
+  (`stream`, home policy `first`), from reading the fault event to the page installed;
 - local fault: the same guest in one process, each fault served by UFFDIO_COPY from a local
-  buffer, measured the same way;
+  buffer, measured between the same two points;
 - raw round trip: a 24-byte request answered with a 4 KiB page between two Python processes
   over the same loopback path;
   ratio = remote / (local + raw), goal <= 1.1;
@@ -87,9 +87,8 @@ def local_faults(memory: int) -> tuple[list[float], float]:
         def serve() -> None:
             while not stop.is_set():
                 for fault in uffd.read_faults(0.05):
-                    t = time.perf_counter()
                     uffd.install(fault.address, buffer, writable=True)
-                    samples.append(time.perf_counter() - t)
+                    samples.append(time.perf_counter() - fault.read_at)
 
         server = threading.Thread(target=serve, daemon=True)
         server.start()

@@ -274,6 +274,8 @@ class Transport:
                 if not future.done():
                     future.set_exception(FabricError("fabric closed"))
         if self._listener is not None:
+            with contextlib.suppress(OSError):  # wakes the thread blocked in accept()
+                self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
         for peer in self.peers.values():
             with contextlib.suppress(OSError):

@@ -9,6 +9,7 @@ import ctypes
 import errno
 import os
 import select
+import time
 from dataclasses import dataclass
 
 from spanvm.vmm.kvm_abi import MADV_DONTNEED, ioc, ioctl, libc
@@ -96,6 +97,7 @@ class Fault:
     address: int
     write: bool
     wp: bool
+    read_at: float  # time.perf_counter() when the event was read (fault service starts)
 
 
 class Userfault:
@@ -137,6 +139,7 @@ class Userfault:
         ready, _, _ = select.select([self.fd], [], [], timeout)
         if not ready:
             return []
+        now = time.perf_counter()
         faults: list[Fault] = []
         msg = UffdMsg()
         size = ctypes.sizeof(msg)
@@ -155,6 +158,7 @@ class Userfault:
                         address=msg.address & ~(PAGE_SIZE - 1),
                         write=bool(msg.flags & UFFD_PAGEFAULT_FLAG_WRITE),
                         wp=bool(msg.flags & UFFD_PAGEFAULT_FLAG_WP),
+                        read_at=now,
                     )
                 )
 
