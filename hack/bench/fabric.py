@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Any
 
+from spanvm.fabric.coherence import READAHEAD
 from spanvm.fabric.launcher import launch
 from spanvm.fabric.uffd import PAGE_SIZE, Userfault
 from spanvm.payloads.build import payload_image
@@ -108,7 +109,7 @@ def fragment_run(  # noqa: PLR0917 - mirrors launch()
     memory: int,
     arg: int,
     policy: str,
-    readahead: int = 16,
+    readahead: int = READAHEAD,
 ) -> tuple[list[dict[str, Any]], str]:
     """Finished events of every fragment, and the console."""
     with (
@@ -192,7 +193,7 @@ def main() -> int:
             f"{single_rate:,.0f} pages/s in guest",
         ),
         (
-            "remote fault, read-ahead 16",
+            f"remote fault, read-ahead {READAHEAD}",
             f"{batch50:.1f}",
             f"{batch99:.1f}",
             f"{remote['remote_faults']} faults for {pages} pages",

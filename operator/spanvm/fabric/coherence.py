@@ -27,7 +27,7 @@ from spanvm.vmm.memory import GuestMemory
 
 INVALID, SHARED, MODIFIED = 0, 1, 2
 LOCK_STRIPES = 1024
-READAHEAD = 16  # pages a remote fault on a missing page asks for (home sends the cheap ones)
+READAHEAD = 64  # pages a remote fault on a missing page asks for (home sends the cheap ones)
 BATCH_HEADER = struct.Struct("<QQQ")  # included, exclusive, zero-filled bitmaps of a batch
 NO_OWNER = -1
 
