@@ -189,3 +189,19 @@ def test_garbage_collection_follows_owner_references(crds: Cluster) -> None:
     ).stdout.strip():
         assert time.monotonic() < deadline, "garbage collector did not delete the owned VMFragment"
         time.sleep(0.5)
+
+
+def test_failed_start_reports_the_log_tail(tmp_path: Path) -> None:
+    """A component that dies at start-up is named, with the end of its log, and nothing is
+    left running."""
+    from spanvm.devcluster.controlplane import ControlPlane, ControlPlaneError  # noqa: PLC0415
+
+    plane = ControlPlane(tmp_path / "broken")
+    (plane.state_dir).mkdir()
+    (plane.state_dir / "etcd-data").write_text("not a directory")
+    with pytest.raises(
+        ControlPlaneError,
+        match=r"(?s)etcd exited during start-up; log tail:\n.*failed to list data directory",
+    ):
+        plane.up(timeout=60)
+    assert not any(plane.running().values()), "a failed start must not leave processes behind"

@@ -136,12 +136,20 @@ class ControlPlane:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def up(self, timeout: float = 120.0) -> None:
-        """Start whatever is not running and wait for /readyz; idempotent."""
+        """Start whatever is not running and wait for /readyz; idempotent. On failure nothing
+        is left running and the error carries the failing component's log tail."""
         pids = self.running()
         if all(pids.values()) and self.ready():
             return
         if any(pids.values()):
             self.down()
+        try:
+            self._start_all(timeout)
+        except BaseException:
+            self.down()
+            raise
+
+    def _start_all(self, timeout: float) -> None:
         ensure_certs(self.certs)
         ports = Ports.pick()
         self.ports_file.write_text(json.dumps(ports.__dict__))
