@@ -60,6 +60,7 @@ cluster-down: venv
 bench: venv payloads
 	$(PYTHON) hack/bench/vmm.py
 	$(PYTHON) hack/bench/fabric.py
+	$(PYTHON) hack/bench/scheduler.py
 
 clean:
 	-hack/control-plane purge
