@@ -392,28 +392,17 @@ class Coherence:
         """DOWNGRADE or INVALIDATE from the page's home; returns the reply."""
         page = frame.page
         state = self.local_state(page)
-        if frame.kind == Kind.DOWNGRADE:
+        downgrade = frame.kind == Kind.DOWNGRADE
+        if downgrade or frame.flags & WANT_DATA:  # the owner hands its copy to the home
             if state != MODIFIED:
+                what = "DOWNGRADE" if downgrade else "INVALIDATE+data"
                 raise CoherenceError(
-                    f"DOWNGRADE of page {page:#x} that fragment {self.index} does not own"
+                    f"{what} of page {page:#x} that fragment {self.index} does not own"
                 )
-            self._protect(page)
-            self.counters.pages_out += 1
-            return Frame(
-                Kind.DATA,
-                request=frame.request,
-                page=page,
-                payload=self._data(page),
-                page_version=self.seen.get(page, 0),
-            )
-        if frame.flags & WANT_DATA:
-            if state != MODIFIED:
-                raise CoherenceError(
-                    f"INVALIDATE+data of page {page:#x} that fragment {self.index} does not own"
-                )
-            self._protect(page)
+            self._protect(page)  # no guest write may slip in between the read and the reply
             data = self._data(page)
-            self._drop(page)
+            if not downgrade:
+                self._drop(page)
             self.counters.pages_out += 1
             return Frame(
                 Kind.DATA,
