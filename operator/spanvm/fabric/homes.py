@@ -75,7 +75,3 @@ class HomeMap:
             if h.start <= address < h.end:
                 return h.index
         raise KeyError(f"guest-physical {address:#x} is not coherent memory")
-
-    def pages_of(self, index: int) -> list[tuple[int, int]]:
-        """Page-id ranges [first, last) homed on fragment `index`."""
-        return [(h.start // PAGE, h.end // PAGE) for h in self.homes if h.index == index]

@@ -30,7 +30,3 @@ class Console:
         """Everything kept so far, decoded leniently."""
         with self._lock:
             return self._buffer.decode(errors="replace")
-
-    def tail(self, lines: int = 20) -> str:
-        """The last lines of the console."""
-        return "\n".join(self.text.splitlines()[-lines:])

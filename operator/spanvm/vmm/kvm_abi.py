@@ -28,7 +28,7 @@ libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 PROT_READ, PROT_WRITE = 1, 2
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE = 0x01, 0x02, 0x20, 0x4000
 MAP_FAILED = ctypes.c_void_p(-1).value
-MADV_DONTNEED, MADV_NOHUGEPAGE = 4, 15
+MADV_DONTNEED = 4
 
 KVMIO = 0xAE
 
