@@ -20,4 +20,6 @@ HLT = b"\xf4"  # privileged: faults at CPL3
 EXIT_7 = store_to(MMIO_BASE + Doorbell.EXIT, 7) + SPIN
 UNKNOWN_DOORBELL = store_to(MMIO_BASE + 0x100, 1) + SPIN
 MMIO_READ = load_from(MMIO_BASE + Doorbell.EXIT) + SPIN
-PORT_OUT = b"\xb0\x41\xe6\x80" + SPIN  # mov al, 'A'; out 0x80, al -> #GP (IOPL 0) -> shutdown
+PORT_OUT = b"\xb0\x41\xe6\x80" + SPIN  # mov al, 'A'; out 0x80, al -> #GP (IOPL 0)
+UD2 = b"\x0f\x0b"  # invalid opcode
+WILD_WRITE = store_to(0x1000_0000, 1) + SPIN  # beyond a 32 MiB guest's RAM: not mapped

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from guest_code import EXIT_7, HLT, MMIO_READ, PORT_OUT, SPIN, UNKNOWN_DOORBELL
+from guest_code import (
+    EXIT_7,
+    HLT,
+    MMIO_READ,
+    PORT_OUT,
+    SPIN,
+    UD2,
+    UNKNOWN_DOORBELL,
+    WILD_WRITE,
+)
 from spanvm.payloads.build import PayloadImage, payload_image
 from spanvm.vmm import layout
 from spanvm.vmm.expected import smp_sum
@@ -102,23 +111,36 @@ def test_guest_exit_code_is_the_vm_exit_code(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("code", "needles"),
     [
-        (HLT, ["vCPU 0", "KVM_EXIT_SHUTDOWN", "rip=0x200000"]),
-        (PORT_OUT, ["vCPU 0", "KVM_EXIT_SHUTDOWN"]),
+        (HLT, ["vCPU 0: guest exception #GP general protection", "at rip=0x200000"]),
+        (PORT_OUT, ["vCPU 0: guest exception #GP general protection", "at rip=0x200002"]),
+        (UD2, ["vCPU 0: guest exception #UD invalid opcode", "at rip=0x200000"]),
+        (WILD_WRITE, ["#PF page fault (error code 0x6)", "cr2=0x10000000 (write, not present)"]),
         (UNKNOWN_DOORBELL, ["vCPU 0", "unknown doorbell register 0x100", "rip="]),
         (
             MMIO_READ,
             ["vCPU 0", f"read from unmapped guest-physical address {layout.MMIO_BASE + 0x10:#x}"],
         ),
     ],
-    ids=["hlt", "port-out", "unknown-doorbell", "mmio-read"],
+    ids=["hlt", "port-out", "ud2", "wild-write", "unknown-doorbell", "mmio-read"],
 )
-def test_unexpected_exits_stop_the_vm_naming_vcpu_and_registers(
+def test_guest_faults_stop_the_vm_naming_vcpu_and_cause(
     tmp_path: Path, code: bytes, needles: list[str]
 ) -> None:
     result = run_flat(tmp_path, code)
     assert result.exit_code is None and result.error
     for needle in needles:
-        assert needle in result.error
+        assert needle in result.error, result.error
+
+
+def test_triple_fault_is_reported_as_shutdown(tmp_path: Path) -> None:
+    """With the IDT wiped by the host, an exception cannot be delivered: a triple fault."""
+    path = tmp_path / "hlt.bin"
+    path.write_bytes(HLT)
+    with Machine(VmConfig(32 * MiB, 1, PayloadImage.flat(path))) as machine:
+        assert machine.memory is not None
+        machine.memory.write(layout.IDT_BASE, bytes(4096))
+        result = machine.run(idle_timeout=30)
+    assert result.error and "vCPU 0: KVM_EXIT_SHUTDOWN (triple fault" in result.error
 
 
 def test_idle_guest_is_stopped_saying_where_vcpus_were(tmp_path: Path) -> None:

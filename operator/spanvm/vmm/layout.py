@@ -3,9 +3,11 @@
 ```
 0x0000_0000  unmapped (null page)
 0x0000_1000  GDT               supervisor
-0x0000_2000  TSS               supervisor
+0x0000_2000  TSS per vCPU       supervisor
+0x0000_6000  IDT, ring-0 stubs supervisor (exceptions are reported through the doorbell)
 0x0001_0000  page tables       supervisor (PML4, PDPT, PT of the first 2 MiB, PDs)
 0x0008_0000  boot-info pages   user read-only, one per vCPU
+0x0010_0000  ring-0 stacks     supervisor, 4 KiB per vCPU (exceptions only)
 0x0020_0000  payload image     user (code, data, bss)
   ...        vCPU stacks       user, STACK_SIZE each
   ...        heap              user, the rest of RAM (ranges listed in the boot info)
@@ -27,7 +29,11 @@ from spanvm.vmm.memory import GuestMemory, RamRange
 PAGE = 0x1000
 LARGE_PAGE = 0x20_0000
 GDT_BASE = 0x1000
-TSS_BASE = 0x2000
+TSS_BASE = 0x2000  # one 128-byte TSS per vCPU, up to 0x6000
+TSS_STRIDE = 0x80
+IDT_BASE = 0x6000
+STUBS_BASE = 0x7000  # ring-0 exception stubs: report through the doorbell, then stop
+KSTACK_BASE = 0x10_0000  # one 4 KiB ring-0 stack per vCPU (exceptions only), up to 0x18_0000
 PT_BASE = 0x1_0000
 PT_LIMIT = 0x8_0000
 BOOTINFO_BASE = 0x8_0000
@@ -43,7 +49,8 @@ MAX_HEAP_RANGES = 4
 
 SEL_USER_DATA = 0x18 | 3
 SEL_USER_CODE = 0x20 | 3
-SEL_TSS = 0x28
+SEL_KERNEL_CODE = 0x08
+SEL_TSS = 0x28  # vCPU i's TSS descriptor is at SEL_TSS + 16 * i
 GDT_ENTRIES = (
     0,
     0x00AF9B000000FFFF,  # 0x08 kernel code, 64-bit
@@ -68,6 +75,7 @@ class Doorbell:
     EXIT = 0x10
     PARK = 0x18
     NOP = 0x20
+    FAULT = 0x28  # ring-0 stub: address of the exception frame (vector, error, rip, cs, ...)
 
 
 class HeapRange(ctypes.Structure):
@@ -169,7 +177,16 @@ def _page_tables(layout: GuestLayout) -> dict[int, bytes]:
 
     supervisor = PTE_P | PTE_RW | PTE_A | PTE_D
     pt_entries = [0] * 512
-    for gpa in (GDT_BASE, TSS_BASE, *range(PT_BASE, next_pd, PAGE)):
+    kstacks = range(KSTACK_BASE, KSTACK_BASE + layout.vcpu_count * PAGE, PAGE)
+    tss_pages = range(TSS_BASE, IDT_BASE, PAGE)
+    for gpa in (
+        GDT_BASE,
+        *tss_pages,
+        IDT_BASE,
+        STUBS_BASE,
+        *range(PT_BASE, next_pd, PAGE),
+        *kstacks,
+    ):
         pt_entries[gpa >> 12] = gpa | supervisor
     for vcpu in range(layout.vcpu_count):
         gpa = layout.bootinfo_address(vcpu)
@@ -180,27 +197,95 @@ def _page_tables(layout: GuestLayout) -> dict[int, bytes]:
     return pages
 
 
-def _gdt() -> bytes:
-    low = (
-        (TSS_SIZE - 1)
-        | ((TSS_BASE & 0xFFFFFF) << 16)
-        | (0x8B << 40)
-        | (((TSS_BASE >> 24) & 0xFF) << 56)
-    )
-    high = TSS_BASE >> 32
-    return struct.pack(f"<{len(GDT_ENTRIES) + 2}Q", *GDT_ENTRIES, low, high)
+def _gdt(vcpu_count: int) -> bytes:
+    """The fixed descriptors, then one 64-bit TSS descriptor per vCPU."""
+    entries = list(GDT_ENTRIES)
+    for vcpu in range(vcpu_count):
+        base = TSS_BASE + vcpu * TSS_STRIDE
+        entries.append(
+            (TSS_SIZE - 1)
+            | ((base & 0xFFFFFF) << 16)
+            | (0x8B << 40)
+            | (((base >> 24) & 0xFF) << 56)
+        )
+        entries.append(base >> 32)
+    return struct.pack(f"<{len(entries)}Q", *entries)
 
 
-def _tss() -> bytes:
+def _tss(rsp0: int) -> bytes:
     tss = bytearray(TSS_SIZE)
+    struct.pack_into("<Q", tss, 4, rsp0)  # the ring-0 stack an exception switches to
     struct.pack_into("<H", tss, 0x66, TSS_SIZE)  # I/O map base beyond the limit: no port access
     return bytes(tss)
 
 
+EXCEPTIONS = {
+    0: "#DE divide error",
+    1: "#DB debug",
+    2: "NMI",
+    3: "#BP breakpoint",
+    4: "#OF overflow",
+    5: "#BR bound range",
+    6: "#UD invalid opcode",
+    7: "#NM device not available",
+    8: "#DF double fault",
+    10: "#TS invalid TSS",
+    11: "#NP segment not present",
+    12: "#SS stack fault",
+    13: "#GP general protection",
+    14: "#PF page fault",
+    16: "#MF x87 error",
+    17: "#AC alignment check",
+    18: "#MC machine check",
+    19: "#XM SIMD error",
+    20: "#VE virtualization",
+    21: "#CP control protection",
+}
+WITH_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
+VECTORS = 32
+STUB_SIZE = 16
+
+
+def _stubs() -> bytes:
+    """Ring-0 code: per vector `push 0 (if no error code); push vector; jmp common`; common
+    stores the frame's address to the FAULT doorbell (the monitor reads the frame) and spins."""
+    common = VECTORS * STUB_SIZE
+    code = bytearray()
+    for vector in range(VECTORS):
+        stub = b"" if vector in WITH_ERROR_CODE else b"\x6a\x00"
+        stub += b"\x6a" + bytes([vector])
+        rel = common - (len(code) + len(stub) + 5)
+        stub += b"\xe9" + struct.pack("<i", rel)
+        code += stub.ljust(STUB_SIZE, b"\xcc")
+    code += b"\x48\x89\xe0"  # mov rax, rsp
+    code += b"\x48\xbb" + struct.pack("<Q", MMIO_BASE + Doorbell.FAULT)  # movabs rbx, FAULT
+    code += b"\x48\x89\x03"  # mov [rbx], rax
+    code += b"\xeb\xfe"  # jmp .
+    return bytes(code)
+
+
+def _idt() -> bytes:
+    """64-bit interrupt gates (DPL 0, kernel code) pointing at the stubs."""
+    gates = []
+    for vector in range(VECTORS):
+        offset = STUBS_BASE + vector * STUB_SIZE
+        low = (
+            (offset & 0xFFFF)
+            | (SEL_KERNEL_CODE << 16)
+            | (0x8E << 40)
+            | (((offset >> 16) & 0xFFFF) << 48)
+        )
+        gates += [low, offset >> 32]
+    return struct.pack(f"<{len(gates)}Q", *gates)
+
+
 def write_system_area(memory: GuestMemory, layout: GuestLayout, arg: int) -> None:
     """Write GDT, TSS, page tables and every vCPU's boot-info page into guest RAM."""
-    memory.write(GDT_BASE, _gdt())
-    memory.write(TSS_BASE, _tss())
+    memory.write(GDT_BASE, _gdt(layout.vcpu_count))
+    for vcpu in range(layout.vcpu_count):
+        memory.write(TSS_BASE + vcpu * TSS_STRIDE, _tss(KSTACK_BASE + (vcpu + 1) * PAGE))
+    memory.write(IDT_BASE, _idt())
+    memory.write(STUBS_BASE, _stubs())
     for gpa, page in _page_tables(layout).items():
         memory.write(gpa, page)
     for vcpu in range(layout.vcpu_count):
@@ -235,7 +320,9 @@ def _segment(selector: int, code: bool) -> kvm_abi.KvmSegment:
     )
 
 
-def user_mode_sregs(sregs: kvm_abi.KvmSregs, bootinfo_address: int) -> None:
+def user_mode_sregs(
+    sregs: kvm_abi.KvmSregs, bootinfo_address: int, vcpu_id: int, vcpu_count: int
+) -> None:
     """Fill special registers for 64-bit long mode, paging on, the vCPU at CPL3; FS points at
     the vCPU's boot-info page so the guest runtime finds it without shared state."""
     sregs.cs = _segment(SEL_USER_CODE, code=True)
@@ -243,11 +330,15 @@ def user_mode_sregs(sregs: kvm_abi.KvmSregs, bootinfo_address: int) -> None:
         setattr(sregs, name, _segment(SEL_USER_DATA, code=False))
     sregs.fs.base = bootinfo_address
     sregs.tr = kvm_abi.KvmSegment(
-        base=TSS_BASE, limit=TSS_SIZE - 1, selector=SEL_TSS, type=0xB, present=1
+        base=TSS_BASE + vcpu_id * TSS_STRIDE,
+        limit=TSS_SIZE - 1,
+        selector=SEL_TSS + 16 * vcpu_id,
+        type=0xB,
+        present=1,
     )
     sregs.ldt = kvm_abi.KvmSegment(type=2, present=1, unusable=1)
-    sregs.gdt.base, sregs.gdt.limit = GDT_BASE, (len(GDT_ENTRIES) + 2) * 8 - 1
-    sregs.idt.base, sregs.idt.limit = 0, 0
+    sregs.gdt.base, sregs.gdt.limit = GDT_BASE, (len(GDT_ENTRIES) + 2 * vcpu_count) * 8 - 1
+    sregs.idt.base, sregs.idt.limit = IDT_BASE, VECTORS * 16 - 1
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
     sregs.cr3 = PT_BASE
     sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT

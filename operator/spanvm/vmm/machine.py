@@ -12,6 +12,7 @@ import ctypes
 import errno
 import os
 import signal
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -205,7 +206,7 @@ class Machine:
             self._set_cpuid(vcpu, cpuid)
             sregs = kvm_abi.KvmSregs()
             kvm_abi.ioctl(vcpu.fd, kvm_abi.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
-            layout.user_mode_sregs(sregs, plan.bootinfo_address(vcpu_id))
+            layout.user_mode_sregs(sregs, plan.bootinfo_address(vcpu_id), vcpu_id, cfg.vcpu_count)
             kvm_abi.ioctl(vcpu.fd, kvm_abi.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
             regs = layout.user_mode_regs(plan, vcpu_id, cfg.image.entry)
             kvm_abi.ioctl(vcpu.fd, kvm_abi.KVM_SET_REGS, regs, "KVM_SET_REGS")
@@ -401,6 +402,9 @@ class Machine:
                 return False
         elif offset == Doorbell.PUTC:
             self.console.write(bytes([value & 0xFF]))
+        elif offset == Doorbell.FAULT:
+            self.fail(f"vCPU {vcpu.id}: {self._describe_exception(vcpu, value)}")
+            return False
         elif offset == Doorbell.NOP:
             if len(self.marks) < MAX_MARKS:
                 self.marks.append((vcpu.id, value, time.monotonic()))
@@ -420,6 +424,27 @@ class Machine:
             self.fail(self._describe(vcpu, f"write to unknown doorbell register {offset:#x}"))
             return False
         return True
+
+    def _describe_exception(self, vcpu: Vcpu, frame_address: int) -> str:
+        """The guest's exception, from the frame its ring-0 stub reported: vector, error code,
+        where it happened (symbolised), and CR2 for a page fault."""
+        assert self.memory is not None
+        try:
+            frame = struct.unpack("<7Q", self.memory.read(frame_address, 56))
+        except ValueError:
+            return f"guest exception with an unreadable frame at {frame_address:#x}"
+        vector, error, rip, _cs, rflags, rsp, _ss = frame
+        name = layout.EXCEPTIONS.get(vector, f"vector {vector}")
+        where = self.config.image.symbolize(rip)
+        text = f"guest exception {name} (error code {error:#x}) at rip={rip:#x}"
+        text += f" ({where})" if where else ""
+        text += f" rsp={rsp:#x} rflags={rflags:#x}"
+        if vector == 14:
+            sregs = kvm_abi.KvmSregs()
+            kvm_abi.ioctl(vcpu.fd, kvm_abi.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
+            access = "write" if error & 2 else "read"
+            text += f" cr2={sregs.cr2:#x} ({access}{', not present' if not error & 1 else ''})"
+        return text
 
     def _describe(self, vcpu: Vcpu, what: str) -> str:
         return f"vCPU {vcpu.id}: {what}; {self._registers(vcpu)}"
