@@ -213,7 +213,13 @@ class Coherence:
         return owner in (me, r)
 
     def _check_home(self, requester: int, page: int) -> None:
-        if self.homes.home(page) != self.index:
+        try:
+            home = self.homes.home(page)
+        except KeyError:
+            raise CoherenceError(
+                f"fragment {requester} asked for page {page:#x}, which is not coherent memory"
+            ) from None
+        if home != self.index:
             raise CoherenceError(
                 f"fragment {requester} asked fragment {self.index} for page {page:#x},"
                 " which is homed elsewhere"

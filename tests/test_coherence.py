@@ -1,0 +1,131 @@
+"""The coherence protocol's state machine at one home, driven frame by frame.
+
+Guest RAM and userfaultfd are real (an anonymous mapping registered like a fragment's); the
+other fragments are played by the test: it records what the home sends them and answers the
+home's requests as they would.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from spanvm.fabric.coherence import MODIFIED, SHARED, Coherence, CoherenceError
+from spanvm.fabric.homes import HomeMap, HomeRange
+from spanvm.fabric.uffd import PAGE_SIZE, Userfault
+from spanvm.fabric.wire import EXCLUSIVE, HAS_DATA, WANT_DATA, Frame, Kind
+from spanvm.vmm.layout import IMAGE_BASE
+from spanvm.vmm.memory import GuestMemory
+
+MiB = 1 << 20
+PAGE = (4 * MiB) // PAGE_SIZE  # a page in the coherent region
+
+
+@dataclass
+class Peers:
+    """Fragments 1 and 2 as the home sees them: what they were sent, how they answer."""
+
+    sent: list[tuple[int, Frame]] = field(default_factory=list)
+    requests: list[tuple[int, Frame]] = field(default_factory=list)
+    owner_version: int | None = None  # what an owner claims when it hands a page back
+
+    def send(self, peer: int, frame: Frame) -> None:
+        self.sent.append((peer, frame))
+
+    def request(self, peer: int, frame: Frame) -> Frame:
+        self.requests.append((peer, frame))
+        if frame.kind == Kind.INVALIDATE and not frame.flags & WANT_DATA:
+            return Frame(Kind.ACK, page=frame.page)
+        version = (
+            self.owner_version if self.owner_version is not None else self._granted(frame.page)
+        )
+        return Frame(Kind.DATA, page=frame.page, payload=b"\xab" * PAGE_SIZE, page_version=version)
+
+    def _granted(self, page: int) -> int:
+        grants = [f for _, f in self.sent if f.kind == Kind.GRANT and f.page == page]
+        return grants[-1].page_version if grants else 0
+
+
+@pytest.fixture
+def home() -> Iterator[tuple[Coherence, Peers]]:
+    memory = GuestMemory(32 * MiB)
+    start = memory.host_address + IMAGE_BASE
+    uffd = Userfault(start, memory.size - IMAGE_BASE)
+    peers = Peers()
+    homes = HomeMap([HomeRange(IMAGE_BASE, 16 * MiB, 0), HomeRange(16 * MiB, 32 * MiB, 1)])
+    coherence = Coherence(
+        0,
+        memory=memory,
+        uffd=uffd,
+        homes=homes,
+        send=peers.send,
+        request=peers.request,
+        readahead=1,
+    )
+    try:
+        yield coherence, peers
+    finally:
+        uffd.close()
+        memory.close()
+
+
+def test_first_touch_moves_a_zero_page_without_data(home: tuple[Coherence, Peers]) -> None:
+    coherence, peers = home
+    coherence.serve(1, Kind.READ, PAGE, request_id=7)
+    ((peer, grant),) = peers.sent
+    assert peer == 1 and grant.kind == Kind.GRANT and grant.request == 7
+    assert grant.flags == EXCLUSIVE | HAS_DATA and grant.payload == b"" and grant.page_version == 1
+    assert coherence.owner[PAGE] == 1 and not peers.requests
+
+
+def test_write_invalidates_every_other_sharer_first(home: tuple[Coherence, Peers]) -> None:
+    coherence, peers = home
+    coherence.serve(0, Kind.WRITE, PAGE, request_id=0)  # the home writes: Modified here
+    assert coherence.local_state(PAGE) == MODIFIED
+    coherence.serve(1, Kind.READ, PAGE, request_id=1)  # 1 reads: home and 1 share it
+    assert coherence.local_state(PAGE) == SHARED and coherence.sharers[PAGE] == 0b011
+    coherence.serve(2, Kind.WRITE, PAGE, request_id=2)  # 2 writes: 1 and the home drop it
+    assert [(p, f.kind, f.flags) for p, f in peers.requests] == [(1, Kind.INVALIDATE, 0)]
+    grant = peers.sent[-1][1]
+    assert (
+        peers.sent[-1][0] == 2
+        and grant.flags == EXCLUSIVE | HAS_DATA
+        and len(grant.payload) == PAGE_SIZE
+    )
+    assert coherence.owner[PAGE] == 2 and coherence.local_state(PAGE) == 0
+    versions = [f.page_version for _, f in peers.sent]
+    assert versions == sorted(versions) and versions[-1] > versions[0]
+
+
+def test_read_of_a_page_owned_elsewhere_downgrades_the_owner(home: tuple[Coherence, Peers]) -> None:
+    coherence, peers = home
+    coherence.serve(2, Kind.WRITE, PAGE, request_id=1)
+    coherence.serve(1, Kind.READ, PAGE, request_id=2)
+    assert [(p, f.kind) for p, f in peers.requests] == [(2, Kind.DOWNGRADE)]
+    assert coherence.sharers[PAGE] == 0b111 and coherence.local_state(PAGE) == SHARED
+    assert peers.sent[-1][1].payload == b"\xab" * PAGE_SIZE  # the owner's data, passed on
+
+
+def test_an_owner_returning_an_old_version_stops_the_vm(home: tuple[Coherence, Peers]) -> None:
+    coherence, peers = home
+    coherence.serve(2, Kind.WRITE, PAGE, request_id=1)  # version 1 at fragment 2
+    peers.owner_version = 0  # ... which hands back a copy older than it was granted
+    with pytest.raises(CoherenceError, match="an update was lost"):
+        coherence.serve(1, Kind.READ, PAGE, request_id=2)
+
+
+def test_a_stale_grant_is_refused(home: tuple[Coherence, Peers]) -> None:
+    coherence, _ = home
+    other = PAGE + 1
+    coherence.on_grant(Frame(Kind.GRANT, EXCLUSIVE | HAS_DATA, 1, other, b"", page_version=5))
+    coherence.on_directive(Frame(Kind.INVALIDATE, 0, 2, other))
+    with pytest.raises(CoherenceError, match=r"stale grant .* version 3 after 5"):
+        coherence.on_grant(Frame(Kind.GRANT, EXCLUSIVE | HAS_DATA, 3, other, b"", page_version=3))
+
+
+def test_requests_for_pages_homed_elsewhere_are_refused(home: tuple[Coherence, Peers]) -> None:
+    coherence, _ = home
+    with pytest.raises(CoherenceError, match="which is homed elsewhere"):
+        coherence.serve(1, Kind.READ, (20 * MiB) // PAGE_SIZE, request_id=1)
+    with pytest.raises(CoherenceError, match="which is not coherent memory"):
+        coherence.serve(1, Kind.READ, (64 * MiB) // PAGE_SIZE, request_id=1)
