@@ -85,3 +85,29 @@ def test_faulting_guest_is_a_vm_error(tmp_path: Path) -> None:
     assert result.returncode == 70
     assert "vm error: vCPU 0: guest exception #GP general protection" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_run_across_fragments_streams_fragment_0s_console() -> None:
+    result = spanvm(
+        "run",
+        "--fragments",
+        "3",
+        "--vcpus",
+        "3",
+        "--memory",
+        "64Mi",
+        "--arg",
+        "2000",
+        "smp-counter",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "smp-counter: vcpus=3 n=2000 total=6000 expected=6000 OK" in result.stdout
+    assert "fragment 2 on local-2" in result.stderr
+
+
+def test_more_fragments_than_vcpus_is_a_usage_error() -> None:
+    result = spanvm("run", "--fragments", "3", "--vcpus", "2", "hello")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "spanvm: error: --fragments must be between 1 and --vcpus (2), got 3"
+    ]
