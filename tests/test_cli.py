@@ -111,3 +111,15 @@ def test_more_fragments_than_vcpus_is_a_usage_error() -> None:
     assert result.stderr.strip().splitlines() == [
         "spanvm: error: --fragments must be between 1 and --vcpus (2), got 3"
     ]
+
+
+def test_kvm_info_reports_what_the_agent_would_publish() -> None:
+    result = spanvm("kvm-info")
+    assert result.returncode == 0, result.stderr
+    assert "KVM usable       yes" in result.stdout
+    assert "label            spanvm.io/kvm=true" in result.stdout
+    hidden = spanvm("kvm-info", "--device", "/nonexistent/kvm")
+    assert (
+        hidden.returncode == 1
+        and "KVM usable       no: cannot open /nonexistent/kvm" in hidden.stdout
+    )

@@ -20,7 +20,8 @@ from guest_code import (
 from spanvm.payloads.build import PayloadImage, payload_image
 from spanvm.vmm import layout
 from spanvm.vmm.expected import smp_sum
-from spanvm.vmm.machine import Machine, VmConfig, VmError, VmResult, kvm_capabilities
+from spanvm.vmm.machine import Machine, VmConfig, VmError, VmResult
+from spanvm.vmm.probe import probe_kvm
 
 pytestmark = pytest.mark.kvm
 MiB = 1 << 20
@@ -39,8 +40,9 @@ def run_flat(tmp_path: Path, code: bytes, vcpus: int = 1, timeout: float = 60) -
 
 
 def test_kvm_device_answers() -> None:
-    caps = kvm_capabilities()
-    assert caps["API_VERSION"] == 12
+    probe = probe_kvm()
+    assert probe.usable and probe.api_version == 12, probe.error
+    caps = probe.capabilities
     assert caps["USER_MEMORY"] == 1 and caps["IMMEDIATE_EXIT"] == 1 and caps["IRQCHIP"] == 1
 
 

@@ -5,13 +5,14 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from spanvm.agent.capabilities import discover
 from spanvm.api.quantity import parse_memory
 from spanvm.fabric.fragment import main as fragment_main
 from spanvm.fabric.launcher import LaunchError, launch, split_vcpus
 from spanvm.payloads.build import PayloadBuildError, PayloadImage, payload_image
 from spanvm.payloads.catalog import PAYLOAD_NAMES, PAYLOADS
 from spanvm.vmm.layout import MAX_VCPUS
-from spanvm.vmm.machine import Machine, VmConfig, VmError, kvm_capabilities
+from spanvm.vmm.machine import Machine, VmConfig, VmError
 
 EXIT_USAGE = 2
 EXIT_VM_ERROR = 70
@@ -104,11 +105,21 @@ def cmd_fragment(args: argparse.Namespace) -> int:
     return fragment_main(args.status_fd)
 
 
-def cmd_kvm_info(_args: argparse.Namespace) -> int:
-    """Print KVM_CHECK_EXTENSION results for the capabilities spanvm uses."""
-    for name, value in kvm_capabilities().items():
-        print(f"{name:16} {value}")
-    return 0
+def cmd_kvm_info(args: argparse.Namespace) -> int:
+    """Print what the node agent would find and publish about this machine."""
+    found = discover(args.device)
+    if args.json:
+        print(found.details())
+        return 0 if found.kvm.usable else 1
+    kvm = found.kvm
+    print(f"KVM usable       {'yes' if kvm.usable else 'no: ' + (kvm.error or '')}")
+    for name, value in kvm.capabilities.items():
+        print(f"  {name:14} {value}")
+    print(f"flavour          {found.flavour} (cpu flags: {', '.join(found.cpu_flags) or 'none'})")
+    print(f"allocatable      {found.allocatable_vcpus} vCPUs, {found.allocatable_memory >> 20} MiB")
+    for key, label in found.labels().items():
+        print(f"label            {key}={label}")
+    return 0 if kvm.usable else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     frag = sub.add_parser("fragment", help="run one fragment (configuration as JSON on stdin)")
     frag.add_argument("--status-fd", type=int, default=None, help="write JSON progress lines here")
     frag.set_defaults(func=cmd_fragment)
-    info = sub.add_parser("kvm-info", help="show the KVM capabilities spanvm uses")
+    info = sub.add_parser("kvm-info", help="probe KVM and this node as the agent would")
+    info.add_argument("--device", default="/dev/kvm", help="KVM device to probe")
+    info.add_argument("--json", action="store_true", help="print the full report as JSON")
     info.set_defaults(func=cmd_kvm_info)
     return parser
 

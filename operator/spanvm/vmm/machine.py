@@ -68,22 +68,6 @@ class VmResult:
         return self.error is None and self.exit_code == 0
 
 
-def kvm_capabilities(device: str = KVM_DEVICE) -> dict[str, int]:
-    """KVM_CHECK_EXTENSION for the capabilities spanvm cares about, plus the API version."""
-    fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        caps = {
-            "API_VERSION": kvm_abi.ioctl(fd, kvm_abi.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
-        }
-        for name, number in kvm_abi.CAPABILITIES.items():
-            caps[name] = kvm_abi.ioctl(
-                fd, kvm_abi.KVM_CHECK_EXTENSION, number, "KVM_CHECK_EXTENSION"
-            )
-        return caps
-    finally:
-        os.close(fd)
-
-
 def _noop_handler(_signum: int, _frame: FrameType | None) -> None:
     """SIGUSR1 only needs to interrupt KVM_RUN; nothing to do in Python."""
 

@@ -1,0 +1,1 @@
+"""The node agent (the DaemonSet's process): capability discovery, heartbeats, fragments."""
