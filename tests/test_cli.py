@@ -13,10 +13,13 @@ from spanvm.devcluster.paths import repo_root
 pytestmark = pytest.mark.kvm
 
 
-def spanvm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def spanvm(
+    *args: str, timeout: float = 120, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(repo_root() / "operator")}
     return subprocess.run(
         [sys.executable, "-m", "spanvm.cli", *args],
+        cwd=cwd,
         capture_output=True,
         check=False,
         text=True,
@@ -123,3 +126,12 @@ def test_kvm_info_reports_what_the_agent_would_publish() -> None:
         hidden.returncode == 1
         and "KVM usable       no: cannot open /nonexistent/kvm" in hidden.stdout
     )
+
+
+def test_flat_binary_by_relative_path_across_fragments(tmp_path: Path) -> None:
+    """Both vCPUs run the flat image; the code page reaches fragment 1 over the fabric."""
+    (tmp_path / "exit7.bin").write_bytes(EXIT_7)
+    result = spanvm(
+        "run", "--fragments", "2", "--vcpus", "2", "--memory", "16Mi", "exit7.bin", cwd=tmp_path
+    )
+    assert result.returncode == 7, result.stderr

@@ -2,20 +2,18 @@
 
 import argparse
 import sys
-from pathlib import Path
 from typing import NoReturn
 
 from spanvm.agent.capabilities import discover
 from spanvm.api.quantity import parse_memory
 from spanvm.fabric.fragment import main as fragment_main
 from spanvm.fabric.launcher import LaunchError, launch, split_vcpus
-from spanvm.payloads.build import PayloadBuildError, PayloadImage, payload_image
+from spanvm.payloads.build import PayloadBuildError, resolve_image
 from spanvm.payloads.catalog import PAYLOAD_NAMES, PAYLOADS
 from spanvm.vmm.layout import MAX_VCPUS
-from spanvm.vmm.machine import Machine, VmConfig, VmError
+from spanvm.vmm.machine import EXIT_VM_ERROR, Machine, VmConfig, VmError
 
 EXIT_USAGE = 2
-EXIT_VM_ERROR = 70
 EXIT_TIMEOUT = 124
 
 
@@ -27,20 +25,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-
-
-def _resolve_image(payload: str) -> PayloadImage:
-    if payload in PAYLOADS:
-        return payload_image(payload)
-    path = Path(payload)
-    if not path.is_file():
-        raise UsageError(
-            f"no payload named {payload!r} and no file at that path"
-            f" (payloads: {', '.join(PAYLOAD_NAMES)})"
-        )
-    if path.stat().st_size == 0:
-        raise UsageError(f"{payload} is empty")
-    return PayloadImage.flat(path)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -58,7 +42,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"payload {info.name} needs --vcpus >= {info.min_vcpus}")
     if args.arg is not None and args.arg < 0:
         raise UsageError(f"--arg must be >= 0, got {args.arg}")
-    image = _resolve_image(args.payload)
+    try:
+        image = resolve_image(args.payload)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     arg = args.arg if args.arg is not None else (info.default_arg if info else 0)
 
     def sink(data: bytes) -> None:
@@ -66,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stdout.buffer.flush()
 
     if args.fragments > 1 or args.netns:
-        return _run_fragments(args, memory, arg)
+        return _run_fragments(args, args.payload if info else str(image.path), memory, arg)
     with Machine(VmConfig(memory, args.vcpus, image, arg), console_sink=sink) as machine:
         result = machine.run(idle_timeout=args.timeout)
     if result.error:
@@ -79,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return result.exit_code & 0xFF
 
 
-def _run_fragments(args: argparse.Namespace, memory: int, arg: int) -> int:
+def _run_fragments(args: argparse.Namespace, payload: str, memory: int, arg: int) -> int:
     """The guest split over local fragment processes joined by the fabric."""
     try:
         split_vcpus(args.vcpus, args.fragments)
@@ -87,7 +74,7 @@ def _run_fragments(args: argparse.Namespace, memory: int, arg: int) -> int:
         raise UsageError(str(err)) from None
     try:
         with launch(
-            args.payload,
+            payload,
             args.vcpus,
             memory,
             args.fragments,

@@ -15,7 +15,6 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -25,12 +24,11 @@ from spanvm.fabric.homes import HomeMap, HomeRange
 from spanvm.fabric.transport import FabricError, Handlers, Transport
 from spanvm.fabric.uffd import Userfault
 from spanvm.fabric.wire import Frame, Kind
-from spanvm.payloads.build import PayloadImage, payload_image
+from spanvm.payloads.build import resolve_image
 from spanvm.vmm.layout import IMAGE_BASE
-from spanvm.vmm.machine import Machine, VmConfig, VmResult
+from spanvm.vmm.machine import EXIT_VM_ERROR, Machine, VmConfig, VmResult
 
 log = logging.getLogger("spanvm.fragment")
-EXIT_FAILED = 70
 STOP_GRACE_SECONDS = 5.0
 
 
@@ -69,11 +67,7 @@ class Fragment:
         self.config = config
         self.status = status
         self.stopping = threading.Event()
-        image = (
-            payload_image(config.payload)
-            if "/" not in config.payload
-            else PayloadImage.flat(Path(config.payload))
-        )
+        image = resolve_image(config.payload)
         self.homes = HomeMap([HomeRange(*h) for h in config.homes])
         self.transport = Transport(
             config.index,
@@ -214,7 +208,7 @@ class Fragment:
                 f" {STOP_GRACE_SECONDS:.0f}s; exiting",
                 file=sys.stderr,
             )
-            os._exit(EXIT_FAILED)
+            os._exit(EXIT_VM_ERROR)
 
     def close(self) -> None:
         """Tear down in dependency order: nothing may touch guest RAM once it is unmapped."""
@@ -251,7 +245,7 @@ def main(status_fd: int | None) -> int:
         except FabricError as err:
             print(f"spanvm fragment {config.index}: {err}", file=sys.stderr)
             status({"event": "failed", "error": str(err)})
-            return EXIT_FAILED
+            return EXIT_VM_ERROR
         counters = fragment.coherence.counters
         status(
             {
@@ -267,7 +261,7 @@ def main(status_fd: int | None) -> int:
         )
         if result.error:
             print(f"spanvm fragment {config.index}: {result.error}", file=sys.stderr)
-            return EXIT_FAILED
+            return EXIT_VM_ERROR
         return (result.exit_code or 0) & 0xFF if config.index == 0 else 0
     finally:
         fragment.close()

@@ -9,6 +9,7 @@ endpoints of the lower-index ones, which it connects to.
 import json
 import os
 import secrets
+import select
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from spanvm.fabric.coherence import READAHEAD
 from spanvm.fabric.fragment import FragmentConfig
 from spanvm.fabric.homes import plan_homes
 from spanvm.fabric.netns import NamespaceNet
+from spanvm.vmm.machine import EXIT_VM_ERROR
 
 START_TIMEOUT = 60.0
 
@@ -54,8 +56,6 @@ class RunningFragment:
 
     def read_status(self, timeout: float) -> dict[str, Any]:
         """The next status line (blocking up to timeout)."""
-        import select  # noqa: PLC0415
-
         ready, _, _ = select.select([self.status], [], [], timeout)
         if not ready:
             raise LaunchError(f"fragment {self.index} said nothing for {timeout:.0f}s")
@@ -76,7 +76,7 @@ class LocalVm:
     fragments: list[RunningFragment]
 
     def wait(self, timeout: float | None = None) -> int:
-        """Wait for every fragment; returns fragment 0's exit status, or 70 if any failed."""
+        """Wait for every fragment; fragment 0's exit status, or EXIT_VM_ERROR if any failed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         codes = []
         for f in self.fragments:
@@ -91,7 +91,7 @@ class LocalVm:
                     file=sys.stderr,
                 )
         if any(code != 0 for code in codes[1:]) or codes[0] < 0:
-            return 70
+            return EXIT_VM_ERROR
         return codes[0]
 
     def kill(self) -> None:

@@ -177,6 +177,22 @@ def payload_image(name: str) -> PayloadImage:
     )
 
 
+def resolve_image(payload: str) -> PayloadImage:
+    """A catalogued payload by name, else the flat binary at that path (made absolute, so a
+    fragment started elsewhere finds it); ValueError saying why neither fits."""
+    if payload in PAYLOAD_NAMES:
+        return payload_image(payload)
+    path = Path(payload)
+    if not path.is_file():
+        raise ValueError(
+            f"no payload named {payload!r} and no file at that path"
+            f" (payloads: {', '.join(PAYLOAD_NAMES)})"
+        )
+    if path.stat().st_size == 0:
+        raise ValueError(f"{payload} is empty")
+    return PayloadImage.flat(path.resolve())
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m spanvm.payloads.build`: build (if needed) and print the output folder."""
     argparse.ArgumentParser(description=__doc__).parse_args(argv)

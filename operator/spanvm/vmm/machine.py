@@ -32,6 +32,9 @@ MAX_MARKS = 4096
 COM1 = 0x3F8
 
 
+EXIT_VM_ERROR = 70  # process exit status of a VM (or fragment) stopped on an error
+
+
 class VmError(RuntimeError):
     """The VM could not be built or stopped on an error; the message says why and where."""
 
