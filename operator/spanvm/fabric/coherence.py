@@ -105,11 +105,10 @@ class Coherence:
         return self.memory.host_address + self.memory.host_offset(page * PAGE, PAGE)
 
     def page_of_host(self, address: int) -> int:
-        offset = address - self.memory.host_address
-        for r in self.memory.ranges:
-            if r.host_offset <= offset < r.host_offset + r.size:
-                return (r.gpa + offset - r.host_offset) // PAGE
-        raise CoherenceError(f"fault at host address {address:#x} outside guest RAM")
+        try:
+            return self.memory.gpa_of(address) // PAGE
+        except ValueError:
+            raise CoherenceError(f"fault at host address {address:#x} outside guest RAM") from None
 
     def _slot(self, page: int) -> int:
         return self.memory.host_offset(page * PAGE, PAGE) // PAGE

@@ -254,11 +254,15 @@ class Transport:
         if self._closing.is_set():
             return
         self._closing.set()
+        self._fail_pending(message)
+        self.handlers.on_failure(message)
+
+    def _fail_pending(self, message: str) -> None:
+        """Wake every request still waiting for a reply, with the reason it never comes."""
         with self._pending_lock:
             for future in self._pending.values():
                 if not future.done():
                     future.set_exception(FabricError(message))
-        self.handlers.on_failure(message)
 
     def stopping(self) -> None:
         """The VM is ending: connections closing from now on are not failures."""
@@ -269,10 +273,7 @@ class Transport:
         """Stop listening, close every connection, fail what still waits, and wait for the
         reader and worker threads to end (they touch guest memory: it must outlive them)."""
         self._closing.set()
-        with self._pending_lock:
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(FabricError("fabric closed"))
+        self._fail_pending("fabric closed")
         if self._listener is not None:
             with contextlib.suppress(OSError):  # wakes the thread blocked in accept()
                 self._listener.shutdown(socket.SHUT_RDWR)

@@ -57,6 +57,14 @@ class GuestMemory:
                 return r.host_offset + gpa - r.gpa
         raise ValueError(f"guest-physical range {gpa:#x}+{length:#x} is not RAM")
 
+    def gpa_of(self, host_address: int) -> int:
+        """Guest-physical address of a host address inside the mapping; ValueError outside."""
+        offset = host_address - self.host_address
+        for r in self.ranges:
+            if r.host_offset <= offset < r.host_offset + r.size:
+                return r.gpa + offset - r.host_offset
+        raise ValueError(f"host address {host_address:#x} is not guest RAM")
+
     def write(self, gpa: int, data: bytes) -> None:
         """Copy bytes into guest RAM."""
         offset = self.host_offset(gpa, len(data))
