@@ -109,6 +109,90 @@ def cmd_kvm_info(args: argparse.Namespace) -> int:
     return 0 if kvm.usable else 1
 
 
+def _setup_logging(log_format: str) -> None:
+    import logging  # noqa: PLC0415
+
+    import kopf  # noqa: PLC0415 - heavy: only the long-running commands load it
+
+    kopf.configure(
+        verbose=False,
+        log_format=kopf.LogFormat.JSON if log_format == "json" else kopf.LogFormat.PLAIN,
+    )
+    logging.getLogger("spanvm").setLevel(logging.INFO)
+    # Kopf reports every timer tick and handler success per object at INFO: keep warnings.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    """Run the operator until stopped (SIGTERM/SIGINT)."""
+    import asyncio  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    from spanvm.controller.main import run as run_operator  # noqa: PLC0415
+    from spanvm.controller.reconcile import OperatorConfig  # noqa: PLC0415
+    from spanvm.kube import Kube  # noqa: PLC0415
+
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig  # Kopf's login reads it
+    _setup_logging(args.log_format)
+    config = OperatorConfig(
+        system_namespace=args.system_namespace,
+        namespaces=args.namespace or [],
+        timer_interval=args.timer_interval,
+        deletion_grace=args.deletion_grace,
+    )
+    asyncio.run(
+        run_operator(
+            Kube.connect(args.kubeconfig),
+            config,
+            lease_name=args.lease_name,
+            lease_duration=args.lease_duration,
+            metrics_port=args.metrics_port,
+        )
+    )
+    return 0
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _add_operator_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
+    import os  # noqa: PLC0415
+
+    from spanvm.api.constants import OPERATOR_LEASE, SYSTEM_NAMESPACE  # noqa: PLC0415
+
+    op = sub.add_parser("operator", help="run the operator (Kopf handlers behind a leader Lease)")
+    op.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube)")
+    op.add_argument(
+        "--namespace",
+        action="append",
+        help="watch only this namespace (repeatable; default: all namespaces)",
+    )
+    op.add_argument(
+        "--system-namespace",
+        default=os.environ.get("SPANVM_NAMESPACE", SYSTEM_NAMESPACE),
+        help="namespace of the agents' heartbeat Leases and the operator Lease",
+    )
+    op.add_argument("--lease-name", default=OPERATOR_LEASE, help="the leader-election Lease")
+    op.add_argument("--lease-duration", type=int, default=15, help="leader Lease seconds")
+    op.add_argument(
+        "--timer-interval", type=_positive, default=5.0, help="seconds between re-checks of a VM"
+    )
+    op.add_argument(
+        "--deletion-grace",
+        type=_positive,
+        default=60.0,
+        help="seconds a deletion waits for fragments to stop before forcing",
+    )
+    op.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    op.add_argument("--log-format", choices=("plain", "json"), default="plain")
+    op.set_defaults(func=cmd_operator)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="spanvm", description="spanvm: KVM virtual machines spanning several nodes"
@@ -148,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--device", default="/dev/kvm", help="KVM device to probe")
     info.add_argument("--json", action="store_true", help="print the full report as JSON")
     info.set_defaults(func=cmd_kvm_info)
+    _add_operator_parser(sub)
     return parser
 
 

@@ -8,15 +8,20 @@ MEMORY_ALIGNMENT = 2 * 1024 * 1024
 MIN_GUEST_MEMORY_BYTES = 16 * 1024 * 1024
 
 
-def parse_memory(text: str) -> int:
-    """Bytes of a memory quantity such as `256Mi`; ValueError naming the rule it breaks."""
+def parse_quantity_bytes(text: str) -> int:
+    """Bytes of any whole-byte quantity (`0`, `1536Mi`, `8Gi`); ValueError otherwise."""
     try:
         value = parse_quantity(text)  # type: ignore[no-untyped-call]
     except (ValueError, InvalidOperation, TypeError):
         raise ValueError(f"{text!r} is not a quantity (examples: 256Mi, 2Gi)") from None
     if value != value.to_integral_value():
         raise ValueError(f"{text!r} is not a whole number of bytes")
-    size = int(Decimal(value))
+    return int(Decimal(value))
+
+
+def parse_memory(text: str) -> int:
+    """Bytes of a guest memory quantity such as `256Mi`; ValueError naming the rule it breaks."""
+    size = parse_quantity_bytes(text)
     if size < MIN_GUEST_MEMORY_BYTES:
         raise ValueError(f"{text!r} is below the minimum of 16Mi")
     if size % MEMORY_ALIGNMENT:

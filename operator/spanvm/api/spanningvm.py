@@ -33,6 +33,7 @@ Phase = Literal[
     "Succeeded",
     "Failed",
     "Terminating",
+    "Stopped",
 ]
 RunStrategy = Literal["Always", "Once", "Halted"]
 
@@ -158,11 +159,11 @@ class FabricSpec(ApiModel):
     page_size: Literal[4096] = Field(
         default=4096, description="Coherence granularity in bytes (4096 today)."
     )
-    home_policy: Literal["proportional", "interleave", "first"] = Field(
+    home_policy: Literal["proportional", "first"] = Field(
         default="proportional",
         description=(
             "Which fragment is home for each guest page: proportional (contiguous shares sized "
-            "by vCPUs), interleave (pages striped), first (fragment 0 homes all, as in GiantVM)."
+            "by vCPUs) or first (fragment 0 homes all, as in GiantVM)."
         ),
     )
 
@@ -268,6 +269,9 @@ class SpanningVMStatus(ApiModel):
     exit_code: int | None = Field(default=None, description="Guest exit code once it finished.")
     console_tail: str | None = Field(default=None, description="Last lines of the guest console.")
     message: str | None = Field(default=None, description="Human-readable summary of the state.")
+    restarts: int | None = Field(
+        default=None, description="Times the operator restarted the guest (runStrategy Always)."
+    )
 
 
 class SpanningVM(ApiModel):

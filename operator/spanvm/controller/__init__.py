@@ -1,0 +1,1 @@
+"""The operator: turns SpanningVMs into placed VMFragments and reports how they run."""

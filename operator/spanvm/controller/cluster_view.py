@@ -1,0 +1,150 @@
+"""The scheduler's view of the cluster, built from API objects only.
+
+Nodes (the agent's `spanvm.io/kvm` label and allocatable annotations, the Ready condition,
+taints), the agents' heartbeat Leases, and what placed fragments use, counted from VMFragment
+objects and from placements already recorded in SpanningVM status (so a placement written
+just before an operator restart still holds its capacity). Pure functions of those objects.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from spanvm.api.constants import (
+    AGENT_LEASE_PREFIX,
+    ALLOCATABLE_MEMORY_ANNOTATION,
+    ALLOCATABLE_VCPUS_ANNOTATION,
+    KVM_LABEL,
+)
+from spanvm.api.quantity import parse_quantity_bytes
+from spanvm.kube import JsonObject, parse_time
+from spanvm.scheduler.snapshot import NodeInfo, Taint, Usage
+
+TERMINAL_FRAGMENT_PHASES = frozenset({"Succeeded", "Failed", "Stopped"})
+
+
+@dataclass(frozen=True)
+class NodeHealth:
+    """Whether a node can run fragments now, and if not, why (names the node)."""
+
+    name: str
+    healthy: bool
+    reason: str = ""
+
+
+def _ready(node: JsonObject) -> bool:
+    for cond in node.get("status", {}).get("conditions") or []:
+        if cond.get("type") == "Ready":
+            return bool(cond.get("status") == "True")
+    return False
+
+
+def heartbeats(leases: list[JsonObject], now: datetime) -> dict[str, bool]:
+    """Node name -> whether its agent's Lease was renewed within its duration."""
+    out = {}
+    for lease in leases:
+        name = lease["metadata"]["name"]
+        if not name.startswith(AGENT_LEASE_PREFIX):
+            continue
+        spec = lease.get("spec") or {}
+        renewed = parse_time(spec.get("renewTime"))
+        duration = spec.get("leaseDurationSeconds") or 0
+        out[name.removeprefix(AGENT_LEASE_PREFIX)] = (
+            renewed is not None and renewed + timedelta(seconds=duration) > now
+        )
+    return out
+
+
+def _int_annotation(annotations: dict[str, str], key: str) -> int:
+    try:
+        return max(0, int(annotations.get(key, "0")))
+    except ValueError:
+        return 0
+
+
+def node_infos(nodes: list[JsonObject], fresh: dict[str, bool]) -> list[NodeInfo]:
+    """Scheduler NodeInfo for every Node object."""
+    out = []
+    for node in nodes:
+        meta = node["metadata"]
+        labels = meta.get("labels") or {}
+        annotations = meta.get("annotations") or {}
+        try:
+            memory = parse_quantity_bytes(annotations.get(ALLOCATABLE_MEMORY_ANNOTATION, "0"))
+        except ValueError:
+            memory = 0
+        taints = tuple(
+            Taint(t["key"], t.get("value") or "", t.get("effect") or "NoSchedule")
+            for t in (node.get("spec") or {}).get("taints") or []
+        )
+        out.append(
+            NodeInfo(
+                name=meta["name"],
+                kvm=labels.get(KVM_LABEL) == "true",
+                ready=_ready(node),
+                heartbeat_fresh=fresh.get(meta["name"], False),
+                vcpus=_int_annotation(annotations, ALLOCATABLE_VCPUS_ANNOTATION),
+                memory=memory,
+                labels=labels,
+                taints=taints,
+            )
+        )
+    return sorted(out, key=lambda n: n.name)
+
+
+def node_health(nodes: list[JsonObject], fresh: dict[str, bool]) -> dict[str, NodeHealth]:
+    """Node name -> health as the node-loss check sees it (a missing node is absent)."""
+    out = {}
+    for node in nodes:
+        name = node["metadata"]["name"]
+        if not _ready(node):
+            out[name] = NodeHealth(name, False, f"node {name} is NotReady")
+        elif not fresh.get(name, False):
+            out[name] = NodeHealth(name, False, f"the agent on node {name} stopped heartbeating")
+        else:
+            out[name] = NodeHealth(name, True)
+    return out
+
+
+def health_of(health: dict[str, NodeHealth], node: str) -> NodeHealth:
+    return health.get(node) or NodeHealth(node, False, f"node {node} no longer exists")
+
+
+def _fragment_usage(spec: dict[str, Any]) -> Usage:
+    memory = sum(int(r.get("size", 0)) for r in spec.get("homeMemory") or [])
+    return Usage(len(spec.get("vcpuIds") or []), memory)
+
+
+def usage_by_node(
+    fragments: list[JsonObject], vms: list[JsonObject], exclude_vm: tuple[str, str] | None = None
+) -> dict[str, Usage]:
+    """vCPUs and memory taken on each node by live fragments and by recorded placements whose
+    fragments do not exist yet. `exclude_vm` (namespace, name) leaves one VM out."""
+    taken: dict[tuple[str, str], tuple[str, Usage]] = {}
+    for frag in fragments:
+        meta, spec = frag["metadata"], frag.get("spec") or {}
+        if (meta["namespace"], spec.get("vmName")) == exclude_vm:
+            continue
+        if (frag.get("status") or {}).get("phase") in TERMINAL_FRAGMENT_PHASES:
+            continue
+        taken[(meta["namespace"], meta["name"])] = (spec["nodeName"], _fragment_usage(spec))
+    for vm in vms:
+        meta = vm["metadata"]
+        if (meta["namespace"], meta["name"]) == exclude_vm:
+            continue
+        for entry in (vm.get("status") or {}).get("fragments") or []:
+            key = (meta["namespace"], entry["name"])
+            if key in taken or entry.get("phase") in TERMINAL_FRAGMENT_PHASES:
+                continue
+            if any(
+                f["metadata"]["namespace"] == key[0] and f["metadata"]["name"] == key[1]
+                for f in fragments
+            ):
+                continue  # the fragment exists and finished: it holds nothing
+            usage = Usage(len(entry.get("vcpuIds") or []), parse_quantity_bytes(entry["memory"]))
+            taken[key] = (entry["nodeName"], usage)
+    out: dict[str, Usage] = {}
+    for node, use in taken.values():
+        prev = out.get(node, Usage())
+        out[node] = Usage(prev.vcpus + use.vcpus, prev.memory + use.memory)
+    return out

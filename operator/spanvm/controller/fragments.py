@@ -1,0 +1,146 @@
+"""From a SpanningVM and its placement to the objects that run it: the scheduler request, the
+recorded placement, the VMFragment bodies, their peer lists and the fabric Secret."""
+
+import base64
+import secrets
+from typing import Any
+
+from spanvm.api.constants import (
+    API_VERSION,
+    FABRIC_SECRET_KEY,
+    INDEX_LABEL,
+    NODE_LABEL,
+    VM_LABEL,
+    fabric_secret_name,
+    fragment_name,
+)
+from spanvm.api.quantity import format_memory, parse_memory
+from spanvm.api.spanningvm import FabricSpec, FragmentSummary, SpanningVMSpec
+from spanvm.api.vmfragment import MemoryRange, Peer, SecretRef, VMFragmentSpec
+from spanvm.fabric.homes import plan_homes
+from spanvm.kube import JsonObject
+from spanvm.scheduler.placement import Placement
+from spanvm.scheduler.snapshot import Request, Toleration
+
+SYSTEM_LABEL_PREFIXES = ("spanvm.io/", "kopf.zalando.org/")
+
+
+def request_of(spec: SpanningVMSpec) -> Request:
+    """What the scheduler must find room for."""
+    placement = spec.placement
+    return Request(
+        vcpus=spec.cpu.vcpus,
+        memory=parse_memory(spec.memory),
+        max_fragments=placement.max_fragments if placement else None,
+        min_vcpus_per_fragment=placement.min_vcpus_per_fragment if placement else 1,
+        node_selector=dict(placement.node_selector or {}) if placement else {},
+        tolerations=tuple(
+            Toleration(t.key, t.operator, t.value, t.effect)
+            for t in (placement.tolerations or [] if placement else [])
+        ),
+    )
+
+
+def recorded_placement(vm_name: str, placement: Placement) -> list[FragmentSummary]:
+    """The placement as written to status.fragments before any fragment is created."""
+    return [
+        FragmentSummary(
+            name=fragment_name(vm_name, index),
+            node_name=f.node,
+            vcpu_ids=list(f.vcpu_ids),
+            memory=format_memory(f.memory),
+            phase="Pending",
+        )
+        for index, f in enumerate(placement.fragments)
+    ]
+
+
+def owner_reference(vm: JsonObject) -> dict[str, Any]:
+    meta = vm["metadata"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "SpanningVM",
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def user_labels(vm: JsonObject) -> dict[str, str]:
+    """The VM's own labels, carried to its fragments (spanvm's and Kopf's left out)."""
+    labels: dict[str, str] = vm["metadata"].get("labels") or {}
+    return {k: v for k, v in labels.items() if not k.startswith(SYSTEM_LABEL_PREFIXES)}
+
+
+def fragment_labels(vm: JsonObject, index: int, node: str) -> dict[str, str]:
+    return {
+        **user_labels(vm),
+        VM_LABEL: vm["metadata"]["name"],
+        NODE_LABEL: node,
+        INDEX_LABEL: str(index),
+    }
+
+
+def fragment_body(
+    vm: JsonObject, spec: SpanningVMSpec, placed: list[FragmentSummary], index: int
+) -> JsonObject:
+    """The VMFragment for entry `index` of the recorded placement (peers come later)."""
+    entry = placed[index]
+    fabric = spec.fabric or FabricSpec()
+    homes = plan_homes(
+        parse_memory(spec.memory), [len(p.vcpu_ids) for p in placed], fabric.home_policy
+    )
+    frag_spec = VMFragmentSpec(
+        vm_name=vm["metadata"]["name"],
+        index=index,
+        fragment_count=len(placed),
+        node_name=entry.node_name,
+        vcpu_ids=entry.vcpu_ids,
+        vcpu_count=spec.cpu.vcpus,
+        memory=spec.memory,
+        home_memory=[
+            MemoryRange(start=h.start, size=h.end - h.start) for h in homes if h.index == index
+        ],
+        boot=spec.boot,
+        fabric=fabric,
+        secret_ref=SecretRef(name=fabric_secret_name(vm["metadata"]["name"])),
+    )
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "VMFragment",
+        "metadata": {
+            "name": entry.name,
+            "namespace": vm["metadata"]["namespace"],
+            "labels": fragment_labels(vm, index, entry.node_name),
+            "ownerReferences": [owner_reference(vm)],
+        },
+        "spec": frag_spec.to_api(),
+    }
+
+
+def peers_of(placed: list[FragmentSummary], fragments: dict[int, JsonObject]) -> list[JsonObject]:
+    """Every fragment of the VM with the fabric endpoint it reported (if any yet)."""
+    out = []
+    for index, entry in enumerate(placed):
+        endpoint = ((fragments.get(index) or {}).get("status") or {}).get("endpoint")
+        out.append(Peer(index=index, node_name=entry.node_name, endpoint=endpoint).to_api())
+    return out
+
+
+def fabric_secret(vm: JsonObject) -> JsonObject:
+    """A fresh per-VM fabric key, owned by the VM (kept if it exists already)."""
+    key = secrets.token_hex(32).encode()
+    name = vm["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": fabric_secret_name(name),
+            "namespace": vm["metadata"]["namespace"],
+            "labels": {VM_LABEL: name},
+            "ownerReferences": [owner_reference(vm)],
+        },
+        "type": "Opaque",
+        "data": {FABRIC_SECRET_KEY: base64.b64encode(key).decode()},
+    }

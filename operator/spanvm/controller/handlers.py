@@ -1,0 +1,78 @@
+"""Kopf handlers: every trigger (create, resume, update, a timer, a fragment's change) runs
+the same idempotent reconciliation; deletion waits for fragments behind a finalizer."""
+
+import logging
+from typing import Any, cast
+
+import kopf
+
+from spanvm.api.constants import (
+    FINALIZER,
+    GROUP,
+    SPANNINGVM_PLURAL,
+    VERSION,
+    VM_LABEL,
+    VMFRAGMENT_PLURAL,
+)
+from spanvm.controller.reconcile import OperatorConfig, Reconciler, WaitForStop
+from spanvm.kube import JsonObject
+
+KOPF_PREFIX = "spanvm.io"  # Kopf's own bookkeeping annotations live under our group
+
+
+def post_event(obj: JsonObject, type_: str, reason: str, message: str) -> None:
+    """A Kubernetes Event on obj, through Kopf's poster (batched, never blocks a handler)."""
+    kopf.event(cast(kopf.Body, obj), type=type_, reason=reason, message=message[:1000])
+
+
+def build_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.OperatorRegistry:
+    """A registry with spanvm's handlers (no module-level state: tests build their own)."""
+    registry = kopf.OperatorRegistry()
+    vms = (GROUP, VERSION, SPANNINGVM_PLURAL)
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.finalizer = FINALIZER
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=KOPF_PREFIX, key="last-handled-configuration"
+        )
+        settings.posting.level = logging.WARNING  # our own events say what happened
+        settings.watching.server_timeout = 120
+        settings.networking.request_timeout = 30
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        info: kopf.ConnectionInfo | None = kopf.login_with_service_account(
+            **kwargs
+        ) or kopf.login_with_kubeconfig(**kwargs)
+        return info
+
+    @kopf.on.resume(*vms, registry=registry)
+    @kopf.on.create(*vms, registry=registry)
+    @kopf.on.update(*vms, registry=registry)
+    async def changed(namespace: str | None, name: str, **_: Any) -> None:
+        assert namespace is not None  # SpanningVM is namespaced
+        await reconciler.reconcile(namespace, name)
+
+    @kopf.timer(*vms, registry=registry, interval=config.timer_interval, sharp=False)
+    async def recheck(namespace: str | None, name: str, **_: Any) -> None:
+        """Pending VMs get placed when capacity appears; lost nodes are noticed."""
+        assert namespace is not None
+        await reconciler.reconcile(namespace, name)
+
+    @kopf.on.event(GROUP, VERSION, VMFRAGMENT_PLURAL, registry=registry)
+    async def fragment_changed(body: kopf.Body, **_: Any) -> None:
+        vm = (body.metadata.labels or {}).get(VM_LABEL)
+        if vm and body.metadata.namespace:
+            await reconciler.reconcile(body.metadata.namespace, vm)
+
+    @kopf.on.delete(*vms, registry=registry)
+    async def deleting(namespace: str | None, name: str, **_: Any) -> None:
+        assert namespace is not None
+        try:
+            await reconciler.finalize(namespace, name)
+        except WaitForStop as wait:
+            raise kopf.TemporaryError(str(wait), delay=1) from None
+
+    return registry

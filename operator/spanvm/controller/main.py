@@ -1,0 +1,96 @@
+"""`spanvm operator`: wait for the leader Lease, then run the Kopf handlers until stopped.
+
+A replica that loses the Lease (cannot renew it for a whole lease duration) stops its
+handlers and exits non-zero, so its Deployment restarts it as a follower.
+"""
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+
+import kopf
+from prometheus_client import start_http_server
+
+from spanvm.controller import metrics
+from spanvm.controller.handlers import build_registry, post_event
+from spanvm.controller.leader import LeaderLease
+from spanvm.controller.reconcile import OperatorConfig, Reconciler
+from spanvm.kube import Kube
+
+log = logging.getLogger("spanvm.operator")
+EXIT_LOST_LEADERSHIP = 4
+
+
+async def _keep_lease(lease: LeaderLease, stop: asyncio.Event, renew: float) -> None:
+    last_renewed = time.monotonic()
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), renew)
+            return
+        except TimeoutError:
+            pass
+        try:
+            held = await asyncio.to_thread(lease.try_acquire)
+        except Exception as err:
+            log.warning("renewing the operator Lease failed: %s", err)
+            held = False
+        if held:
+            last_renewed = time.monotonic()
+        elif lease.holder not in (None, lease.identity) or (
+            time.monotonic() - last_renewed > lease.duration
+        ):
+            log.error("lost the operator Lease (now held by %s); stopping", lease.holder)
+            metrics.LEADER.set(0)
+            stop.set()
+            raise SystemExit(EXIT_LOST_LEADERSHIP)
+
+
+async def run(
+    kube: Kube,
+    config: OperatorConfig,
+    *,
+    lease_name: str,
+    lease_duration: int = 15,
+    identity: str | None = None,
+    metrics_port: int | None = None,
+) -> None:
+    """The operator's main coroutine."""
+    if metrics_port is not None:
+        start_http_server(metrics_port)
+        log.info("metrics on :%d/metrics", metrics_port)
+    identity = identity or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    lease = LeaderLease(
+        kube, config.system_namespace, lease_name, identity, duration=lease_duration
+    )
+    renew = max(1.0, lease_duration / 3)
+    seen_holder: str | None = None
+    while not await asyncio.to_thread(lease.try_acquire):
+        if lease.holder != seen_holder:
+            log.info("waiting for the operator Lease (held by %s)", lease.holder)
+            seen_holder = lease.holder
+        await asyncio.sleep(renew)
+    log.info(
+        "holding the operator Lease %s/%s as %s", config.system_namespace, lease_name, identity
+    )
+    metrics.LEADER.set(1)
+    stop = asyncio.Event()
+    keeper = asyncio.create_task(_keep_lease(lease, stop, renew))
+    reconciler = Reconciler(kube, config, post_event)
+    try:
+        await kopf.operator(
+            registry=build_registry(reconciler, config),
+            standalone=True,
+            clusterwide=not config.namespaces,
+            namespaces=config.namespaces,
+            stop_flag=stop,
+        )
+    finally:
+        stop.set()
+        if keeper.done() and keeper.exception() is not None:
+            raise keeper.exception()  # type: ignore[misc]
+        keeper.cancel()
+        await asyncio.to_thread(lease.release)
+        metrics.LEADER.set(0)

@@ -1,0 +1,127 @@
+"""SpanningVM status from its fragments: phase, conditions, placement summary, guest result.
+
+Pure: fragment objects, node health and the previous conditions in, the status out. The
+phase is the most serious thing true of the fragments: a failed fragment fails the VM, a
+fragment on a lost node degrades it, all finished is Succeeded, all running is Running.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from spanvm.api.base import Condition
+from spanvm.api.spanningvm import FragmentSummary
+from spanvm.controller.cluster_view import TERMINAL_FRAGMENT_PHASES, NodeHealth, health_of
+from spanvm.kube import JsonObject
+
+SCHEDULED, FABRIC_READY, READY = "Scheduled", "FabricReady", "Ready"
+
+
+def set_condition(  # noqa: PLR0917 - the fields of a condition
+    conditions: list[JsonObject],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int,
+    now: datetime,
+) -> list[JsonObject]:
+    """conditions with `type_` set; lastTransitionTime kept unless the status flips."""
+    value = "True" if status else "False"
+    previous = next((c for c in conditions if c.get("type") == type_), None)
+    since = now
+    if previous and previous.get("status") == value and previous.get("lastTransitionTime"):
+        since = datetime.fromisoformat(str(previous["lastTransitionTime"]).replace("Z", "+00:00"))
+    cond = Condition(
+        type=type_,
+        status=value,
+        reason=reason,
+        message=message,
+        last_transition_time=since,
+        observed_generation=generation,
+    ).to_api()
+    cond["lastTransitionTime"] = since.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return [c for c in conditions if c.get("type") != type_] + [cond]
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """What the fragments say about the VM."""
+
+    phase: str
+    message: str
+    fabric_ready: bool
+    fabric_reason: str
+    exit_code: int | None = None
+    console_tail: str | None = None
+    lost_nodes: tuple[str, ...] = ()
+    failed: bool = False
+
+
+def _fragment_phase(fragment: JsonObject | None) -> str:
+    return str(((fragment or {}).get("status") or {}).get("phase") or "Pending")
+
+
+def aggregate(
+    placed: list[FragmentSummary],
+    fragments: dict[int, JsonObject],
+    health: dict[str, NodeHealth],
+) -> Aggregate:
+    """The VM's phase from its fragments (all of which exist)."""
+    phases = [_fragment_phase(fragments.get(i)) for i in range(len(placed))]
+    status0 = (fragments.get(0) or {}).get("status") or {}
+    result: dict[str, Any] = {
+        "exit_code": status0.get("exitCode"),
+        "console_tail": status0.get("consoleTail"),
+    }
+    failed = [
+        f"fragment {i} on {placed[i].node_name} failed: "
+        + str((fragments[i].get("status") or {}).get("message") or "no reason given")
+        for i, p in enumerate(phases)
+        if p == "Failed"
+    ]
+    if failed:
+        return Aggregate(
+            "Failed", "; ".join(failed), False, "FragmentFailed", failed=True, **result
+        )
+    if all(p in ("Succeeded", "Stopped") for p in phases) and phases[0] == "Succeeded":
+        return Aggregate(
+            "Succeeded",
+            f"the guest finished with exit code {result['exit_code']}",
+            False,
+            "GuestFinished",
+            **result,
+        )
+    lost = [
+        health_of(health, placed[i].node_name)
+        for i, p in enumerate(phases)
+        if p not in TERMINAL_FRAGMENT_PHASES and not health_of(health, placed[i].node_name).healthy
+    ]
+    if lost:
+        return Aggregate(
+            "Degraded",
+            "; ".join(sorted({h.reason for h in lost})),
+            False,
+            "NodeLost",
+            lost_nodes=tuple(sorted({h.name for h in lost})),
+            **result,
+        )
+    if all(p in ("Stopped", "Stopping") for p in phases):
+        return Aggregate("Stopped", "every fragment is stopped", False, "Stopped", **result)
+    if all(p == "Running" for p in phases):
+        nodes = ", ".join(p.node_name for p in placed)
+        return Aggregate(
+            "Running",
+            f"the guest runs on {len(placed)} fragment(s): {nodes}",
+            True,
+            "FabricConnected",
+            **result,
+        )
+    waiting = [f"{i} ({p})" for i, p in enumerate(phases) if p != "Running"]
+    return Aggregate(
+        "Starting",
+        "waiting for fragments " + ", ".join(waiting) + " to connect their fabric",
+        False,
+        "WaitingForFragments",
+        **result,
+    )

@@ -1,0 +1,229 @@
+"""One thin client for the Kubernetes objects spanvm reads and writes.
+
+Shared by the operator, the node agent and the CLI: the kubeconfig or in-cluster login, the
+spanvm custom objects, Nodes, Leases, Secrets and Events, with "already exists" and "not
+found" turned into return values so every caller can be idempotent. Blocking (the official
+client); async callers run it in a thread.
+"""
+
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from spanvm.api.constants import GROUP, SPANNINGVM_PLURAL, VERSION, VMFRAGMENT_PLURAL
+
+JsonObject = dict[str, Any]
+NOT_FOUND = 404
+CONFLICT = 409
+
+
+def micro_time(moment: datetime | None = None) -> str:
+    """A Kubernetes MicroTime (Lease renewTime) string."""
+    return (moment or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """Time or MicroTime from the API (RFC 3339, Z suffix)."""
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def load_config(kubeconfig: str | None = None) -> client.ApiClient:
+    """An API client from a kubeconfig file, else in-cluster config, else the default file."""
+    configuration = client.Configuration()
+    if kubeconfig:
+        config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=kubeconfig, client_configuration=configuration
+        )
+    else:
+        try:
+            config.load_incluster_config(  # type: ignore[no-untyped-call]
+                client_configuration=configuration
+            )
+        except config.ConfigException:
+            config.load_kube_config(  # type: ignore[no-untyped-call]
+                client_configuration=configuration
+            )
+    return client.ApiClient(configuration)
+
+
+class Kube:
+    """The calls spanvm makes, on one API client."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+        self.coordination = client.CoordinationV1Api(api)
+
+    @classmethod
+    def connect(cls, kubeconfig: str | None = None) -> "Kube":
+        return cls(load_config(kubeconfig))
+
+    # -- spanvm objects ----------------------------------------------------------------------
+    def get_vm(self, namespace: str, name: str) -> JsonObject | None:
+        return self._get_custom(namespace, SPANNINGVM_PLURAL, name)
+
+    def get_fragment(self, namespace: str, name: str) -> JsonObject | None:
+        return self._get_custom(namespace, VMFRAGMENT_PLURAL, name)
+
+    def _get_custom(self, namespace: str, plural: str, name: str) -> JsonObject | None:
+        try:
+            obj: JsonObject = self.custom.get_namespaced_custom_object(  # type: ignore[assignment]
+                GROUP, VERSION, namespace, plural, name
+            )
+        except ApiException as err:
+            if err.status == NOT_FOUND:
+                return None
+            raise
+        return obj
+
+    def list_vms(self, namespace: str | None = None) -> list[JsonObject]:
+        return self._list_custom(SPANNINGVM_PLURAL, namespace, None)
+
+    def list_fragments(
+        self, namespace: str | None = None, label_selector: str | None = None
+    ) -> list[JsonObject]:
+        return self._list_custom(VMFRAGMENT_PLURAL, namespace, label_selector)
+
+    def _list_custom(
+        self, plural: str, namespace: str | None, label_selector: str | None
+    ) -> list[JsonObject]:
+        kwargs: dict[str, Any] = {"label_selector": label_selector} if label_selector else {}
+        if namespace is None:
+            result = self.custom.list_cluster_custom_object(GROUP, VERSION, plural, **kwargs)
+        else:
+            result = self.custom.list_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, **kwargs
+            )
+        items: list[JsonObject] = result["items"]  # type: ignore[index]
+        return items
+
+    def create_fragment(self, namespace: str, body: JsonObject) -> bool:
+        """Create a VMFragment; False if one of that name exists already."""
+        try:
+            self.custom.create_namespaced_custom_object(
+                GROUP, VERSION, namespace, VMFRAGMENT_PLURAL, body
+            )
+        except ApiException as err:
+            if err.status == CONFLICT:
+                return False
+            raise
+        return True
+
+    def patch_fragment(self, namespace: str, name: str, patch: JsonObject) -> None:
+        self._patch_custom(namespace, VMFRAGMENT_PLURAL, name, patch, status=False)
+
+    def patch_fragment_status(self, namespace: str, name: str, status: JsonObject) -> None:
+        self._patch_custom(namespace, VMFRAGMENT_PLURAL, name, {"status": status}, status=True)
+
+    def patch_vm_status(self, namespace: str, name: str, status: JsonObject) -> None:
+        self._patch_custom(namespace, SPANNINGVM_PLURAL, name, {"status": status}, status=True)
+
+    def _patch_custom(
+        self, namespace: str, plural: str, name: str, patch: JsonObject, *, status: bool
+    ) -> None:
+        call = (
+            self.custom.patch_namespaced_custom_object_status
+            if status
+            else self.custom.patch_namespaced_custom_object
+        )
+        try:
+            call(GROUP, VERSION, namespace, plural, name, patch)
+        except ApiException as err:
+            if err.status != NOT_FOUND:
+                raise
+
+    def delete_fragment(self, namespace: str, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, VMFRAGMENT_PLURAL, name
+            )
+        except ApiException as err:
+            if err.status != NOT_FOUND:
+                raise
+
+    def _plain(self, obj: object) -> Any:
+        """A client model as the JSON the API server sent (camelCase keys)."""
+        return self.api.sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
+
+    # -- core objects ------------------------------------------------------------------------
+    def list_nodes(self) -> list[JsonObject]:
+        nodes: list[JsonObject] = self._plain(self.core.list_node().items)
+        return nodes
+
+    def get_node(self, name: str) -> JsonObject | None:
+        try:
+            node: JsonObject = self._plain(self.core.read_node(name))
+        except ApiException as err:
+            if err.status == NOT_FOUND:
+                return None
+            raise
+        return node
+
+    def patch_node_metadata(
+        self, name: str, labels: dict[str, str], annotations: dict[str, str]
+    ) -> None:
+        self.core.patch_node(name, {"metadata": {"labels": labels, "annotations": annotations}})
+
+    def list_leases(self, namespace: str) -> list[JsonObject]:
+        leases: list[JsonObject] = self._plain(
+            self.coordination.list_namespaced_lease(namespace).items
+        )
+        return leases
+
+    def get_lease(self, namespace: str, name: str) -> JsonObject | None:
+        try:
+            lease: JsonObject = self._plain(
+                self.coordination.read_namespaced_lease(name, namespace)
+            )
+        except ApiException as err:
+            if err.status == NOT_FOUND:
+                return None
+            raise
+        return lease
+
+    def create_lease(self, namespace: str, body: JsonObject) -> bool:
+        """Create a Lease; False if it exists already."""
+        try:
+            self.coordination.create_namespaced_lease(namespace, cast(Any, body))
+        except ApiException as err:
+            if err.status == CONFLICT:
+                return False
+            raise
+        return True
+
+    def replace_lease(self, namespace: str, name: str, body: JsonObject) -> bool:
+        """Replace a Lease at the resourceVersion in body; False if someone changed it first."""
+        try:
+            self.coordination.replace_namespaced_lease(name, namespace, cast(Any, body))
+        except ApiException as err:
+            if err.status in (CONFLICT, NOT_FOUND):
+                return False
+            raise
+        return True
+
+    def read_secret_key(self, namespace: str, name: str, key: str) -> bytes | None:
+        import base64  # noqa: PLC0415 - only the agent reads secrets
+
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as err:
+            if err.status == NOT_FOUND:
+                return None
+            raise
+        value = (secret.data or {}).get(key)
+        return None if value is None else base64.b64decode(value)
+
+    def create_secret(self, namespace: str, body: JsonObject) -> bool:
+        """Create a Secret; False if it exists already (its key is kept)."""
+        try:
+            self.core.create_namespaced_secret(namespace, cast(Any, body))
+        except ApiException as err:
+            if err.status == CONFLICT:
+                return False
+            raise
+        return True

@@ -1,0 +1,244 @@
+"""Test helpers on the real API server: Node objects and heartbeat Leases standing in for
+kubelets and agents, operator processes, and polling with a message that says what was
+awaited."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kubernetes.client.exceptions import ApiException
+
+from spanvm.api.constants import (
+    ALLOCATABLE_MEMORY_ANNOTATION,
+    ALLOCATABLE_VCPUS_ANNOTATION,
+    KVM_LABEL,
+    agent_lease_name,
+)
+from spanvm.kube import JsonObject, Kube, micro_time
+
+T = TypeVar("T")
+SYSTEM_NS = "spanvm-system"
+
+
+def wait_for(
+    what: str, check: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.2
+) -> T:
+    """Poll check() until it returns something truthy; fail naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def ensure_namespace(kube: Kube, name: str) -> None:
+    try:
+        kube.core.create_namespace({"metadata": {"name": name}})
+    except ApiException as err:
+        if err.status != 409:
+            raise
+
+
+def force_delete_vms(kube: Kube, namespace: str) -> None:
+    """Remove every SpanningVM and VMFragment of a namespace, finalizers or not."""
+    from spanvm.api.constants import GROUP, SPANNINGVM_PLURAL, VERSION  # noqa: PLC0415
+
+    for vm in kube.list_vms(namespace):
+        name = vm["metadata"]["name"]
+        for call in (
+            lambda n=name: kube.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, SPANNINGVM_PLURAL, n, {"metadata": {"finalizers": None}}
+            ),
+            lambda n=name: kube.custom.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, SPANNINGVM_PLURAL, n
+            ),
+        ):
+            try:
+                call()
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+    for frag in kube.list_fragments(namespace):
+        kube.delete_fragment(namespace, frag["metadata"]["name"])
+
+
+class SimNodes:
+    """Node objects as kubelets and agents would leave them, and their heartbeat Leases."""
+
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+        self.names: list[str] = []
+        ensure_namespace(kube, SYSTEM_NS)
+
+    def add(
+        self,
+        name: str,
+        vcpus: int = 1,
+        memory: str = "4Gi",
+        labels: dict[str, str] | None = None,
+        *,
+        ready: bool = True,
+        kvm: bool = True,
+    ) -> None:
+        body = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": name,
+                "labels": {KVM_LABEL: str(kvm).lower(), **(labels or {})},
+                "annotations": {
+                    ALLOCATABLE_VCPUS_ANNOTATION: str(vcpus),
+                    ALLOCATABLE_MEMORY_ANNOTATION: memory,
+                },
+            },
+        }
+        self.kube.core.create_node(body)
+        self.names.append(name)
+        self.set_ready(name, ready)
+        self.heartbeat(name)
+
+    def set_ready(self, name: str, ready: bool) -> None:
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        cond = {
+            "type": "Ready",
+            "status": str(ready),
+            "reason": "KubeletReady" if ready else "KubeletNotReady",
+            "message": "test stand-in",
+            "lastHeartbeatTime": now,
+            "lastTransitionTime": now,
+        }
+        self.kube.core.patch_node_status(name, {"status": {"conditions": [cond]}})
+        if ready:  # what the node lifecycle controller would do once the kubelet reports Ready
+            self.kube.core.patch_node(name, {"spec": {"taints": None}})
+
+    def heartbeat(self, name: str, *, age: float = 0.0, duration: int = 3600) -> None:
+        """Write the agent's Lease as renewed `age` seconds ago."""
+        renewed = micro_time(datetime.now(UTC) - timedelta(seconds=age))
+        lease = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": agent_lease_name(name), "namespace": SYSTEM_NS},
+            "spec": {
+                "holderIdentity": name,
+                "leaseDurationSeconds": duration,
+                "renewTime": renewed,
+            },
+        }
+        if not self.kube.create_lease(SYSTEM_NS, lease):
+            self.kube.coordination.patch_namespaced_lease(
+                agent_lease_name(name), SYSTEM_NS, {"spec": lease["spec"]}
+            )
+
+    def expire(self, name: str) -> None:
+        self.heartbeat(name, age=120, duration=10)
+
+    def delete_all(self) -> None:
+        for name in self.names:
+            for call in (
+                lambda n=name: self.kube.core.delete_node(n),
+                lambda n=name: self.kube.coordination.delete_namespaced_lease(
+                    agent_lease_name(n), SYSTEM_NS
+                ),
+            ):
+                try:
+                    call()
+                except ApiException as err:
+                    if err.status != 404:
+                        raise
+        self.names.clear()
+
+
+@contextmanager
+def operator_process(
+    kubeconfig: Path,
+    namespace: str,
+    log_path: Path,
+    *,
+    lease_name: str,
+    env: dict[str, str] | None = None,
+    deletion_grace: float = 4.0,
+    metrics_port: int | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`spanvm operator` watching one namespace; stopped (SIGTERM, then SIGKILL) after."""
+    command = [
+        sys.executable,
+        "-m",
+        "spanvm.cli",
+        "operator",
+        "--kubeconfig",
+        str(kubeconfig),
+        "--namespace",
+        namespace,
+        "--system-namespace",
+        SYSTEM_NS,
+        "--lease-name",
+        lease_name,
+        "--lease-duration",
+        "6",
+        "--timer-interval",
+        "1",
+        "--deletion-grace",
+        str(deletion_grace),
+    ]
+    if metrics_port is not None:
+        command += ["--metrics-port", str(metrics_port)]
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    try:
+        yield process
+    finally:
+        stop_process(process)
+
+
+def stop_process(process: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def vm_manifest(
+    name: str,
+    namespace: str,
+    pool: str,
+    *,
+    vcpus: int = 2,
+    memory: str = "256Mi",
+    max_fragments: int | None = 2,
+    run_strategy: str = "Once",
+    payload: str = "smp-sum",
+    arg: int | None = None,
+) -> JsonObject:
+    placement: JsonObject = {"nodeSelector": {"pool": pool}}
+    if max_fragments is not None:
+        placement["maxFragments"] = max_fragments
+    boot: JsonObject = {"payload": {"name": payload}}
+    if arg is not None:
+        boot["payload"]["arg"] = arg
+    return {
+        "apiVersion": "spanvm.io/v1alpha1",
+        "kind": "SpanningVM",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"team": "tests"}},
+        "spec": {
+            "cpu": {"vcpus": vcpus},
+            "memory": memory,
+            "boot": boot,
+            "placement": placement,
+            "runStrategy": run_strategy,
+        },
+    }

@@ -1,0 +1,460 @@
+"""The operator against the real API server: nodes are Node objects written by the tests and
+agents are stood in for by writing VMFragment status as an agent would."""
+
+import json
+import socket
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Cluster
+from k8s_sim import (
+    SimNodes,
+    ensure_namespace,
+    force_delete_vms,
+    operator_process,
+    vm_manifest,
+    wait_for,
+)
+from spanvm.api.constants import GROUP, SPANNINGVM_PLURAL, VERSION, VM_LABEL
+from spanvm.controller.reconcile import FAULT_EXIT_ENV
+from spanvm.kube import JsonObject, Kube
+
+pytestmark = pytest.mark.cluster
+NS = "op-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Env:
+    """A namespace watched by a running operator, and the nodes of the current test."""
+
+    kube: Kube
+    cluster: Cluster
+    nodes: SimNodes
+    namespace: str
+    log: Path
+    metrics_port: int
+
+    def create_vm(self, body: JsonObject) -> None:
+        self.kube.custom.create_namespaced_custom_object(
+            GROUP, VERSION, body["metadata"]["namespace"], SPANNINGVM_PLURAL, body
+        )
+
+    def vm(self, name: str, namespace: str | None = None) -> JsonObject | None:
+        return self.kube.get_vm(namespace or self.namespace, name)
+
+    def status(self, name: str) -> JsonObject:
+        vm = self.vm(name)
+        return (vm or {}).get("status") or {}
+
+    def fragments(self, name: str, namespace: str | None = None) -> list[JsonObject]:
+        items = self.kube.list_fragments(namespace or self.namespace, f"{VM_LABEL}={name}")
+        return sorted(items, key=lambda f: int(f["spec"]["index"]))
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 30) -> JsonObject:
+        return wait_for(
+            f"{name} in phase {phase}",
+            lambda: self.status(name) if self.status(name).get("phase") == phase else None,
+            timeout,
+        )
+
+    def report(self, fragment: JsonObject, **status: Any) -> None:
+        """What the fragment's agent would write."""
+        meta = fragment["metadata"]
+        self.kube.patch_fragment_status(meta["namespace"], meta["name"], status)
+
+    def delete_vm(self, name: str) -> None:
+        self.kube.custom.delete_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, SPANNINGVM_PLURAL, name
+        )
+
+    def events(self, name: str) -> list[str]:
+        items = self.kube.core.list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.name={name}"
+        ).items
+        return [f"{e.reason}: {e.message}" for e in items]
+
+
+def condition(status: JsonObject, type_: str) -> JsonObject:
+    return next(c for c in status.get("conditions") or [] if c["type"] == type_)
+
+
+@pytest.fixture(scope="module")
+def kube(crds: Cluster) -> Kube:
+    return Kube.connect(str(crds.kubeconfig))
+
+
+@pytest.fixture(scope="module")
+def running_operator(
+    kube: Kube, crds: Cluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, int]]:
+    ensure_namespace(kube, NS)
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    port = free_port()
+    with operator_process(
+        crds.kubeconfig, NS, log, lease_name="op-test", metrics_port=port
+    ) as process:
+        yield log, port
+        assert process.poll() is None, log.read_text()[-3000:]
+
+
+@pytest.fixture
+def env(kube: Kube, crds: Cluster, running_operator: tuple[Path, int]) -> Iterator[Env]:
+    nodes = SimNodes(kube)
+    log, port = running_operator
+    try:
+        yield Env(kube, crds, nodes, NS, log, port)
+    finally:
+        print("operator log tail:\n" + log.read_text()[-4000:])
+        force_delete_vms(kube, NS)
+        nodes.delete_all()
+
+
+def placed_whole(env: Env, name: str, namespace: str) -> bool:
+    count = (env.kube.get_vm(namespace, name) or {}).get("status", {}).get("fragmentCount")
+    return bool(count) and len(env.fragments(name, namespace)) == count
+
+
+def run_fragments(env: Env, name: str) -> list[JsonObject]:
+    """Stand-in agents start every fragment in index order, as the fabric requires."""
+    frags = wait_for(f"2 fragments of {name}", lambda: len(env.fragments(name)) == 2 or None)
+    frags = env.fragments(name)
+    for i, frag in enumerate(frags):
+        env.report(frag, phase="Running", endpoint=f"10.0.0.{i + 1}:7000", pid=100 + i)
+    return frags
+
+
+def test_create_places_fragments_and_status_follows_them(env: Env) -> None:
+    env.nodes.add("p1-a", vcpus=4, memory="4Gi", labels={"pool": "p1"})
+    env.nodes.add("p1-b", vcpus=4, memory="4Gi", labels={"pool": "p1"})
+    env.nodes.add("p1-small", vcpus=2, memory="1Gi", labels={"pool": "p1"})
+    env.nodes.add("p1-nokvm", vcpus=64, memory="64Gi", labels={"pool": "p1"}, kvm=False)
+    env.create_vm(vm_manifest("vm1", NS, "p1", vcpus=6, memory="512Mi"))
+
+    frags = wait_for(
+        "2 fragments", lambda: env.fragments("vm1") if len(env.fragments("vm1")) == 2 else None
+    )
+    assert [f["spec"]["nodeName"] for f in frags] == ["p1-a", "p1-b"]
+    assert [f["spec"]["vcpuIds"] for f in frags] == [[0, 1, 2], [3, 4, 5]]
+    homes = [sum(r["size"] for r in f["spec"]["homeMemory"]) for f in frags]
+    assert homes[0] == homes[1] and sum(homes) > 0
+    vm = env.vm("vm1")
+    assert vm is not None
+    for f in frags:
+        assert f["metadata"]["ownerReferences"][0]["uid"] == vm["metadata"]["uid"]
+        assert f["metadata"]["labels"]["team"] == "tests"
+        assert f["spec"]["secretRef"]["name"] == "vm1-fabric"
+        assert f["spec"]["boot"] == {"payload": {"name": "smp-sum"}}
+    secret = env.kube.read_secret_key(NS, "vm1-fabric", "fabric-key")
+    assert secret is not None and len(secret) == 64
+
+    # peers are filled once all are placed; endpoints appear as fragments report them
+    frags = wait_for(
+        "peers",
+        lambda: all(f["spec"].get("peers") for f in env.fragments("vm1")) and env.fragments("vm1"),
+    )
+    assert [p["nodeName"] for p in frags[1]["spec"]["peers"]] == ["p1-a", "p1-b"]
+    status = env.status("vm1")
+    assert status["phase"] == "Starting"
+    assert condition(status, "Scheduled")["status"] == "True"
+    assert condition(status, "Ready")["status"] == "False"
+
+    env.report(frags[0], phase="Starting", endpoint="10.0.0.1:7000")
+    wait_for(
+        "fragment 1 to learn fragment 0's endpoint",
+        lambda: env.fragments("vm1")[1]["spec"]["peers"][0].get("endpoint") == "10.0.0.1:7000",
+    )
+    run_fragments(env, "vm1")
+    status = env.wait_phase("vm1", "Running")
+    assert condition(status, "FabricReady")["status"] == "True"
+    assert condition(status, "Ready")["status"] == "True"
+    assert condition(status, "Ready")["observedGeneration"] == vm["metadata"]["generation"]
+    assert status["nodes"] == "p1-a,p1-b"
+    assert [f["phase"] for f in status["fragments"]] == ["Running", "Running"]
+
+    frags = env.fragments("vm1")
+    env.report(frags[1], phase="Succeeded", exitCode=0)
+    env.report(frags[0], phase="Succeeded", exitCode=0, consoleTail="sum=42 ok\n")
+    status = env.wait_phase("vm1", "Succeeded")
+    assert status["exitCode"] == 0 and "sum=42" in status["consoleTail"]
+    assert condition(status, "Ready")["status"] == "False"
+    events = env.events("vm1")
+    assert any(e.startswith("Scheduled: placed on p1-a") for e in events), events
+    assert any(e.startswith("Succeeded:") for e in events), events
+
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{env.metrics_port}/metrics").read().decode()
+    placements = [m for m in metrics.splitlines() if m.startswith("spanvm_placements_total ")]
+    assert placements and float(placements[0].split()[1]) >= 1
+
+
+def test_fragment_failure_fails_the_vm_with_the_reason(env: Env) -> None:
+    env.nodes.add("p2-a", labels={"pool": "p2"})
+    env.nodes.add("p2-b", labels={"pool": "p2"})
+    env.create_vm(vm_manifest("vm2", NS, "p2"))
+    frags = run_fragments(env, "vm2")
+    env.wait_phase("vm2", "Running")
+    env.report(frags[1], phase="Failed", message="fragment VMM killed by SIGKILL")
+    status = env.wait_phase("vm2", "Failed")
+    assert "fragment 1 on p2-b failed: fragment VMM killed by SIGKILL" in status["message"]
+
+
+def test_unschedulable_stays_pending_then_placed_when_a_node_appears(env: Env) -> None:
+    env.nodes.add("p3-a", vcpus=4, labels={"pool": "p3"})
+    env.create_vm(vm_manifest("vm3", NS, "p3", vcpus=8))
+    status = wait_for(
+        "Pending with a reason", lambda: env.status("vm3").get("message") and env.status("vm3")
+    )
+    assert status["phase"] == "Pending"
+    scheduled = condition(status, "Scheduled")
+    assert scheduled["status"] == "False" and scheduled["reason"] == "Unschedulable"
+    assert "needs 8 vCPUs" in scheduled["message"] and "maxFragments=2" in scheduled["message"]
+    assert env.fragments("vm3") == []
+    assert any("Unschedulable" in e for e in env.events("vm3"))
+
+    env.nodes.add("p3-b", vcpus=4, labels={"pool": "p3"})
+    frags = wait_for(
+        "placement after the node appeared",
+        lambda: len(env.fragments("vm3")) == 2 and env.fragments("vm3"),
+    )
+    assert sorted(f["spec"]["nodeName"] for f in frags) == ["p3-a", "p3-b"]
+    assert condition(env.status("vm3"), "Scheduled")["status"] == "True"
+
+
+def test_capacity_counts_other_vms_fragments(env: Env) -> None:
+    env.nodes.add("p4-a", labels={"pool": "p4"})
+    env.nodes.add("p4-b", labels={"pool": "p4"})
+    env.create_vm(vm_manifest("vm4a", NS, "p4"))
+    wait_for("first VM placed", lambda: len(env.fragments("vm4a")) == 2)
+    env.create_vm(vm_manifest("vm4b", NS, "p4"))
+    status = wait_for(
+        "second VM Pending",
+        lambda: env.status("vm4b").get("phase") == "Pending" and env.status("vm4b"),
+    )
+    assert "too full" in status["message"]
+    env.delete_vm("vm4a")  # stand-in agents stop its fragments
+    for frag in wait_for(
+        "stop requests",
+        lambda: (
+            all(f["spec"]["desiredState"] == "Stopped" for f in env.fragments("vm4a"))
+            and env.fragments("vm4a")
+        ),
+    ):
+        env.report(frag, phase="Stopped")
+    wait_for(
+        "second VM placed once the first is gone",
+        lambda: len(env.fragments("vm4b")) == 2,
+        timeout=30,
+    )
+
+
+def test_delete_waits_for_fragments_to_stop(env: Env) -> None:
+    env.nodes.add("p5-a", labels={"pool": "p5"})
+    env.nodes.add("p5-b", labels={"pool": "p5"})
+    env.create_vm(vm_manifest("vm5", NS, "p5"))
+    run_fragments(env, "vm5")
+    env.wait_phase("vm5", "Running")
+    vm = env.vm("vm5")
+    assert vm is not None and "spanvm.io/finalizer" in vm["metadata"]["finalizers"]
+    env.delete_vm("vm5")
+    frags = wait_for(
+        "fragments asked to stop",
+        lambda: (
+            all(f["spec"]["desiredState"] == "Stopped" for f in env.fragments("vm5"))
+            and env.fragments("vm5")
+        ),
+    )
+    status = env.wait_phase("vm5", "Terminating")
+    assert "waiting for fragments" in status["message"]
+    env.report(frags[0], phase="Stopped")
+    env.report(frags[1], phase="Stopped")
+    wait_for("the VM to go", lambda: env.vm("vm5") is None)
+    wait_for("its fragments to go", lambda: env.fragments("vm5") == [])
+
+
+def test_delete_with_a_lost_node_is_bounded(env: Env) -> None:
+    env.nodes.add("p6-a", labels={"pool": "p6"})
+    env.nodes.add("p6-b", labels={"pool": "p6"})
+    env.create_vm(vm_manifest("vm6", NS, "p6"))
+    frags = run_fragments(env, "vm6")
+    env.wait_phase("vm6", "Running")
+    env.nodes.kube.core.delete_node("p6-b")  # its agent will never answer
+    env.delete_vm("vm6")
+    env.report(frags[0], phase="Stopped")
+    wait_for("forced deletion after the grace period", lambda: env.vm("vm6") is None, timeout=30)
+    assert env.fragments("vm6") == []
+    assert any(e.startswith("ForcedDeletion:") and "vm6-1 on p6-b" in e for e in env.events("vm6"))
+
+
+def test_heartbeat_expiry_degrades_a_once_vm(env: Env) -> None:
+    env.nodes.add("p7-a", labels={"pool": "p7"})
+    env.nodes.add("p7-b", labels={"pool": "p7"})
+    env.create_vm(vm_manifest("vm7", NS, "p7"))
+    run_fragments(env, "vm7")
+    env.wait_phase("vm7", "Running")
+    env.nodes.expire("p7-b")
+    status = env.wait_phase("vm7", "Degraded")
+    assert "p7-b" in status["message"] and "heartbeat" in status["message"]
+    assert condition(status, "Ready")["reason"] == "Degraded"
+    env.nodes.heartbeat("p7-b")
+    env.wait_phase("vm7", "Running")
+
+
+def test_node_loss_with_run_strategy_always_reschedules(env: Env) -> None:
+    for n in ("p8-a", "p8-b", "p8-c"):
+        env.nodes.add(n, labels={"pool": "p8"})
+    env.create_vm(vm_manifest("vm8", NS, "p8", run_strategy="Always"))
+    frags = run_fragments(env, "vm8")
+    first_nodes = [f["spec"]["nodeName"] for f in frags]
+    env.wait_phase("vm8", "Running")
+    lost = first_nodes[1]
+    env.nodes.set_ready(lost, False)
+
+    def replaced() -> list[JsonObject] | None:
+        frags = env.fragments("vm8")
+        placed = [f["spec"]["nodeName"] for f in frags]
+        return frags if len(frags) == 2 and lost not in placed else None
+
+    frags = wait_for("fragments placed again without the lost node", replaced)
+    status = env.status("vm8")
+    assert status["restarts"] == 1
+    assert any(e.startswith("Restarting:") and lost in e for e in env.events("vm8"))
+    run_fragments(env, "vm8")
+    env.wait_phase("vm8", "Running")
+
+
+def test_spec_changes_immutable_rejected_runstrategy_and_labels_apply(env: Env) -> None:
+    env.nodes.add("p9-a", labels={"pool": "p9"})
+    env.nodes.add("p9-b", labels={"pool": "p9"})
+    env.create_vm(vm_manifest("vm9", NS, "p9"))
+    run_fragments(env, "vm9")
+    env.wait_phase("vm9", "Running")
+    bad = env.cluster.kubectl(
+        "-n",
+        NS,
+        "patch",
+        "svm",
+        "vm9",
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"memory": "512Mi"}}),
+        check=False,
+    )
+    assert bad.returncode != 0 and "spec.memory is immutable" in bad.stderr
+    env.cluster.kubectl("-n", NS, "label", "svm", "vm9", "tier=gold")
+    wait_for(
+        "labels carried to fragments",
+        lambda: all(f["metadata"]["labels"].get("tier") == "gold" for f in env.fragments("vm9")),
+    )
+
+    env.cluster.kubectl(
+        "-n", NS, "patch", "svm", "vm9", "--type=merge", "-p", '{"spec":{"runStrategy":"Halted"}}'
+    )
+    frags = wait_for(
+        "stop requests after runStrategy Halted",
+        lambda: (
+            all(f["spec"]["desiredState"] == "Stopped" for f in env.fragments("vm9"))
+            and env.fragments("vm9")
+        ),
+    )
+    for f in frags:
+        env.report(f, phase="Stopped")
+    status = env.wait_phase("vm9", "Stopped")
+    wait_for("fragments removed", lambda: env.fragments("vm9") == [])
+    assert condition(status, "Ready")["reason"] == "Halted"
+
+
+def test_operator_killed_mid_placement_leaves_no_duplicates(
+    kube: Kube, crds: Cluster, tmp_path: Path
+) -> None:
+    ns = "op-crash"
+    ensure_namespace(kube, ns)
+    nodes = SimNodes(kube)
+    env = Env(kube, crds, nodes, ns, tmp_path / "op.log", 0)
+    try:
+        nodes.add("pc-a", labels={"pool": "pc"})
+        nodes.add("pc-b", labels={"pool": "pc"})
+        env.create_vm(vm_manifest("vmc", ns, "pc"))
+        with operator_process(
+            crds.kubeconfig, ns, env.log, lease_name="op-crash", env={FAULT_EXIT_ENV: "1"}
+        ) as crashing:
+            wait_for(
+                "the operator to crash after one fragment", lambda: crashing.poll() is not None
+            )
+        assert len(env.fragments("vmc", ns)) == 1
+        recorded = [f["nodeName"] for f in kube.get_vm(ns, "vmc")["status"]["fragments"]]  # type: ignore[index]
+        nodes.add("pc-c", vcpus=64, labels={"pool": "pc"})  # would attract a fresh placement
+        with operator_process(crds.kubeconfig, ns, env.log, lease_name="op-crash"):
+            frags = wait_for(
+                "both fragments",
+                lambda: len(env.fragments("vmc", ns)) == 2 and env.fragments("vmc", ns),
+            )
+            wait_for(
+                "peers set", lambda: all(f["spec"].get("peers") for f in env.fragments("vmc", ns))
+            )
+        assert [f["spec"]["nodeName"] for f in frags] == recorded
+        assert [f["metadata"]["name"] for f in env.fragments("vmc", ns)] == ["vmc-0", "vmc-1"]
+    finally:
+        for log in tmp_path.glob("*.log"):
+            print(f"{log.name}:\n{log.read_text()[-3000:]}")
+        force_delete_vms(kube, ns)
+        nodes.delete_all()
+
+
+def test_two_operators_place_once_and_the_follower_takes_over(
+    kube: Kube, crds: Cluster, tmp_path: Path
+) -> None:
+    ns = "op-pair"
+    ensure_namespace(kube, ns)
+    nodes = SimNodes(kube)
+    env = Env(kube, crds, nodes, ns, tmp_path / "op.log", 0)
+    try:
+        nodes.add("pp-a", vcpus=4, labels={"pool": "pp"})
+        nodes.add("pp-b", vcpus=4, labels={"pool": "pp"})
+        with (
+            operator_process(
+                crds.kubeconfig, ns, tmp_path / "one.log", lease_name="op-pair"
+            ) as one,
+            operator_process(
+                crds.kubeconfig, ns, tmp_path / "two.log", lease_name="op-pair"
+            ) as two,
+        ):
+            for i in range(4):
+                env.create_vm(vm_manifest(f"vmp{i}", ns, "pp", vcpus=2))
+            for i in range(4):
+                wait_for(f"vmp{i} placed", lambda i=i: placed_whole(env, f"vmp{i}", ns))
+            used: dict[str, int] = {}
+            for frag in kube.list_fragments(ns):
+                node = frag["spec"]["nodeName"]
+                used[node] = used.get(node, 0) + len(frag["spec"]["vcpuIds"])
+            assert used == {"pp-a": 4, "pp-b": 4}  # every vCPU placed once, none over-committed
+            lease = kube.get_lease("spanvm-system", "op-pair")
+            assert lease is not None
+            holder = lease["spec"]["holderIdentity"]
+            leader, follower = (one, two) if f"-{one.pid}-" in holder else (two, one)
+            follower_log = (tmp_path / ("two.log" if follower is two else "one.log")).read_text()
+            assert "waiting for the operator Lease" in follower_log
+            leader.terminate()
+            leader.wait(15)
+            env.create_vm(vm_manifest("vmp-late", ns, "pp", vcpus=1, max_fragments=1))
+            env.nodes.add("pp-c", vcpus=1, labels={"pool": "pp"})
+            wait_for(
+                "the follower to take over and place a new VM",
+                lambda: placed_whole(env, "vmp-late", ns),
+                timeout=40,
+            )
+            assert follower.poll() is None
+    finally:
+        for log in tmp_path.glob("*.log"):
+            print(f"{log.name}:\n{log.read_text()[-3000:]}")
+        force_delete_vms(kube, ns)
+        nodes.delete_all()
