@@ -21,6 +21,7 @@ from spanvm.api.constants import (
     KVM_LABEL,
     agent_lease_name,
 )
+from spanvm.devcluster.nodes import delete_node, register_node, set_node_ready
 from spanvm.kube import JsonObject, Kube, micro_time
 
 T = TypeVar("T")
@@ -90,36 +91,19 @@ class SimNodes:
         ready: bool = True,
         kvm: bool = True,
     ) -> None:
-        body = {
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {
-                "name": name,
-                "labels": {KVM_LABEL: str(kvm).lower(), **(labels or {})},
-                "annotations": {
-                    ALLOCATABLE_VCPUS_ANNOTATION: str(vcpus),
-                    ALLOCATABLE_MEMORY_ANNOTATION: memory,
-                },
-            },
-        }
-        self.kube.core.create_node(body)
+        register_node(self.kube, name, {KVM_LABEL: str(kvm).lower(), **(labels or {})})
+        self.kube.patch_node_metadata(
+            name,
+            {},
+            {ALLOCATABLE_VCPUS_ANNOTATION: str(vcpus), ALLOCATABLE_MEMORY_ANNOTATION: memory},
+        )
         self.names.append(name)
-        self.set_ready(name, ready)
+        if not ready:
+            self.set_ready(name, False)
         self.heartbeat(name)
 
     def set_ready(self, name: str, ready: bool) -> None:
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        cond = {
-            "type": "Ready",
-            "status": str(ready),
-            "reason": "KubeletReady" if ready else "KubeletNotReady",
-            "message": "test stand-in",
-            "lastHeartbeatTime": now,
-            "lastTransitionTime": now,
-        }
-        self.kube.core.patch_node_status(name, {"status": {"conditions": [cond]}})
-        if ready:  # what the node lifecycle controller would do once the kubelet reports Ready
-            self.kube.core.patch_node(name, {"spec": {"taints": None}})
+        set_node_ready(self.kube, name, ready=ready)
 
     def heartbeat(self, name: str, *, age: float = 0.0, duration: int = 3600) -> None:
         """Write the agent's Lease as renewed `age` seconds ago."""
@@ -144,17 +128,7 @@ class SimNodes:
 
     def delete_all(self) -> None:
         for name in self.names:
-            for call in (
-                lambda n=name: self.kube.core.delete_node(n),
-                lambda n=name: self.kube.coordination.delete_namespaced_lease(
-                    agent_lease_name(n), SYSTEM_NS
-                ),
-            ):
-                try:
-                    call()
-                except ApiException as err:
-                    if err.status != 404:
-                        raise
+            delete_node(self.kube, name, SYSTEM_NS)
         self.names.clear()
 
 

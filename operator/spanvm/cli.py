@@ -193,6 +193,83 @@ def _add_operator_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
     op.set_defaults(func=cmd_operator)
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    """Run the node agent until stopped."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from spanvm.agent.main import run as run_agent  # noqa: PLC0415
+    from spanvm.agent.node_publisher import NodePublisher, Offer  # noqa: PLC0415
+    from spanvm.kube import Kube  # noqa: PLC0415
+
+    if not args.node_name:
+        raise UsageError("--node-name (or NODE_NAME) is required")
+    _setup_logging(args.log_format)
+    kube = Kube.connect(args.kubeconfig)
+    offer = Offer(
+        vcpus=args.guest_vcpus,
+        memory=parse_memory(args.guest_memory) if args.guest_memory else None,
+    )
+    publisher = NodePublisher(
+        kube,
+        args.node_name,
+        args.system_namespace,
+        kvm_device=args.kvm_device,
+        offer=offer,
+        lease_duration=args.lease_duration,
+    )
+    run_agent(
+        kube,
+        publisher,
+        state_dir=Path(args.state_dir) / args.node_name,
+        listen_host=args.fabric_address,
+        renew_interval=args.renew_interval,
+        capability_interval=args.capability_interval,
+    )
+    return 0
+
+
+def _add_agent_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
+    import os  # noqa: PLC0415
+
+    from spanvm.api.constants import SYSTEM_NAMESPACE  # noqa: PLC0415
+
+    agent = sub.add_parser("agent", help="run the node agent (what the DaemonSet runs)")
+    agent.add_argument(
+        "--node-name", default=os.environ.get("NODE_NAME"), help="this node (env NODE_NAME)"
+    )
+    agent.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube)")
+    agent.add_argument(
+        "--system-namespace",
+        default=os.environ.get("SPANVM_NAMESPACE", SYSTEM_NAMESPACE),
+        help="namespace of the heartbeat Lease",
+    )
+    agent.add_argument(
+        "--fabric-address",
+        default=os.environ.get("FABRIC_ADDRESS", "127.0.0.1"),
+        help="address fragment fabric listeners bind to (env FABRIC_ADDRESS, e.g. the host IP)",
+    )
+    agent.add_argument("--kvm-device", default="/dev/kvm", help="KVM device to probe and use")
+    agent.add_argument(
+        "--state-dir",
+        default=os.environ.get("SPANVM_STATE_DIR", "/var/lib/spanvm"),
+        help="where fragment state lives (per node subdirectory); must survive agent restarts",
+    )
+    agent.add_argument("--guest-vcpus", type=int, help="offer at most this many vCPUs")
+    agent.add_argument("--guest-memory", help="offer at most this much guest memory (quantity)")
+    agent.add_argument("--lease-duration", type=int, default=20, help="heartbeat Lease seconds")
+    agent.add_argument(
+        "--renew-interval", type=_positive, default=5.0, help="seconds between Lease renewals"
+    )
+    agent.add_argument(
+        "--capability-interval",
+        type=_positive,
+        default=60.0,
+        help="seconds between capability re-checks",
+    )
+    agent.add_argument("--log-format", choices=("plain", "json"), default="plain")
+    agent.set_defaults(func=cmd_agent)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="spanvm", description="spanvm: KVM virtual machines spanning several nodes"
@@ -233,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print the full report as JSON")
     info.set_defaults(func=cmd_kvm_info)
     _add_operator_parser(sub)
+    _add_agent_parser(sub)
     return parser
 
 

@@ -44,6 +44,12 @@ class Peer(ApiModel):
         max_length=300,
         description="host:port of the peer's fabric listener, once known.",
     )
+    home_memory: list[MemoryRange] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Guest-physical ranges the peer is home for (every fragment needs the map).",
+        json_schema_extra={"x-kubernetes-list-type": "atomic"},
+    )
 
 
 class SecretRef(ApiModel):

@@ -120,11 +120,15 @@ def fragment_body(
 
 
 def peers_of(placed: list[FragmentSummary], fragments: dict[int, JsonObject]) -> list[JsonObject]:
-    """Every fragment of the VM with the fabric endpoint it reported (if any yet)."""
+    """Every fragment of the VM: node, home ranges and the fabric endpoint it reported (once
+    known). The agent of fragment i starts it once every lower index has an endpoint."""
     out = []
     for index, entry in enumerate(placed):
-        endpoint = ((fragments.get(index) or {}).get("status") or {}).get("endpoint")
-        out.append(Peer(index=index, node_name=entry.node_name, endpoint=endpoint).to_api())
+        fragment = fragments.get(index) or {}
+        endpoint = (fragment.get("status") or {}).get("endpoint")
+        homes = (fragment.get("spec") or {}).get("homeMemory") or []
+        peer = Peer(index=index, node_name=entry.node_name, endpoint=endpoint, home_memory=homes)
+        out.append(peer.to_api())
     return out
 
 

@@ -1,0 +1,239 @@
+"""The agent's control loop: the VMFragments bound to this node on one side, fragment
+processes on the other; every pass makes them agree and reports status.
+
+A fragment starts once the operator has filled its peers and every lower-index peer has an
+endpoint (fragments connect to the ones before them). Processes outlive the agent; on start
+the agent adopts those still running (no second launch) and reports those that ended while
+it was away. A fragment object that is deleted or asks to stop has its process stopped.
+"""
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from kubernetes import watch
+
+from spanvm.agent.fragment_process import FragmentProcess
+from spanvm.agent.node_publisher import NodePublisher
+from spanvm.api.constants import (
+    FABRIC_SECRET_KEY,
+    GROUP,
+    NODE_LABEL,
+    VERSION,
+    VMFRAGMENT_PLURAL,
+)
+from spanvm.api.quantity import parse_memory
+from spanvm.api.vmfragment import VMFragmentSpec
+from spanvm.fabric.fragment import FragmentConfig
+from spanvm.kube import JsonObject, Kube
+from spanvm.payloads.catalog import PAYLOADS
+
+log = logging.getLogger("spanvm.agent")
+TERMINAL = frozenset({"Succeeded", "Failed", "Stopped"})
+
+
+class NotReadyToStart(Exception):  # noqa: N818 - a state, not an error
+    """The fragment cannot start yet (peers or secret missing); retried next pass."""
+
+
+class FragmentConfigError(Exception):
+    """The fragment can never start as specified (reported Failed)."""
+
+
+def fragment_config(
+    fragment: JsonObject, secret: bytes, listen_host: str, node: str
+) -> FragmentConfig:
+    """The fragment process's configuration from its VMFragment."""
+    spec = VMFragmentSpec.model_validate(fragment["spec"])
+    if spec.boot.payload is None:
+        raise FragmentConfigError("Linux boot is not supported by this agent yet (use a payload)")
+    if spec.fabric.transport == "rdma":
+        raise FragmentConfigError("fabric.transport rdma: this node has no RDMA devices")
+    payload = spec.boot.payload
+    arg = payload.arg if payload.arg is not None else PAYLOADS[payload.name].default_arg
+    if spec.peers is None:
+        raise NotReadyToStart("waiting for the operator to place every fragment")
+    peers = {p.index: p.endpoint for p in spec.peers if p.index < spec.index}
+    missing = [i for i, e in peers.items() if not e]
+    if missing:
+        raise NotReadyToStart(f"waiting for the fabric endpoints of fragments {missing}")
+    homes = [(r.start, r.start + r.size, p.index) for p in spec.peers for r in p.home_memory]
+    return FragmentConfig(
+        index=spec.index,
+        fragment_count=spec.fragment_count,
+        vcpu_count=spec.vcpu_count,
+        vcpu_ids=spec.vcpu_ids,
+        memory=parse_memory(spec.memory),
+        payload=payload.name,
+        arg=arg,
+        homes=sorted(homes),
+        listen_host=listen_host,
+        peers={i: str(e) for i, e in peers.items()},
+        secret=secret.decode(),
+        node_name=node,
+    )
+
+
+class Agent:
+    """Runs the fragments of one node."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        node: str,
+        publisher: NodePublisher,
+        *,
+        state_dir: Path,
+        listen_host: str,
+        resync: float = 2.0,
+    ) -> None:
+        self.kube, self.node, self.publisher = kube, node, publisher
+        self.state_dir, self.listen_host, self.resync = state_dir, listen_host, resync
+        self.processes: dict[str, FragmentProcess] = {}  # by VMFragment uid
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self._reported: dict[str, JsonObject] = {}
+
+    # -- start-up ----------------------------------------------------------------------------
+    def adopt(self) -> None:
+        """Find the fragment processes a previous agent started."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for directory in sorted(self.state_dir.iterdir()):
+            proc = FragmentProcess(directory)
+            if not proc.uid:
+                continue
+            self.processes[proc.uid] = proc
+            state = "running" if proc.running() else "ended"
+            log.info("adopted fragment %s (%s, pid %s)", directory.name, state, proc.pids())
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _watch(self) -> None:
+        """Wake the loop on any change to this node's fragments."""
+        while not self.stopping.is_set():
+            try:
+                stream = watch.Watch().stream(  # type: ignore[no-untyped-call]
+                    self.kube.custom.list_cluster_custom_object,
+                    GROUP,
+                    VERSION,
+                    VMFRAGMENT_PLURAL,
+                    label_selector=f"{NODE_LABEL}={self.node}",
+                    timeout_seconds=30,
+                )
+                for _ in stream:
+                    self.wake.set()
+                    if self.stopping.is_set():
+                        break
+            except Exception as err:
+                log.debug("fragment watch ended: %s", err)
+                self.stopping.wait(1.0)
+
+    def run(self) -> None:
+        """Until stopped: publish, heartbeat, and sync fragments."""
+        self.adopt()
+        threading.Thread(target=self._watch, name="watch", daemon=True).start()
+        while not self.stopping.is_set():
+            try:
+                self.sync()
+            except Exception:
+                log.exception("sync failed; retrying")
+            self.wake.wait(self.resync)
+            self.wake.clear()
+
+    def sync(self) -> None:
+        """One pass: start, stop, forget and report fragments."""
+        items = self.kube.list_fragments(None, f"{NODE_LABEL}={self.node}")
+        fragments = {
+            f["metadata"]["uid"]: f for f in items if f["spec"].get("nodeName") == self.node
+        }
+        for uid, proc in list(self.processes.items()):
+            if uid not in fragments:
+                self._forget(uid, proc)
+        for uid, fragment in fragments.items():
+            self._sync_one(uid, fragment)
+
+    def _forget(self, uid: str, proc: FragmentProcess) -> None:
+        """The VMFragment is gone: stop its process, then drop its state."""
+        if proc.running():
+            proc.stop()
+            return
+        log.info("fragment %s deleted; removing its state", proc.dir.name)
+        proc.remove()
+        del self.processes[uid]
+        self._reported.pop(uid, None)
+
+    def _sync_one(self, uid: str, fragment: JsonObject) -> None:
+        meta, spec = fragment["metadata"], fragment["spec"]
+        status = fragment.get("status") or {}
+        proc = self.processes.get(uid)
+        if spec.get("desiredState") == "Stopped":
+            if proc is not None:
+                proc.stop()
+            elif status.get("phase") not in TERMINAL:
+                self._report(fragment, {"phase": "Stopped", "message": "stopped before it started"})
+                return
+        if proc is None:
+            if status.get("phase") in ("Starting", "Running", "Stopping"):
+                self._report(
+                    fragment,
+                    {
+                        "phase": "Failed",
+                        "message": f"the agent on {self.node} has no process for this fragment"
+                        " (its state was lost)",
+                    },
+                )
+                return
+            if status.get("phase") in TERMINAL:
+                return
+            proc = self._start(fragment)
+            if proc is None:
+                return
+        new_status = proc.status(int(spec["index"]))
+        self._report(fragment, new_status)
+        if meta.get("deletionTimestamp"):
+            proc.stop()
+
+    def _start(self, fragment: JsonObject) -> FragmentProcess | None:
+        meta, spec = fragment["metadata"], fragment["spec"]
+        ref = spec.get("secretRef") or {}
+        try:
+            secret = self.kube.read_secret_key(
+                meta["namespace"], ref.get("name", ""), ref.get("key", FABRIC_SECRET_KEY)
+            )
+            if secret is None:
+                raise NotReadyToStart(f"waiting for Secret {ref.get('name')}")
+            config = fragment_config(fragment, secret, self.listen_host, self.node)
+        except NotReadyToStart as wait:
+            self._report(fragment, {"phase": "Pending", "message": str(wait)})
+            return None
+        except (FragmentConfigError, ValueError) as err:
+            self._report(fragment, {"phase": "Failed", "message": str(err)})
+            return None
+        if not self.publisher.kvm_usable:
+            self._report(
+                fragment, {"phase": "Failed", "message": f"KVM is not usable on {self.node}"}
+            )
+            return None
+        directory = self.state_dir / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
+        proc = FragmentProcess.launch(directory, fragment, config.model_dump_json().encode())
+        self.processes[meta["uid"]] = proc
+        log.info(
+            "started fragment %s/%s (vCPUs %s)", meta["namespace"], meta["name"], spec["vcpuIds"]
+        )
+        return proc
+
+    def _report(self, fragment: JsonObject, status: dict[str, Any]) -> None:
+        meta = fragment["metadata"]
+        current = fragment.get("status") or {}
+        status = {**status, "observedGeneration": meta.get("generation")}
+        if all(current.get(k) == v for k, v in status.items()):
+            return
+        if status.get("phase") != current.get("phase"):
+            log.info(
+                "fragment %s/%s: %s (%s)",
+                meta["namespace"],
+                meta["name"],
+                status.get("phase"),
+                status.get("message", ""),
+            )
+        self.kube.patch_fragment_status(meta["namespace"], meta["name"], status)

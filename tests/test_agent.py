@@ -1,0 +1,285 @@
+"""The node agent against the real API server and real KVM: each agent a host process in its
+own network namespace, VMFragments written by the test as the operator would write them."""
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Cluster
+from k8s_sim import ensure_namespace, wait_for
+from spanvm.agent.capabilities import DETAILS_ANNOTATION
+from spanvm.api.constants import (
+    ALLOCATABLE_VCPUS_ANNOTATION,
+    GROUP,
+    KVM_LABEL,
+    SPANNINGVM_PLURAL,
+    VERSION,
+    VM_LABEL,
+    agent_lease_name,
+)
+from spanvm.api.spanningvm import FragmentSummary, SpanningVMSpec
+from spanvm.controller.fragments import fabric_secret, fragment_body, peers_of
+from spanvm.devcluster.nodes import SimulatedNodes
+from spanvm.kube import JsonObject, Kube, parse_time
+from spanvm.vmm.expected import smp_sum
+
+pytestmark = [pytest.mark.cluster, pytest.mark.kvm]
+NS = "agent-test"
+SYSTEM_NS = "spanvm-system"
+
+
+@pytest.fixture(scope="module")
+def kube(crds: Cluster) -> Kube:
+    kube = Kube.connect(str(crds.kubeconfig))
+    ensure_namespace(kube, NS)
+    ensure_namespace(kube, SYSTEM_NS)
+    return kube
+
+
+@pytest.fixture(scope="module")
+def nodes(
+    kube: Kube, crds: Cluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SimulatedNodes]:
+    sim = SimulatedNodes(
+        kube,
+        crds.kubeconfig,
+        crds.plane.ports.apiserver,
+        ["ag-a", "ag-b"],
+        tmp_path_factory.mktemp("agents"),
+        system_namespace=SYSTEM_NS,
+    )
+    sim.up()
+    try:
+        yield sim
+    finally:
+        for node in sim.names:
+            print(f"--- agent log {node}:\n{sim.log_of(node).read_text()[-3000:]}")
+        sim.down()
+
+
+def owner_vm(kube: Kube, name: str, spec: JsonObject) -> JsonObject:
+    """A SpanningVM to own the fragments (no operator runs here: the test plays it)."""
+    body = {
+        "apiVersion": "spanvm.io/v1alpha1",
+        "kind": "SpanningVM",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": spec,
+    }
+    vm: JsonObject = kube.custom.create_namespaced_custom_object(
+        GROUP, VERSION, NS, SPANNINGVM_PLURAL, body
+    )
+    kube.create_secret(NS, fabric_secret(vm))
+    return vm
+
+
+def place(kube: Kube, name: str, spec: JsonObject, nodes: list[str]) -> list[str]:
+    """Create the fragments as the operator would, with peers (endpoints filled in later)."""
+    vm = owner_vm(kube, name, spec)
+    parsed = SpanningVMSpec.model_validate(spec)
+    per = parsed.cpu.vcpus // len(nodes)
+    placed = [
+        FragmentSummary(
+            name=f"{name}-{i}",
+            node_name=n,
+            vcpu_ids=list(range(i * per, (i + 1) * per)),
+            memory="0",
+        )
+        for i, n in enumerate(nodes)
+    ]
+    bodies = [fragment_body(vm, parsed, placed, i) for i in range(len(placed))]
+    for body in bodies:
+        kube.create_fragment(NS, body)
+    share_peers(kube, name, placed)
+    return [p.name for p in placed]
+
+
+def share_peers(kube: Kube, name: str, placed: list[FragmentSummary]) -> None:
+    frags = {int(f["spec"]["index"]): f for f in kube.list_fragments(NS, f"{VM_LABEL}={name}")}
+    peers = peers_of(placed, frags)
+    for f in frags.values():
+        if f["spec"].get("peers") != peers:
+            kube.patch_fragment(NS, f["metadata"]["name"], {"spec": {"peers": peers}})
+
+
+def fragment(kube: Kube, name: str) -> JsonObject:
+    obj = kube.get_fragment(NS, name)
+    assert obj is not None
+    return obj
+
+
+def phase(kube: Kube, name: str) -> str | None:
+    return (fragment(kube, name).get("status") or {}).get("phase")
+
+
+def spec_of(payload: str, vcpus: int, memory: str, arg: int) -> JsonObject:
+    return {
+        "cpu": {"vcpus": vcpus},
+        "memory": memory,
+        "boot": {"payload": {"name": payload, "arg": arg}},
+    }
+
+
+def labels(node: JsonObject | None) -> dict[str, str]:
+    return dict(((node or {}).get("metadata") or {}).get("labels") or {})
+
+
+def runner_processes(directory_name: str) -> list[int]:
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"spanvm.agent.runner" in cmdline and any(
+            directory_name.encode() in part for part in cmdline
+        ):
+            out.append(int(proc.name))
+    return out
+
+
+def test_agent_publishes_capabilities_and_keeps_its_lease_fresh(
+    kube: Kube, nodes: SimulatedNodes
+) -> None:
+    node = wait_for(
+        "the agent's labels",
+        lambda: (n := kube.get_node("ag-a")) and KVM_LABEL in labels(n) and n,
+    )
+    assert node["metadata"]["labels"][KVM_LABEL] == "true"
+    assert node["metadata"]["labels"]["spanvm.io/kvm-flavour"] in ("pvm", "intel", "amd")
+    annotations = node["metadata"]["annotations"]
+    assert annotations[ALLOCATABLE_VCPUS_ANNOTATION] == "1"  # --guest-vcpus of the simulation
+    details = json.loads(annotations[DETAILS_ANNOTATION])
+    assert details["kvm"]["usable"] is True and details["kvm"]["api_version"] == 12
+
+    def renew_time() -> str:
+        lease = kube.get_lease(SYSTEM_NS, agent_lease_name("ag-a"))
+        return str((lease or {}).get("spec", {}).get("renewTime") or "")
+
+    first = wait_for("the heartbeat Lease", renew_time)
+    second = wait_for("a renewal", lambda: (t := renew_time()) != first and t)
+    assert parse_time(second) > parse_time(first)  # type: ignore[operator]
+
+
+def test_agent_without_kvm_marks_its_node_unschedulable(kube: Kube, nodes: SimulatedNodes) -> None:
+    nodes.stop_agent("ag-b")
+    nodes.start_agent("ag-b", "--kvm-device", "/dev/kvm-hidden-by-test")
+    try:
+        node = wait_for(
+            "the node marked without KVM",
+            lambda: (n := kube.get_node("ag-b")) and labels(n).get(KVM_LABEL) == "false" and n,
+        )
+        assert node["metadata"]["annotations"][ALLOCATABLE_VCPUS_ANNOTATION] == "0"
+        details = json.loads(node["metadata"]["annotations"][DETAILS_ANNOTATION])
+        assert "/dev/kvm-hidden-by-test" in details["kvm"]["error"]
+    finally:
+        nodes.stop_agent("ag-b")
+        nodes.start_agent("ag-b")
+    wait_for(
+        "KVM back after restart",
+        lambda: labels(kube.get_node("ag-b")).get(KVM_LABEL) == "true",
+    )
+
+
+def test_a_fragment_runs_its_payload_running_then_succeeded(
+    kube: Kube, nodes: SimulatedNodes
+) -> None:
+    (name,) = place(kube, "one", spec_of("memtest", 1, "64Mi", 250), ["ag-a"])
+    running = wait_for("Running", lambda: phase(kube, name) == "Running" and fragment(kube, name))
+    status = running["status"]
+    assert status["pid"] > 0 and status["startedAt"]
+    assert status["endpoint"].startswith(nodes.address_of("ag-a") + ":")
+    done = wait_for(
+        "Succeeded",
+        lambda: phase(kube, name) in ("Succeeded", "Failed") and fragment(kube, name),
+        timeout=60,
+    )["status"]
+    assert done["phase"] == "Succeeded", done
+    assert done["exitCode"] == 0
+    assert "passes=250" in done["consoleTail"] and "errors=0" in done["consoleTail"]
+
+
+def test_two_agents_run_a_two_fragment_vm(kube: Kube, nodes: SimulatedNodes) -> None:
+    wait_for(
+        "both nodes with KVM",
+        lambda: all(labels(kube.get_node(n)).get(KVM_LABEL) == "true" for n in ("ag-a", "ag-b")),
+    )
+    arg = 1 << 18
+    names = place(kube, "pair", spec_of("smp-sum", 2, "256Mi", arg), ["ag-a", "ag-b"])
+    placed = [
+        FragmentSummary(name=n, node_name=node, vcpu_ids=[i], memory="0")
+        for i, (n, node) in enumerate(zip(names, ["ag-a", "ag-b"], strict=True))
+    ]
+    # the operator's job: pass fragment 0's endpoint on to fragment 1
+    wait_for(
+        "fragment 0's endpoint",
+        lambda: (fragment(kube, names[0]).get("status") or {}).get("endpoint"),
+    )
+    assert phase(kube, names[1]) in (None, "Pending")  # it must wait for its peer's endpoint
+    share_peers(kube, "pair", placed)
+    wait_for(
+        "both fragments finished",
+        lambda: all(phase(kube, n) in ("Succeeded", "Failed") for n in names),
+        timeout=90,
+    )
+    statuses = [fragment(kube, n)["status"] for n in names]
+    assert [s["phase"] for s in statuses] == ["Succeeded", "Succeeded"], statuses
+    console = statuses[0]["consoleTail"]
+    assert f"sum={smp_sum(arg)}" in console, console
+    assert statuses[1]["endpoint"].startswith(nodes.address_of("ag-b"))
+    assert statuses[1]["counters"]["pagesIn"] > 0  # memory really crossed the fabric
+
+
+def test_agent_restart_adopts_the_running_fragment_and_a_killed_one_fails(
+    kube: Kube, nodes: SimulatedNodes
+) -> None:
+    (name,) = place(kube, "long", spec_of("memtest", 1, "64Mi", 100_000), ["ag-a"])
+    status = wait_for(
+        "Running", lambda: phase(kube, name) == "Running" and fragment(kube, name)["status"]
+    )
+    pid = status["pid"]
+    directory = next(d.name for d in (nodes.state_dir / "ag-a").iterdir() if "_long-0_" in d.name)
+    assert len(runner_processes(directory)) == 1
+
+    nodes.stop_agent("ag-a", kill=True)
+    os.kill(pid, 0)  # the fragment outlives its agent
+    nodes.start_agent("ag-a")
+    wait_for(
+        "the new agent to adopt", lambda: "adopted fragment" in nodes.log_of("ag-a").read_text()
+    )
+    time.sleep(3)  # a few sync passes of the new agent
+    assert len(runner_processes(directory)) == 1  # no second launch
+    assert fragment(kube, name)["status"]["pid"] == pid
+    assert phase(kube, name) == "Running"
+
+    os.kill(pid, signal.SIGKILL)
+    failed = wait_for("Failed", lambda: phase(kube, name) == "Failed" and fragment(kube, name))
+    assert "killed by SIGKILL" in failed["status"]["message"]
+
+
+def test_deleting_a_fragment_stops_its_process(kube: Kube, nodes: SimulatedNodes) -> None:
+    (name,) = place(kube, "gone", spec_of("memtest", 1, "64Mi", 100_000), ["ag-b"])
+    pid = wait_for(
+        "Running",
+        lambda: phase(kube, name) == "Running" and fragment(kube, name)["status"]["pid"],
+    )
+    kube.delete_fragment(NS, name)
+
+    def dead() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for("the fragment process to stop", dead, timeout=30)
+    wait_for(
+        "its state to be removed",
+        lambda: not any("_gone-0_" in d.name for d in (nodes.state_dir / "ag-b").iterdir()),
+    )
