@@ -23,15 +23,16 @@ $(VENV)/.installed: pyproject.toml
 
 tools: deps
 	hack/build-tools
+	hack/build-helm
 
 payloads: venv
 	$(PYTHON) -m spanvm.payloads.build
 
 crds: venv
-	$(PYTHON) -m spanvm.api.crd crds
+	$(PYTHON) -m spanvm.api.crd crds charts/spanvm/crds
 
 check-crds: venv
-	$(PYTHON) -m spanvm.api.crd --check crds
+	$(PYTHON) -m spanvm.api.crd --check crds charts/spanvm/crds
 
 test: deps venv tools payloads
 	$(PYTHON) -m pytest
@@ -40,6 +41,7 @@ lint: venv
 	$(VENV)/bin/ruff check operator tests
 	$(VENV)/bin/ruff format --check operator tests
 	$(VENV)/bin/mypy
+	hadolint Dockerfile
 
 fmt: venv
 	$(VENV)/bin/ruff format operator tests

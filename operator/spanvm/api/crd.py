@@ -214,20 +214,23 @@ def crd_filename(crd: CrdSpec) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m spanvm.api.crd [--check] DIR`: write (or check) the CRD files."""
+    """`python -m spanvm.api.crd [--check] DIR...`: write (or check) the CRD files (the
+    repository's crds/ and the Helm chart's copy)."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("directory", type=Path)
+    parser.add_argument("directory", type=Path, nargs="+")
     parser.add_argument("--check", action="store_true", help="fail if the files are out of date")
     args = parser.parse_args(argv)
     stale = []
-    for crd in CRDS:
-        target = args.directory / crd_filename(crd)
-        text = render(crd)
-        if args.check:
-            if not target.exists() or target.read_text() != text:
-                stale.append(str(target))
-        else:
-            target.write_text(text)
+    for directory in args.directory:
+        for crd in CRDS:
+            target = directory / crd_filename(crd)
+            text = render(crd)
+            if args.check:
+                if not target.exists() or target.read_text() != text:
+                    stale.append(str(target))
+            else:
+                directory.mkdir(parents=True, exist_ok=True)
+                target.write_text(text)
     if stale:
         print("out of date (run `make crds`): " + ", ".join(stale), file=sys.stderr)
         return 1
