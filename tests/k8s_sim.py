@@ -2,16 +2,13 @@
 kubelets and agents, operator processes, and polling with a message that says what was
 awaited."""
 
-import os
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from kubernetes.client.exceptions import ApiException
 
@@ -22,6 +19,7 @@ from spanvm.api.constants import (
     agent_lease_name,
 )
 from spanvm.devcluster.nodes import delete_node, register_node, set_node_ready
+from spanvm.devcluster.operator_proc import operator_command, start, stop
 from spanvm.kube import JsonObject, Kube, micro_time
 
 T = TypeVar("T")
@@ -144,46 +142,19 @@ def operator_process(
     metrics_port: int | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`spanvm operator` watching one namespace; stopped (SIGTERM, then SIGKILL) after."""
-    command = [
-        sys.executable,
-        "-m",
-        "spanvm.cli",
-        "operator",
-        "--kubeconfig",
-        str(kubeconfig),
-        "--namespace",
-        namespace,
-        "--system-namespace",
-        SYSTEM_NS,
-        "--lease-name",
-        lease_name,
-        "--lease-duration",
-        "6",
-        "--timer-interval",
-        "1",
-        "--deletion-grace",
-        str(deletion_grace),
-    ]
-    if metrics_port is not None:
-        command += ["--metrics-port", str(metrics_port)]
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
+    command = operator_command(
+        kubeconfig,
+        system_namespace=SYSTEM_NS,
+        lease_name=lease_name,
+        namespaces=(namespace,),
+        deletion_grace=deletion_grace,
+        metrics_port=metrics_port,
+    )
+    process = start(command, log_path, env)
     try:
         yield process
     finally:
-        stop_process(process)
-
-
-def stop_process(process: subprocess.Popen[Any], grace: float = 10.0) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def vm_manifest(

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import yaml
+
 from conftest import REPO, Cluster
 from k8s_sim import ensure_namespace
-
 from spanvm.devcluster.paths import bin_dir
 from spanvm.kube import Kube
 
@@ -65,7 +65,7 @@ def test_rendered_chart_passes_a_server_side_dry_run(crds: Cluster) -> None:
 def test_operator_is_unprivileged_and_the_agent_privileges_are_explained() -> None:
     docs = {(d["kind"], d["metadata"]["name"]): d for d in render()}
     operator = docs[("Deployment", "spanvm-operator")]["spec"]
-    assert operator["replicas"] == 2  # noqa: PLR2004
+    assert operator["replicas"] == 2
     pod = operator["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     container = pod["containers"][0]
@@ -231,19 +231,31 @@ def _lua_table(value: Any) -> str:
     return json.dumps(value)
 
 
-@pytest.mark.parametrize(
-    ("status", "generation", "expected"),
-    [
-        (None, 1, "Progressing|waiting for the spanvm operator"),
-        ({"phase": "Pending", "message": "needs 8 vCPUs", "observedGeneration": 1}, 1, "Progressing|Pending: needs 8 vCPUs"),
-        ({"phase": "Running", "observedGeneration": 1}, 1, "Healthy|Running: Running"),
-        ({"phase": "Running", "observedGeneration": 1}, 2, "Progressing|the operator has not acted on generation 2 yet"),
-        ({"phase": "Succeeded", "observedGeneration": 3}, 3, "Healthy|Succeeded: Succeeded"),
-        ({"phase": "Degraded", "message": "node b lost", "observedGeneration": 1}, 1, "Degraded|Degraded: node b lost"),
-        ({"phase": "Failed", "message": "boom", "observedGeneration": 1}, 1, "Degraded|Failed: boom"),
-        ({"phase": "Stopped", "observedGeneration": 1}, 1, "Suspended|Stopped: Stopped"),
-    ],
-)  # fmt: skip
+HEALTH_CASES = [
+    (None, 1, "Progressing|waiting for the spanvm operator"),
+    (
+        {"phase": "Pending", "message": "needs 8 vCPUs", "observedGeneration": 1},
+        1,
+        "Progressing|Pending: needs 8 vCPUs",
+    ),
+    ({"phase": "Running", "observedGeneration": 1}, 1, "Healthy|Running: Running"),
+    (
+        {"phase": "Running", "observedGeneration": 1},
+        2,
+        "Progressing|the operator has not acted on generation 2 yet",
+    ),
+    ({"phase": "Succeeded", "observedGeneration": 3}, 3, "Healthy|Succeeded: Succeeded"),
+    (
+        {"phase": "Degraded", "message": "node b lost", "observedGeneration": 1},
+        1,
+        "Degraded|Degraded: node b lost",
+    ),
+    ({"phase": "Failed", "message": "boom", "observedGeneration": 1}, 1, "Degraded|Failed: boom"),
+    ({"phase": "Stopped", "observedGeneration": 1}, 1, "Suspended|Stopped: Stopped"),
+]
+
+
+@pytest.mark.parametrize(("status", "generation", "expected"), HEALTH_CASES)
 def test_argocd_health_check(
     tmp_path: Path, status: dict[str, Any] | None, generation: int, expected: str
 ) -> None:

@@ -270,6 +270,31 @@ def _add_agent_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
     agent.set_defaults(func=cmd_agent)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print a SpanningVM's phase, conditions and placement (or its console tail)."""
+    from spanvm.kube import Kube  # noqa: PLC0415
+    from spanvm.status_view import console, describe  # noqa: PLC0415
+
+    vm = Kube.connect(args.kubeconfig).get_vm(args.namespace, args.name)
+    if vm is None:
+        raise UsageError(f"SpanningVM {args.namespace}/{args.name} not found")
+    text = console(vm) if args.command == "console" else describe(vm)
+    print(text, end="" if text.endswith("\n") else "\n")
+    return 0
+
+
+def _add_status_parsers(sub: "argparse._SubParsersAction[_Parser]") -> None:
+    for name, text in (
+        ("status", "show a SpanningVM's phase, conditions and where its vCPUs run"),
+        ("console", "show the last lines of a SpanningVM's guest console"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("name", help="SpanningVM name")
+        cmd.add_argument("-n", "--namespace", default="default", help="its namespace")
+        cmd.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, ~/.kube)")
+        cmd.set_defaults(func=cmd_status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="spanvm", description="spanvm: KVM virtual machines spanning several nodes"
@@ -311,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_kvm_info)
     _add_operator_parser(sub)
     _add_agent_parser(sub)
+    _add_status_parsers(sub)
     return parser
 
 
