@@ -59,10 +59,11 @@ cluster-up: venv tools
 cluster-down: venv
 	hack/control-plane down
 
-bench: venv payloads
+bench: venv payloads tools
 	$(PYTHON) hack/bench/vmm.py
 	$(PYTHON) hack/bench/fabric.py
 	$(PYTHON) hack/bench/scheduler.py
+	$(PYTHON) hack/bench/apply.py
 
 clean:
 	-hack/control-plane purge

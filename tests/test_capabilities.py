@@ -61,3 +61,11 @@ def test_findings_become_labels(intel_root: Path) -> None:
     assert labels["spanvm.io/nested"] == "true"
     assert labels["spanvm.io/rdma"] == "true"
     assert labels["spanvm.io/hugepages-2Mi"] == "512"
+
+
+def test_libvirt_is_reported_with_the_reason_it_cannot_be_asked(tmp_path: Path) -> None:
+    found = discover(libvirt_socket=tmp_path / "libvirt-sock")
+    assert found.libvirt.reachable is False
+    assert f"no libvirtd socket at {tmp_path / 'libvirt-sock'}" == found.libvirt.reason
+    assert found.labels()["spanvm.io/libvirt"] == "false"
+    assert json.loads(found.details())["libvirt"]["reason"] == found.libvirt.reason

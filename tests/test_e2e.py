@@ -104,6 +104,13 @@ def test_apply_runs_a_guest_spanning_two_nodes_and_delete_cleans_up(
         columns = dict(zip(header.split(), row.split(), strict=True))
         assert columns["PHASE"] == "Succeeded" and columns["NODES"] == ",".join(placed)
 
+        # GitOps: with the operator's finalizer, annotations and status in place, the same
+        # manifest applies as a no-op and shows no diff (no defaulting drift)
+        again = crds.kubectl("apply", "-n", NS, "-f", str(EXAMPLE)).stdout
+        assert "unchanged" in again
+        diff = crds.kubectl("diff", "-n", NS, "-f", str(EXAMPLE), check=False)
+        assert diff.returncode == 0, diff.stdout + diff.stderr
+
         crds.kubectl("delete", "-n", NS, "-f", str(EXAMPLE), "--wait=true", "--timeout=60s")
         assert kube.get_vm(NS, name) is None  # the finalizer was released
         wait_for("fragments gone", lambda: kube.list_fragments(NS) == [])

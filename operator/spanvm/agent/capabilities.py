@@ -12,6 +12,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from spanvm.agent.libvirt_caps import SOCKET, LibvirtHost, host_capabilities
 from spanvm.vmm.probe import KvmProbe, probe_kvm
 
 LABEL_PREFIX = "spanvm.io/"
@@ -32,6 +33,7 @@ class NodeCapabilities:
     memory: int  # bytes of RAM
     hugepages_2mi: int
     rdma_devices: tuple[str, ...]
+    libvirt: LibvirtHost
 
     @property
     def allocatable_vcpus(self) -> int:
@@ -54,6 +56,7 @@ class NodeCapabilities:
             f"{LABEL_PREFIX}nested": "unknown" if self.nested is None else str(self.nested).lower(),
             f"{LABEL_PREFIX}rdma": str(bool(self.rdma_devices)).lower(),
             f"{LABEL_PREFIX}hugepages-2Mi": str(self.hugepages_2mi),
+            f"{LABEL_PREFIX}libvirt": str(self.libvirt.reachable).lower(),
         }
 
     def details(self) -> str:
@@ -80,7 +83,9 @@ def _meminfo(proc: Path) -> dict[str, int]:
     return out
 
 
-def discover(device: str = "/dev/kvm", root: Path = Path("/")) -> NodeCapabilities:
+def discover(
+    device: str = "/dev/kvm", root: Path = Path("/"), libvirt_socket: Path = SOCKET
+) -> NodeCapabilities:
     """Probe this node (root lets tests point at another /proc and /sys)."""
     flavour, nested = _flavour(root / "sys" / "module")
     flags = set()
@@ -101,4 +106,5 @@ def discover(device: str = "/dev/kvm", root: Path = Path("/")) -> NodeCapabiliti
         if meminfo.get("Hugepagesize") == MEMORY_UNIT
         else 0,
         rdma_devices=rdma,
+        libvirt=host_capabilities(libvirt_socket),
     )
