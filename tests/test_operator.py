@@ -5,6 +5,7 @@ import json
 import socket
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,9 +121,33 @@ def env(kube: Kube, crds: Cluster, running_operator: tuple[Path, int]) -> Iterat
         nodes.delete_all()
 
 
+@contextmanager
+def own_namespace(kube: Kube, crds: Cluster, ns: str, tmp_path: Path) -> Iterator[Env]:
+    """A namespace and nodes for a test that runs its own operator(s); logs shown, all removed."""
+    ensure_namespace(kube, ns)
+    nodes = SimNodes(kube)
+    try:
+        yield Env(kube, crds, nodes, ns, tmp_path / "op.log", 0)
+    finally:
+        for log in tmp_path.glob("*.log"):
+            print(f"{log.name}:\n{log.read_text()[-3000:]}")
+        force_delete_vms(kube, ns)
+        nodes.delete_all()
+
+
 def placed_whole(env: Env, name: str, namespace: str) -> bool:
     count = (env.kube.get_vm(namespace, name) or {}).get("status", {}).get("fragmentCount")
     return bool(count) and len(env.fragments(name, namespace)) == count
+
+
+def running_vm(env: Env, name: str, pool: str) -> list[JsonObject]:
+    """Two 1-vCPU nodes in `pool` and a 2-vCPU VM placed on them, its fragments Running."""
+    env.nodes.add(f"{pool}-a", labels={"pool": pool})
+    env.nodes.add(f"{pool}-b", labels={"pool": pool})
+    env.create_vm(vm_manifest(name, NS, pool))
+    frags = run_fragments(env, name)
+    env.wait_phase(name, "Running")
+    return frags
 
 
 def run_fragments(env: Env, name: str) -> list[JsonObject]:
@@ -164,8 +189,7 @@ def test_create_places_fragments_and_status_follows_them(env: Env) -> None:
         lambda: all(f["spec"].get("peers") for f in env.fragments("vm1")) and env.fragments("vm1"),
     )
     assert [p["nodeName"] for p in frags[1]["spec"]["peers"]] == ["p1-a", "p1-b"]
-    status = env.status("vm1")
-    assert status["phase"] == "Starting"
+    status = env.wait_phase("vm1", "Starting")  # peers are written just before the status
     assert condition(status, "Scheduled")["status"] == "True"
     assert condition(status, "Ready")["status"] == "False"
 
@@ -198,11 +222,7 @@ def test_create_places_fragments_and_status_follows_them(env: Env) -> None:
 
 
 def test_fragment_failure_fails_the_vm_with_the_reason(env: Env) -> None:
-    env.nodes.add("p2-a", labels={"pool": "p2"})
-    env.nodes.add("p2-b", labels={"pool": "p2"})
-    env.create_vm(vm_manifest("vm2", NS, "p2"))
-    frags = run_fragments(env, "vm2")
-    env.wait_phase("vm2", "Running")
+    frags = running_vm(env, "vm2", "p2")
     env.report(frags[1], phase="Failed", message="fragment VMM killed by SIGKILL")
     status = env.wait_phase("vm2", "Failed")
     assert "fragment 1 on p2-b failed: fragment VMM killed by SIGKILL" in status["message"]
@@ -258,11 +278,7 @@ def test_capacity_counts_other_vms_fragments(env: Env) -> None:
 
 
 def test_delete_waits_for_fragments_to_stop(env: Env) -> None:
-    env.nodes.add("p5-a", labels={"pool": "p5"})
-    env.nodes.add("p5-b", labels={"pool": "p5"})
-    env.create_vm(vm_manifest("vm5", NS, "p5"))
-    run_fragments(env, "vm5")
-    env.wait_phase("vm5", "Running")
+    running_vm(env, "vm5", "p5")
     vm = env.vm("vm5")
     assert vm is not None and "spanvm.io/finalizer" in vm["metadata"]["finalizers"]
     env.delete_vm("vm5")
@@ -282,11 +298,7 @@ def test_delete_waits_for_fragments_to_stop(env: Env) -> None:
 
 
 def test_delete_with_a_lost_node_is_bounded(env: Env) -> None:
-    env.nodes.add("p6-a", labels={"pool": "p6"})
-    env.nodes.add("p6-b", labels={"pool": "p6"})
-    env.create_vm(vm_manifest("vm6", NS, "p6"))
-    frags = run_fragments(env, "vm6")
-    env.wait_phase("vm6", "Running")
+    frags = running_vm(env, "vm6", "p6")
     env.nodes.kube.core.delete_node("p6-b")  # its agent will never answer
     env.delete_vm("vm6")
     env.report(frags[0], phase="Stopped")
@@ -296,11 +308,7 @@ def test_delete_with_a_lost_node_is_bounded(env: Env) -> None:
 
 
 def test_heartbeat_expiry_degrades_a_once_vm(env: Env) -> None:
-    env.nodes.add("p7-a", labels={"pool": "p7"})
-    env.nodes.add("p7-b", labels={"pool": "p7"})
-    env.create_vm(vm_manifest("vm7", NS, "p7"))
-    run_fragments(env, "vm7")
-    env.wait_phase("vm7", "Running")
+    running_vm(env, "vm7", "p7")
     env.nodes.expire("p7-b")
     status = env.wait_phase("vm7", "Degraded")
     assert "p7-b" in status["message"] and "heartbeat" in status["message"]
@@ -333,11 +341,7 @@ def test_node_loss_with_run_strategy_always_reschedules(env: Env) -> None:
 
 
 def test_spec_changes_immutable_rejected_runstrategy_and_labels_apply(env: Env) -> None:
-    env.nodes.add("p9-a", labels={"pool": "p9"})
-    env.nodes.add("p9-b", labels={"pool": "p9"})
-    env.create_vm(vm_manifest("vm9", NS, "p9"))
-    run_fragments(env, "vm9")
-    env.wait_phase("vm9", "Running")
+    running_vm(env, "vm9", "p9")
     bad = env.cluster.kubectl(
         "-n",
         NS,
@@ -377,10 +381,8 @@ def test_operator_killed_mid_placement_leaves_no_duplicates(
     kube: Kube, crds: Cluster, tmp_path: Path
 ) -> None:
     ns = "op-crash"
-    ensure_namespace(kube, ns)
-    nodes = SimNodes(kube)
-    env = Env(kube, crds, nodes, ns, tmp_path / "op.log", 0)
-    try:
+    with own_namespace(kube, crds, ns, tmp_path) as env:
+        nodes = env.nodes
         nodes.add("pc-a", labels={"pool": "pc"})
         nodes.add("pc-b", labels={"pool": "pc"})
         env.create_vm(vm_manifest("vmc", ns, "pc"))
@@ -403,21 +405,14 @@ def test_operator_killed_mid_placement_leaves_no_duplicates(
             )
         assert [f["spec"]["nodeName"] for f in frags] == recorded
         assert [f["metadata"]["name"] for f in env.fragments("vmc", ns)] == ["vmc-0", "vmc-1"]
-    finally:
-        for log in tmp_path.glob("*.log"):
-            print(f"{log.name}:\n{log.read_text()[-3000:]}")
-        force_delete_vms(kube, ns)
-        nodes.delete_all()
 
 
 def test_two_operators_place_once_and_the_follower_takes_over(
     kube: Kube, crds: Cluster, tmp_path: Path
 ) -> None:
     ns = "op-pair"
-    ensure_namespace(kube, ns)
-    nodes = SimNodes(kube)
-    env = Env(kube, crds, nodes, ns, tmp_path / "op.log", 0)
-    try:
+    with own_namespace(kube, crds, ns, tmp_path) as env:
+        nodes = env.nodes
         nodes.add("pp-a", vcpus=4, labels={"pool": "pp"})
         nodes.add("pp-b", vcpus=4, labels={"pool": "pp"})
         with (
@@ -453,8 +448,3 @@ def test_two_operators_place_once_and_the_follower_takes_over(
                 timeout=40,
             )
             assert follower.poll() is None
-    finally:
-        for log in tmp_path.glob("*.log"):
-            print(f"{log.name}:\n{log.read_text()[-3000:]}")
-        force_delete_vms(kube, ns)
-        nodes.delete_all()

@@ -160,22 +160,31 @@ def _positive(text: str) -> float:
     return value
 
 
-def _add_operator_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
+def _add_cluster_args(parser: argparse.ArgumentParser, leases: str) -> None:
+    """Options the long-running commands share: where the API is, the system namespace, logs."""
     import os  # noqa: PLC0415
 
-    from spanvm.api.constants import OPERATOR_LEASE, SYSTEM_NAMESPACE  # noqa: PLC0415
+    from spanvm.api.constants import SYSTEM_NAMESPACE  # noqa: PLC0415
+
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube)")
+    parser.add_argument(
+        "--system-namespace",
+        default=os.environ.get("SPANVM_NAMESPACE", SYSTEM_NAMESPACE),
+        help=f"namespace of {leases} (env SPANVM_NAMESPACE)",
+    )
+    parser.add_argument("--log-format", choices=("plain", "json"), default="plain")
+
+
+def _add_operator_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
+
+    from spanvm.api.constants import OPERATOR_LEASE  # noqa: PLC0415
 
     op = sub.add_parser("operator", help="run the operator (Kopf handlers behind a leader Lease)")
-    op.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube)")
+    _add_cluster_args(op, "the agents' heartbeat Leases and the operator Lease")
     op.add_argument(
         "--namespace",
         action="append",
         help="watch only this namespace (repeatable; default: all namespaces)",
-    )
-    op.add_argument(
-        "--system-namespace",
-        default=os.environ.get("SPANVM_NAMESPACE", SYSTEM_NAMESPACE),
-        help="namespace of the agents' heartbeat Leases and the operator Lease",
     )
     op.add_argument("--lease-name", default=OPERATOR_LEASE, help="the leader-election Lease")
     op.add_argument("--lease-duration", type=int, default=15, help="leader Lease seconds")
@@ -189,7 +198,6 @@ def _add_operator_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
         help="seconds a deletion waits for fragments to stop before forcing",
     )
     op.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
-    op.add_argument("--log-format", choices=("plain", "json"), default="plain")
     op.set_defaults(func=cmd_operator)
 
 
@@ -231,18 +239,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
 def _add_agent_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
     import os  # noqa: PLC0415
 
-    from spanvm.api.constants import SYSTEM_NAMESPACE  # noqa: PLC0415
-
     agent = sub.add_parser("agent", help="run the node agent (what the DaemonSet runs)")
     agent.add_argument(
         "--node-name", default=os.environ.get("NODE_NAME"), help="this node (env NODE_NAME)"
     )
-    agent.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube)")
-    agent.add_argument(
-        "--system-namespace",
-        default=os.environ.get("SPANVM_NAMESPACE", SYSTEM_NAMESPACE),
-        help="namespace of the heartbeat Lease",
-    )
+    _add_cluster_args(agent, "the heartbeat Lease")
     agent.add_argument(
         "--fabric-address",
         default=os.environ.get("FABRIC_ADDRESS", "127.0.0.1"),
@@ -266,7 +267,6 @@ def _add_agent_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
         default=60.0,
         help="seconds between capability re-checks",
     )
-    agent.add_argument("--log-format", choices=("plain", "json"), default="plain")
     agent.set_defaults(func=cmd_agent)
 
 

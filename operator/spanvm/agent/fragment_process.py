@@ -16,6 +16,7 @@ from typing import Any
 
 from spanvm.agent.runner import CONSOLE, EXIT, LOG, PIDS, STATUS
 from spanvm.kube import JsonObject
+from spanvm.procs import pid_alive
 
 STOP_REQUESTED = "stop-requested"
 META = "fragment.json"  # which VMFragment this directory belongs to
@@ -37,22 +38,6 @@ def tail(path: Path, size: int = TAIL_BYTES) -> str:
     if end > size and "\n" in text:
         text = text.split("\n", 1)[1]
     return text
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not running (it is our child and will be reaped)
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class FragmentProcess:
@@ -134,7 +119,7 @@ class FragmentProcess:
     def running(self) -> bool:
         if self._runner is not None and self._runner.poll() is None:
             return True
-        return self.exit_status() is None and _alive(self.pids().get("runner"))
+        return self.exit_status() is None and pid_alive(self.pids().get("runner"))
 
     def stop_requested(self) -> bool:
         return (self.dir / STOP_REQUESTED).exists()

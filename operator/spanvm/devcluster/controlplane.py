@@ -26,6 +26,7 @@ import yaml
 
 from spanvm.devcluster.certs import ensure_certs
 from spanvm.devcluster.paths import bin_dir, cache_dir, repo_root
+from spanvm.procs import pid_alive
 
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager")
 # The controllers a cluster without kubelets needs: owner-reference garbage collection,
@@ -51,20 +52,6 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -104,7 +91,7 @@ class ControlPlane:
         if not path.exists():
             return None
         pid = int(path.read_text().strip() or 0)
-        return pid if pid and _alive(pid) else None
+        return pid if pid and pid_alive(pid) else None
 
     def _start(self, component: str, args: list[str]) -> None:
         binary = bin_dir() / component
@@ -223,9 +210,9 @@ class ControlPlane:
             if pid:
                 os.killpg(pid, signal.SIGTERM)
                 deadline = time.monotonic() + timeout
-                while _alive(pid) and time.monotonic() < deadline:
+                while pid_alive(pid) and time.monotonic() < deadline:
                     time.sleep(0.1)
-                if _alive(pid):
+                if pid_alive(pid):
                     os.killpg(pid, signal.SIGKILL)
             (self.pids / f"{component}.pid").unlink(missing_ok=True)
 
