@@ -167,23 +167,29 @@ def test_agent_publishes_capabilities_and_keeps_its_lease_fresh(
     assert parse_time(second) > parse_time(first)  # type: ignore[operator]
 
 
-def test_agent_without_kvm_marks_its_node_unschedulable(kube: Kube, nodes: SimulatedNodes) -> None:
+def test_a_node_that_loses_kvm_becomes_unschedulable(
+    kube: Kube, nodes: SimulatedNodes, tmp_path: Path
+) -> None:
+    device = tmp_path / "kvm"
+    device.symlink_to("/dev/kvm")  # a device the test can take away while the agent runs
     nodes.stop_agent("ag-b")
-    nodes.start_agent("ag-b", "--kvm-device", "/dev/kvm-hidden-by-test")
+    nodes.start_agent("ag-b", "--kvm-device", str(device))
     try:
+        wait_for("KVM found", lambda: labels(kube.get_node("ag-b")).get(KVM_LABEL) == "true")
+        device.unlink()  # the periodic re-check must notice
         node = wait_for(
             "the node marked without KVM",
             lambda: (n := kube.get_node("ag-b")) and labels(n).get(KVM_LABEL) == "false" and n,
         )
         assert node["metadata"]["annotations"][ALLOCATABLE_VCPUS_ANNOTATION] == "0"
         details = json.loads(node["metadata"]["annotations"][DETAILS_ANNOTATION])
-        assert "/dev/kvm-hidden-by-test" in details["kvm"]["error"]
+        assert str(device) in details["kvm"]["error"]
+        assert "KVM not usable" in nodes.log_of("ag-b").read_text()
     finally:
         nodes.stop_agent("ag-b")
         nodes.start_agent("ag-b")
     wait_for(
-        "KVM back after restart",
-        lambda: labels(kube.get_node("ag-b")).get(KVM_LABEL) == "true",
+        "KVM back after restart", lambda: labels(kube.get_node("ag-b")).get(KVM_LABEL) == "true"
     )
 
 

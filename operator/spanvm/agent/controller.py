@@ -31,6 +31,7 @@ from spanvm.payloads.catalog import PAYLOADS
 
 log = logging.getLogger("spanvm.agent")
 TERMINAL = frozenset({"Succeeded", "Failed", "Stopped"})
+STARTING_RESYNC = 0.2
 
 
 class NotReadyToStart(Exception):  # noqa: N818 - a state, not an error
@@ -93,7 +94,7 @@ class Agent:
         self.processes: dict[str, FragmentProcess] = {}  # by VMFragment uid
         self.wake = threading.Event()
         self.stopping = threading.Event()
-        self._reported: dict[str, JsonObject] = {}
+        self._starting = False
 
     # -- start-up ----------------------------------------------------------------------------
     def adopt(self) -> None:
@@ -137,7 +138,9 @@ class Agent:
                 self.sync()
             except Exception:
                 log.exception("sync failed; retrying")
-            self.wake.wait(self.resync)
+            # While a fragment starts, its endpoint and "connected" appear in its status file
+            # within moments and peers wait on them: look often. Otherwise rest.
+            self.wake.wait(STARTING_RESYNC if self._starting else self.resync)
             self.wake.clear()
 
     def sync(self) -> None:
@@ -149,6 +152,7 @@ class Agent:
         for uid, proc in list(self.processes.items()):
             if uid not in fragments:
                 self._forget(uid, proc)
+        self._starting = False
         for uid, fragment in fragments.items():
             self._sync_one(uid, fragment)
 
@@ -160,7 +164,6 @@ class Agent:
         log.info("fragment %s deleted; removing its state", proc.dir.name)
         proc.remove()
         del self.processes[uid]
-        self._reported.pop(uid, None)
 
     def _sync_one(self, uid: str, fragment: JsonObject) -> None:
         meta, spec = fragment["metadata"], fragment["spec"]
@@ -189,6 +192,7 @@ class Agent:
             if proc is None:
                 return
         new_status = proc.status(int(spec["index"]))
+        self._starting |= new_status.get("phase") == "Starting"
         self._report(fragment, new_status)
         if meta.get("deletionTimestamp"):
             proc.stop()

@@ -86,6 +86,10 @@ class Demo:
             print(f"  log: {self.work / 'operator.log'}")
             step(f"kubectl apply -f {self.example.relative_to(repo_root())}")
             print(self.kubectl("apply", "-f", str(self.example)).rstrip())
+            invalid = repo_root() / "examples" / "invalid" / "more-fragments-than-vcpus.yaml"
+            print(f"  and a manifest the API server refuses ({invalid.name}):")
+            refused = self.kubectl("apply", "--dry-run=server", "-f", str(invalid), check=False)
+            print("    " + refused.strip().replace("\n", "\n    "))
             phase = self._follow(kube)
             vm = kube.get_vm(self.namespace, self.vm_name) or {}
             step("spanvm status / spanvm console")
