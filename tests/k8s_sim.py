@@ -15,7 +15,10 @@ from kubernetes.client.exceptions import ApiException
 from spanvm.api.constants import (
     ALLOCATABLE_MEMORY_ANNOTATION,
     ALLOCATABLE_VCPUS_ANNOTATION,
+    GROUP,
     KVM_LABEL,
+    SPANNINGVM_PLURAL,
+    VERSION,
     agent_lease_name,
 )
 from spanvm.devcluster.nodes import delete_node, register_node, set_node_ready
@@ -50,8 +53,6 @@ def ensure_namespace(kube: Kube, name: str) -> None:
 
 def force_delete_vms(kube: Kube, namespace: str) -> None:
     """Remove every SpanningVM and VMFragment of a namespace, finalizers or not."""
-    from spanvm.api.constants import GROUP, SPANNINGVM_PLURAL, VERSION  # noqa: PLC0415
-
     for vm in kube.list_vms(namespace):
         name = vm["metadata"]["name"]
         for call in (

@@ -67,16 +67,7 @@ def test_apply_runs_a_guest_spanning_two_nodes_and_delete_cleans_up(
             ),
             tmp_path / "operator.log",
         )
-        wait_for(
-            "agents labelling their nodes",
-            lambda: all(
-                ((kube.get_node(n) or {}).get("metadata", {}).get("labels") or {}).get(
-                    "spanvm.io/kvm"
-                )
-                == "true"
-                for n in nodes.names
-            ),
-        )
+        nodes.wait_kvm_labelled()
         crds.kubectl("apply", "-n", NS, "-f", str(EXAMPLE))
         vm = wait_for(
             "the guest to finish",

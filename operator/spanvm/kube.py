@@ -6,6 +6,7 @@ found" turned into return values so every caller can be idempotent. Blocking (th
 client); async callers run it in a thread.
 """
 
+import base64
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -207,8 +208,6 @@ class Kube:
         return True
 
     def read_secret_key(self, namespace: str, name: str, key: str) -> bytes | None:
-        import base64  # noqa: PLC0415 - only the agent reads secrets
-
         try:
             secret = self.core.read_namespaced_secret(name, namespace)
         except ApiException as err:

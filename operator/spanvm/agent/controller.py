@@ -166,7 +166,7 @@ class Agent:
         del self.processes[uid]
 
     def _sync_one(self, uid: str, fragment: JsonObject) -> None:
-        meta, spec = fragment["metadata"], fragment["spec"]
+        spec = fragment["spec"]
         status = fragment.get("status") or {}
         proc = self.processes.get(uid)
         if spec.get("desiredState") == "Stopped":
@@ -194,8 +194,6 @@ class Agent:
         new_status = proc.status(int(spec["index"]))
         self._starting |= new_status.get("phase") == "Starting"
         self._report(fragment, new_status)
-        if meta.get("deletionTimestamp"):
-            proc.stop()
 
     def _start(self, fragment: JsonObject) -> FragmentProcess | None:
         meta, spec = fragment["metadata"], fragment["spec"]

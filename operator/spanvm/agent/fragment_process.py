@@ -75,13 +75,14 @@ class FragmentProcess:
             )
         )
         proc = cls(directory)
-        runner = subprocess.Popen(
-            [sys.executable, "-m", "spanvm.agent.runner", str(directory)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=(directory / "runner.log").open("ab"),
-            start_new_session=True,
-        )
+        with (directory / "runner.log").open("ab") as runner_log:
+            runner = subprocess.Popen(
+                [sys.executable, "-m", "spanvm.agent.runner", str(directory)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=runner_log,
+                start_new_session=True,
+            )
         assert runner.stdin is not None
         runner.stdin.write(config_json)
         runner.stdin.close()
@@ -211,7 +212,6 @@ class FragmentProcess:
             }
         code = int(ended.get("exit_code") or 0)
         error = (finished or {}).get("error") or (failed or {}).get("error")
-        guest_code = (finished or {}).get("exit_code")
         if error or finished is None:
             return {
                 "phase": "Failed",
@@ -219,7 +219,7 @@ class FragmentProcess:
                 "message": f"fragment VMM exited with status {code}: "
                 + (error or log_tail or "no reason given"),
             }
-        guest_code = int(guest_code or 0)
+        guest_code = int(finished.get("exit_code") or 0)
         if guest_code != 0:
             return {
                 "phase": "Failed",

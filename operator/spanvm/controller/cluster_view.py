@@ -92,17 +92,18 @@ def node_infos(nodes: list[JsonObject], fresh: dict[str, bool]) -> list[NodeInfo
     return sorted(out, key=lambda n: n.name)
 
 
-def node_health(nodes: list[JsonObject], fresh: dict[str, bool]) -> dict[str, NodeHealth]:
-    """Node name -> health as the node-loss check sees it (a missing node is absent)."""
+def node_health(nodes: list[NodeInfo]) -> dict[str, NodeHealth]:
+    """Node name -> health as the node-loss check sees it: Ready with a fresh agent heartbeat
+    (losing KVM stops new placements but does not stop running fragments)."""
     out = {}
     for node in nodes:
-        name = node["metadata"]["name"]
-        if not _ready(node):
-            out[name] = NodeHealth(name, False, f"node {name} is NotReady")
-        elif not fresh.get(name, False):
-            out[name] = NodeHealth(name, False, f"the agent on node {name} stopped heartbeating")
+        if not node.ready:
+            out[node.name] = NodeHealth(node.name, False, f"node {node.name} is NotReady")
+        elif not node.heartbeat_fresh:
+            reason = f"the agent on node {node.name} stopped heartbeating"
+            out[node.name] = NodeHealth(node.name, False, reason)
         else:
-            out[name] = NodeHealth(name, True)
+            out[node.name] = NodeHealth(node.name, True)
     return out
 
 
@@ -128,19 +129,16 @@ def usage_by_node(
         if (frag.get("status") or {}).get("phase") in TERMINAL_FRAGMENT_PHASES:
             continue
         taken[(meta["namespace"], meta["name"])] = (spec["nodeName"], _fragment_usage(spec))
+    existing = {(f["metadata"]["namespace"], f["metadata"]["name"]) for f in fragments}
     for vm in vms:
         meta = vm["metadata"]
         if (meta["namespace"], meta["name"]) == exclude_vm:
             continue
         for entry in (vm.get("status") or {}).get("fragments") or []:
             key = (meta["namespace"], entry["name"])
-            if key in taken or entry.get("phase") in TERMINAL_FRAGMENT_PHASES:
+            # an existing fragment counts itself above (or holds nothing once finished)
+            if key in existing or entry.get("phase") in TERMINAL_FRAGMENT_PHASES:
                 continue
-            if any(
-                f["metadata"]["namespace"] == key[0] and f["metadata"]["name"] == key[1]
-                for f in fragments
-            ):
-                continue  # the fragment exists and finished: it holds nothing
             usage = Usage(len(entry.get("vcpuIds") or []), parse_quantity_bytes(entry["memory"]))
             taken[key] = (entry["nodeName"], usage)
     out: dict[str, Usage] = {}

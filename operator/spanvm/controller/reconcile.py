@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
@@ -39,6 +39,7 @@ from spanvm.controller.fragments import (
 from spanvm.controller.status import FABRIC_READY, READY, SCHEDULED, aggregate, set_condition
 from spanvm.kube import JsonObject, Kube, parse_time
 from spanvm.scheduler.placement import Unschedulable, schedule
+from spanvm.scheduler.snapshot import NodeInfo
 
 log = logging.getLogger("spanvm.operator")
 T = TypeVar("T")
@@ -99,10 +100,11 @@ class Reconciler:
                 out[int(frag["spec"]["index"])] = frag
         return out
 
-    async def _health(self) -> dict[str, NodeHealth]:
+    async def _nodes(self) -> list[NodeInfo]:
+        """Every node with its readiness and agent heartbeat, read once per pass."""
         nodes = await self._call(self.kube.list_nodes)
         leases = await self._call(self.kube.list_leases, self.config.system_namespace)
-        return node_health(nodes, heartbeats(leases, datetime.now(UTC)))
+        return node_infos(nodes, heartbeats(leases, datetime.now(UTC)))
 
     # -- the pass ----------------------------------------------------------------------------
     async def reconcile(self, namespace: str, name: str) -> None:
@@ -132,7 +134,8 @@ class Reconciler:
         if spec.run_strategy == "Halted":
             await self._halt(vm, fragments)
             return
-        health = await self._health()
+        nodes = await self._nodes()
+        health = node_health(nodes)
         if placed and len(fragments) == len(placed):
             agg = aggregate(placed, fragments, health)
             if spec.run_strategy == "Always" and (agg.failed or agg.lost_nodes):
@@ -143,26 +146,26 @@ class Reconciler:
                 await self._delete_fragments(vm, fragments)
                 await self._write(vm, {"phase": "Pending", "message": "removing old fragments"})
                 return
-            placed_or_none = await self._place(vm, spec)
+            placed_or_none = await self._place(vm, spec, nodes)
             if placed_or_none is None:
                 return
             placed = placed_or_none
-        await self._materialise(vm, placed, fragments)
-        fragments = await self._fragments(vm)
+        if await self._materialise(vm, spec, placed, fragments):
+            fragments = await self._fragments(vm)
         await self._update_peers_and_labels(vm, placed, fragments)
         await self._report(vm, placed, fragments, health)
 
-    async def _place(self, vm: JsonObject, spec: SpanningVMSpec) -> list[FragmentSummary] | None:
-        """Schedule under the global lock and record the placement; None if it cannot."""
+    async def _place(
+        self, vm: JsonObject, spec: SpanningVMSpec, nodes: list[NodeInfo]
+    ) -> list[FragmentSummary] | None:
+        """Schedule under the global lock and record the placement; None if it cannot. What
+        fragments use is read inside the lock, so two VMs never take the same room."""
         meta = vm["metadata"]
         async with self.schedule_lock:
-            nodes = await self._call(self.kube.list_nodes)
-            leases = await self._call(self.kube.list_leases, self.config.system_namespace)
             all_fragments = await self._call(self.kube.list_fragments, None, None)
             all_vms = await self._call(self.kube.list_vms, None)
-            now = datetime.now(UTC)
             decision = schedule(
-                node_infos(nodes, heartbeats(leases, now)),
+                nodes,
                 usage_by_node(all_fragments, all_vms, (meta["namespace"], meta["name"])),
                 request_of(spec),
             )
@@ -203,13 +206,18 @@ class Reconciler:
         )
 
     async def _materialise(
-        self, vm: JsonObject, placed: list[FragmentSummary], fragments: dict[int, JsonObject]
-    ) -> None:
-        """The Secret and every missing VMFragment of the recorded placement."""
+        self,
+        vm: JsonObject,
+        spec: SpanningVMSpec,
+        placed: list[FragmentSummary],
+        fragments: dict[int, JsonObject],
+    ) -> bool:
+        """The Secret and every missing VMFragment of the recorded placement; True if this
+        pass created any fragment."""
         ns = vm["metadata"]["namespace"]
-        if len(fragments) < len(placed):
-            await self._call(self.kube.create_secret, ns, fabric_secret(vm))
-        spec = SpanningVMSpec.model_validate(vm["spec"])
+        if len(fragments) == len(placed):
+            return False
+        await self._call(self.kube.create_secret, ns, fabric_secret(vm))
         for index in range(len(placed)):
             if index in fragments:
                 continue
@@ -223,6 +231,7 @@ class Reconciler:
                 if self._fault_exit_after and self._creates >= self._fault_exit_after:
                     log.error("fault injection: exiting after %d fragment creates", self._creates)
                     os._exit(3)
+        return True
 
     async def _update_peers_and_labels(
         self, vm: JsonObject, placed: list[FragmentSummary], fragments: dict[int, JsonObject]
@@ -388,7 +397,7 @@ class Reconciler:
         self,
         vm: JsonObject,
         changes: JsonObject,
-        conditions: list[tuple[str, bool, str, str]] = (),  # type: ignore[assignment]
+        conditions: Sequence[tuple[str, bool, str, str]] = (),
     ) -> None:
         """Merge-patch status (only if something changes), with observedGeneration."""
         status: JsonObject = vm.get("status") or {}

@@ -92,11 +92,10 @@ def aggregate(
             "GuestFinished",
             **result,
         )
-    lost = [
-        health_of(health, placed[i].node_name)
-        for i, p in enumerate(phases)
-        if p not in TERMINAL_FRAGMENT_PHASES and not health_of(health, placed[i].node_name).healthy
-    ]
+    live_nodes = {
+        placed[i].node_name for i, p in enumerate(phases) if p not in TERMINAL_FRAGMENT_PHASES
+    }
+    lost = [h for h in (health_of(health, n) for n in live_nodes) if not h.healthy]
     if lost:
         return Aggregate(
             "Degraded",

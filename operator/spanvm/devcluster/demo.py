@@ -76,7 +76,7 @@ class Demo:
         operator = None
         try:
             nodes.up()
-            self._wait_nodes(kube)
+            nodes.wait_kvm_labelled()
             print(self.kubectl("get", "nodes", "-L", f"{KVM_LABEL},spanvm.io/kvm-flavour").rstrip())
             step("the operator (Kopf, behind its leader Lease)")
             operator = start(
@@ -115,22 +115,6 @@ class Demo:
             nodes.down()
             print(f"  the control plane keeps running (KUBECONFIG={self.plane.kubeconfig});")
             print("  stop it with 'hack/control-plane down'")
-
-    def _wait_nodes(self, kube: Kube) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            labelled = [
-                n
-                for n in self.names
-                if ((kube.get_node(n) or {}).get("metadata", {}).get("labels") or {}).get(KVM_LABEL)
-                == "true"
-            ]
-            if len(labelled) == len(self.names):
-                return
-            time.sleep(0.5)
-        raise RuntimeError(
-            "agents did not label their nodes within 60s (see .cache/demo/agent-*.log)"
-        )
 
     def _follow(self, kube: Kube) -> str:
         """Print each change of phase and fragment phases until the guest finishes."""

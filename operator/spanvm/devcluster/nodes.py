@@ -16,7 +16,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from spanvm.api.constants import agent_lease_name
+from spanvm.api.constants import KVM_LABEL, agent_lease_name
 from spanvm.devcluster.apirelay import ApiRelay
 from spanvm.fabric.netns import NamespaceNet
 from spanvm.kube import Kube
@@ -121,6 +121,28 @@ class SimulatedNodes:
             self.relay.add(self.namespace_of(node))
             register_node(self.kube, node, self.labels)
             self.start_agent(node)
+
+    def wait_kvm_labelled(self, timeout: float = 60.0) -> None:
+        """Until every agent has found KVM and labelled its node (RuntimeError otherwise)."""
+        deadline = time.monotonic() + timeout
+        waiting = list(self.names)
+        while waiting:
+            waiting = [
+                n
+                for n in waiting
+                if ((self.kube.get_node(n) or {}).get("metadata", {}).get("labels") or {}).get(
+                    KVM_LABEL
+                )
+                != "true"
+            ]
+            if waiting and time.monotonic() > deadline:
+                logs = ", ".join(str(self.log_of(n)) for n in waiting)
+                raise RuntimeError(
+                    f"agents on {waiting} did not label their nodes with {KVM_LABEL}=true"
+                    f" within {timeout:.0f}s (see {logs})"
+                )
+            if waiting:
+                time.sleep(0.3)
 
     def agent_command(self, node: str, *extra: str) -> list[str]:
         return [
