@@ -10,8 +10,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
-from kubernetes.client.exceptions import ApiException
-
 from spanvm.api.constants import (
     ALLOCATABLE_MEMORY_ANNOTATION,
     ALLOCATABLE_VCPUS_ANNOTATION,
@@ -23,7 +21,7 @@ from spanvm.api.constants import (
 )
 from spanvm.devcluster.nodes import delete_node, register_node, set_node_ready
 from spanvm.devcluster.operator_proc import operator_command, start, stop
-from spanvm.kube import JsonObject, Kube, micro_time
+from spanvm.kube import CONFLICT, NOT_FOUND, JsonObject, Kube, micro_time, unless_status
 
 T = TypeVar("T")
 SYSTEM_NS = "spanvm-system"
@@ -44,30 +42,26 @@ def wait_for(
 
 
 def ensure_namespace(kube: Kube, name: str) -> None:
-    try:
-        kube.core.create_namespace({"metadata": {"name": name}})
-    except ApiException as err:
-        if err.status != 409:
-            raise
+    unless_status(lambda: kube.core.create_namespace({"metadata": {"name": name}}), CONFLICT)
 
 
 def force_delete_vms(kube: Kube, namespace: str) -> None:
     """Remove every SpanningVM and VMFragment of a namespace, finalizers or not."""
+    unfinalize = {"metadata": {"finalizers": None}}
     for vm in kube.list_vms(namespace):
         name = vm["metadata"]["name"]
-        for call in (
+        unless_status(
             lambda n=name: kube.custom.patch_namespaced_custom_object(
-                GROUP, VERSION, namespace, SPANNINGVM_PLURAL, n, {"metadata": {"finalizers": None}}
+                GROUP, VERSION, namespace, SPANNINGVM_PLURAL, n, unfinalize
             ),
+            NOT_FOUND,
+        )
+        unless_status(
             lambda n=name: kube.custom.delete_namespaced_custom_object(
                 GROUP, VERSION, namespace, SPANNINGVM_PLURAL, n
             ),
-        ):
-            try:
-                call()
-            except ApiException as err:
-                if err.status != 404:
-                    raise
+            NOT_FOUND,
+        )
     for frag in kube.list_fragments(namespace):
         kube.delete_fragment(namespace, frag["metadata"]["name"])
 

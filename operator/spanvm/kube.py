@@ -7,8 +7,9 @@ client); async callers run it in a thread.
 """
 
 import base64
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -16,6 +17,7 @@ from kubernetes.client.exceptions import ApiException
 from spanvm.api.constants import GROUP, SPANNINGVM_PLURAL, VERSION, VMFRAGMENT_PLURAL
 
 JsonObject = dict[str, Any]
+T = TypeVar("T")
 NOT_FOUND = 404
 CONFLICT = 409
 
@@ -30,6 +32,17 @@ def parse_time(value: str | None) -> datetime | None:
     if not value:
         return None
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def unless_status(call: Callable[[], T], *statuses: int) -> T | None:
+    """call()'s result, or None when the API server answers with one of `statuses` (404:
+    already gone, 409: already there): what makes spanvm's calls idempotent."""
+    try:
+        return call()
+    except ApiException as err:
+        if err.status in statuses:
+            return None
+        raise
 
 
 def load_config(kubeconfig: str | None = None) -> client.ApiClient:
@@ -72,15 +85,13 @@ class Kube:
         return self._get_custom(namespace, VMFRAGMENT_PLURAL, name)
 
     def _get_custom(self, namespace: str, plural: str, name: str) -> JsonObject | None:
-        try:
-            obj: JsonObject = self.custom.get_namespaced_custom_object(  # type: ignore[assignment]
+        obj = unless_status(
+            lambda: self.custom.get_namespaced_custom_object(
                 GROUP, VERSION, namespace, plural, name
-            )
-        except ApiException as err:
-            if err.status == NOT_FOUND:
-                return None
-            raise
-        return obj
+            ),
+            NOT_FOUND,
+        )
+        return cast(JsonObject | None, obj)
 
     def list_vms(self, namespace: str | None = None) -> list[JsonObject]:
         return self._list_custom(SPANNINGVM_PLURAL, namespace, None)
@@ -105,15 +116,13 @@ class Kube:
 
     def create_fragment(self, namespace: str, body: JsonObject) -> bool:
         """Create a VMFragment; False if one of that name exists already."""
-        try:
-            self.custom.create_namespaced_custom_object(
+        created = unless_status(
+            lambda: self.custom.create_namespaced_custom_object(
                 GROUP, VERSION, namespace, VMFRAGMENT_PLURAL, body
-            )
-        except ApiException as err:
-            if err.status == CONFLICT:
-                return False
-            raise
-        return True
+            ),
+            CONFLICT,
+        )
+        return created is not None
 
     def patch_fragment(self, namespace: str, name: str, patch: JsonObject) -> None:
         self._patch_custom(namespace, VMFRAGMENT_PLURAL, name, patch, status=False)
@@ -127,25 +136,21 @@ class Kube:
     def _patch_custom(
         self, namespace: str, plural: str, name: str, patch: JsonObject, *, status: bool
     ) -> None:
+        """Merge-patch an object (or its status); one that is gone is left gone."""
         call = (
             self.custom.patch_namespaced_custom_object_status
             if status
             else self.custom.patch_namespaced_custom_object
         )
-        try:
-            call(GROUP, VERSION, namespace, plural, name, patch)
-        except ApiException as err:
-            if err.status != NOT_FOUND:
-                raise
+        unless_status(lambda: call(GROUP, VERSION, namespace, plural, name, patch), NOT_FOUND)
 
     def delete_fragment(self, namespace: str, name: str) -> None:
-        try:
-            self.custom.delete_namespaced_custom_object(
+        unless_status(
+            lambda: self.custom.delete_namespaced_custom_object(
                 GROUP, VERSION, namespace, VMFRAGMENT_PLURAL, name
-            )
-        except ApiException as err:
-            if err.status != NOT_FOUND:
-                raise
+            ),
+            NOT_FOUND,
+        )
 
     def _plain(self, obj: object) -> Any:
         """A client model as the JSON the API server sent (camelCase keys)."""
@@ -157,13 +162,8 @@ class Kube:
         return nodes
 
     def get_node(self, name: str) -> JsonObject | None:
-        try:
-            node: JsonObject = self._plain(self.core.read_node(name))
-        except ApiException as err:
-            if err.status == NOT_FOUND:
-                return None
-            raise
-        return node
+        node = unless_status(lambda: self.core.read_node(name), NOT_FOUND)
+        return None if node is None else self._plain(node)
 
     def patch_node_metadata(
         self, name: str, labels: dict[str, str], annotations: dict[str, str]
@@ -177,52 +177,36 @@ class Kube:
         return leases
 
     def get_lease(self, namespace: str, name: str) -> JsonObject | None:
-        try:
-            lease: JsonObject = self._plain(
-                self.coordination.read_namespaced_lease(name, namespace)
-            )
-        except ApiException as err:
-            if err.status == NOT_FOUND:
-                return None
-            raise
-        return lease
+        lease = unless_status(
+            lambda: self.coordination.read_namespaced_lease(name, namespace), NOT_FOUND
+        )
+        return None if lease is None else self._plain(lease)
 
     def create_lease(self, namespace: str, body: JsonObject) -> bool:
         """Create a Lease; False if it exists already."""
-        try:
-            self.coordination.create_namespaced_lease(namespace, cast(Any, body))
-        except ApiException as err:
-            if err.status == CONFLICT:
-                return False
-            raise
-        return True
+        created = unless_status(
+            lambda: self.coordination.create_namespaced_lease(namespace, cast(Any, body)),
+            CONFLICT,
+        )
+        return created is not None
 
     def replace_lease(self, namespace: str, name: str, body: JsonObject) -> bool:
         """Replace a Lease at the resourceVersion in body; False if someone changed it first."""
-        try:
-            self.coordination.replace_namespaced_lease(name, namespace, cast(Any, body))
-        except ApiException as err:
-            if err.status in (CONFLICT, NOT_FOUND):
-                return False
-            raise
-        return True
+        replaced = unless_status(
+            lambda: self.coordination.replace_namespaced_lease(name, namespace, cast(Any, body)),
+            CONFLICT,
+            NOT_FOUND,
+        )
+        return replaced is not None
 
     def read_secret_key(self, namespace: str, name: str, key: str) -> bytes | None:
-        try:
-            secret = self.core.read_namespaced_secret(name, namespace)
-        except ApiException as err:
-            if err.status == NOT_FOUND:
-                return None
-            raise
-        value = (secret.data or {}).get(key)
+        secret = unless_status(lambda: self.core.read_namespaced_secret(name, namespace), NOT_FOUND)
+        value = None if secret is None else (secret.data or {}).get(key)
         return None if value is None else base64.b64decode(value)
 
     def create_secret(self, namespace: str, body: JsonObject) -> bool:
         """Create a Secret; False if it exists already (its key is kept)."""
-        try:
-            self.core.create_namespaced_secret(namespace, cast(Any, body))
-        except ApiException as err:
-            if err.status == CONFLICT:
-                return False
-            raise
-        return True
+        created = unless_status(
+            lambda: self.core.create_namespaced_secret(namespace, cast(Any, body)), CONFLICT
+        )
+        return created is not None

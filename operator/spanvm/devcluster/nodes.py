@@ -14,14 +14,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kubernetes.client.exceptions import ApiException
-
 from spanvm.api.constants import KVM_LABEL, agent_lease_name
 from spanvm.devcluster.apirelay import ApiRelay
 from spanvm.fabric.netns import NamespaceNet
-from spanvm.kube import Kube
-
-NOT_FOUND, CONFLICT = 404, 409
+from spanvm.kube import CONFLICT, NOT_FOUND, Kube, unless_status
 
 
 def register_node(kube: Kube, name: str, labels: dict[str, str] | None = None) -> None:
@@ -31,11 +27,7 @@ def register_node(kube: Kube, name: str, labels: dict[str, str] | None = None) -
         "kind": "Node",
         "metadata": {"name": name, "labels": labels or {}},
     }
-    try:
-        kube.core.create_node(body)
-    except ApiException as err:
-        if err.status != CONFLICT:
-            raise
+    unless_status(lambda: kube.core.create_node(body), CONFLICT)
     set_node_ready(kube, name, ready=True)
 
 
@@ -58,16 +50,11 @@ def set_node_ready(kube: Kube, name: str, *, ready: bool) -> None:
 
 def delete_node(kube: Kube, name: str, system_namespace: str) -> None:
     """Remove a Node object and its agent's heartbeat Lease (either may be gone already)."""
-    try:
-        kube.core.delete_node(name)
-    except ApiException as err:
-        if err.status != NOT_FOUND:
-            raise
-    try:
-        kube.coordination.delete_namespaced_lease(agent_lease_name(name), system_namespace)
-    except ApiException as err:
-        if err.status != NOT_FOUND:
-            raise
+    unless_status(lambda: kube.core.delete_node(name), NOT_FOUND)
+    unless_status(
+        lambda: kube.coordination.delete_namespaced_lease(agent_lease_name(name), system_namespace),
+        NOT_FOUND,
+    )
 
 
 def kill_fragment_processes(state_dir: Path) -> int:
