@@ -100,6 +100,7 @@ class Coherence:
         self.readahead = max(1, min(64, readahead))
         self._installed_at = 0.0  # when the last grant was applied (the fault thread's own)
 
+
     # -- addresses -------------------------------------------------------------------------
     def host(self, page: int) -> int:
         return self.memory.host_address + self.memory.host_offset(page * PAGE, PAGE)
@@ -125,7 +126,7 @@ class Coherence:
                 if h.index == self.index:
                     self.state[self._slot(page)] = MODIFIED
                 else:
-                    Userfault.drop(self.host(page))
+                    self.uffd.drop(self.host(page))
 
     # -- local page operations (one writer per page at a time, see module doc) -------------
     def _data(self, page: int) -> bytes:
@@ -144,7 +145,7 @@ class Coherence:
 
     def _drop(self, page: int) -> None:
         if self.local_state(page) != INVALID:
-            Userfault.drop(self.host(page))
+            self.uffd.drop(self.host(page))
             self.state[self._slot(page)] = INVALID
             self.counters.invalidations += 1
 

@@ -11,8 +11,9 @@ import os
 import select
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
-from spanvm.vmm.kvm_abi import MADV_DONTNEED, ioc, ioctl, libc
+from spanvm.vmm.kvm_abi import MADV_DONTNEED, ioc, libc
 
 PAGE_SIZE = 4096
 SYS_USERFAULTFD = 323
@@ -100,15 +101,52 @@ class Fault:
     read_at: float  # time.perf_counter() when the event was read (fault service starts)
 
 
-class Userfault:
-    """One userfaultfd over a host mapping, registered for MISSING and WP faults."""
+class Kernel(Protocol):
+    """The system calls `Userfault` makes, so that a test can run the real class over a
+    simulated kernel (tests/coherence_explorer.py). Each returns what the call returned, or
+    minus errno on failure, as the raw syscall does."""
 
-    def __init__(self, start: int, length: int) -> None:
-        fd = libc.syscall(SYS_USERFAULTFD, O_CLOEXEC | O_NONBLOCK)
+    def userfaultfd(self, flags: int) -> int: ...
+
+    def ioctl(self, fd: int, request: int, arg: int) -> int: ...
+
+    def madvise(self, address: int, length: int, advice: int) -> int: ...
+
+    def close(self, fd: int) -> None: ...
+
+
+class LinuxKernel:
+    """The real calls, through libc (each releases the GIL while it runs)."""
+
+    def userfaultfd(self, flags: int) -> int:
+        fd = int(libc.syscall(SYS_USERFAULTFD, flags))
+        return fd if fd >= 0 else -ctypes.get_errno()
+
+    def ioctl(self, fd: int, request: int, arg: int) -> int:
+        result = int(libc.ioctl(fd, request, arg))
+        return result if result >= 0 else -ctypes.get_errno()
+
+    def madvise(self, address: int, length: int, advice: int) -> int:
+        result = int(libc.madvise(address, length, advice))
+        return result if result == 0 else -ctypes.get_errno()
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+
+LINUX = LinuxKernel()
+
+
+class Userfault:
+    """One userfaultfd over a host mapping, registered for MISSING and WP faults. Its methods
+    may be called from several threads at once (the fault thread, readers, home workers)."""
+
+    def __init__(self, start: int, length: int, kernel: Kernel = LINUX) -> None:
+        self.kernel = kernel
+        fd = kernel.userfaultfd(O_CLOEXEC | O_NONBLOCK)
         if fd < 0:
-            err = ctypes.get_errno()
-            raise UffdError(err, f"userfaultfd: {os.strerror(err)}")
-        self.fd = int(fd)
+            raise UffdError(-fd, f"userfaultfd: {os.strerror(-fd)}")
+        self.fd = fd
         self.start, self.length = start, length
         self._scratch = ctypes.create_string_buffer(PAGE_SIZE)
         try:
@@ -122,20 +160,23 @@ class Userfault:
             )
             self._ioctl(UFFDIO_REGISTER, reg, "UFFDIO_REGISTER")
         except BaseException:
-            os.close(self.fd)
+            kernel.close(self.fd)
             raise
 
     def _ioctl(self, request: int, arg: ctypes.Structure, what: str) -> int:
-        return ioctl(self.fd, request, arg, what, error=UffdError)
+        result = self.kernel.ioctl(self.fd, request, ctypes.addressof(arg))
+        if result < 0:
+            raise UffdError(-result, f"{what}: {os.strerror(-result)}")
+        return result
 
     def close(self) -> None:
         """Close the fd; faults still waiting are released (the VM is stopping by then)."""
         if self.fd >= 0:
-            os.close(self.fd)
+            self.kernel.close(self.fd)
             self.fd = -1
 
     def read_faults(self, timeout: float) -> list[Fault]:
-        """Faults pending now, waiting up to `timeout` seconds for the first."""
+        """Faults pending now, waiting up to `timeout` seconds for the first (real kernel)."""
         ready, _, _ = select.select([self.fd], [], [], timeout)
         if not ready:
             return []
@@ -178,13 +219,12 @@ class Userfault:
             len=length,
             mode=0 if writable else UFFDIO_COPY_MODE_WP,
         )
-        result = libc.ioctl(self.fd, UFFDIO_COPY, ctypes.addressof(copy))
+        result = self.kernel.ioctl(self.fd, UFFDIO_COPY, ctypes.addressof(copy))
         if result < 0:
-            err = ctypes.get_errno()
-            if err == errno.EEXIST:
+            if -result == errno.EEXIST:
                 self.wake(address)
                 return False
-            raise UffdError(err, f"UFFDIO_COPY at {address:#x}: {os.strerror(err)}")
+            raise UffdError(-result, f"UFFDIO_COPY at {address:#x}: {os.strerror(-result)}")
         return True
 
     def protect(self, address: int, pages: int = 1) -> None:
@@ -203,9 +243,8 @@ class Userfault:
         """Wake threads waiting on a page that is already resolved."""
         self._ioctl(UFFDIO_WAKE, UffdioRange(address, PAGE_SIZE), "UFFDIO_WAKE")
 
-    @staticmethod
-    def drop(address: int) -> None:
+    def drop(self, address: int) -> None:
         """Drop a page (MADV_DONTNEED): its next access faults as MISSING."""
-        if libc.madvise(address, PAGE_SIZE, MADV_DONTNEED) != 0:
-            err = ctypes.get_errno()
-            raise UffdError(err, f"madvise(DONTNEED) at {address:#x}: {os.strerror(err)}")
+        result = self.kernel.madvise(address, PAGE_SIZE, MADV_DONTNEED)
+        if result < 0:
+            raise UffdError(-result, f"madvise(DONTNEED) at {address:#x}: {os.strerror(-result)}")
