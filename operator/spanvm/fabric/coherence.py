@@ -100,7 +100,6 @@ class Coherence:
         self.readahead = max(1, min(64, readahead))
         self._installed_at = 0.0  # when the last grant was applied (the fault thread's own)
 
-
     # -- addresses -------------------------------------------------------------------------
     def host(self, page: int) -> int:
         return self.memory.host_address + self.memory.host_offset(page * PAGE, PAGE)

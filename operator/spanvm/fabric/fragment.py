@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import BaseModel, Field
 
@@ -55,6 +55,29 @@ class FragmentConfig(BaseModel):
     )
 
 
+def unwired(*_args: object) -> NoReturn:
+    raise RuntimeError("fabric traffic before the fragment was built")
+
+
+def protocol_handlers(
+    coherence: Coherence,
+    on_event: Callable[[int, Frame], None],
+    on_failure: Callable[[str], None],
+) -> Handlers:
+    """What a transport does with each incoming frame: coherence traffic goes to `coherence`
+    (requests for pages homed here, directives, grants), events and failures to the caller."""
+    return Handlers(
+        on_request=lambda peer, frame: coherence.serve(
+            peer, frame.kind, frame.page, frame.request, readahead_count(frame)
+        ),
+        try_inline=coherence.try_serve_inline,
+        on_directive=coherence.on_directive,
+        on_grant=coherence.on_grant,
+        on_event=on_event,
+        on_failure=on_failure,
+    )
+
+
 class Fragment:
     """Builds and runs one fragment."""
 
@@ -73,14 +96,7 @@ class Fragment:
             config.index,
             config.fragment_count,
             bytes.fromhex(config.secret),
-            Handlers(
-                on_request=self._on_request,
-                try_inline=self._try_inline,
-                on_directive=self._on_directive,
-                on_grant=self._on_grant,
-                on_event=self._on_event,
-                on_failure=self._on_failure,
-            ),
+            Handlers(*(unwired,) * 6),  # set below, once the coherence exists
         )
         sink = console_sink if config.index == 0 else self._forward_console
         self.machine = Machine(
@@ -109,19 +125,10 @@ class Fragment:
             readahead=config.readahead,
         )
         self.coherence.adopt_initial_contents(self.machine.loaded_end)
+        self.transport.handlers = protocol_handlers(
+            self.coherence, self._on_event, self._on_failure
+        )
         self._fault_thread = threading.Thread(target=self._fault_loop, name="uffd", daemon=True)
-
-    def _on_request(self, peer: int, frame: Frame) -> None:
-        self.coherence.serve(peer, frame.kind, frame.page, frame.request, readahead_count(frame))
-
-    def _try_inline(self, peer: int, frame: Frame) -> bool:
-        return self.coherence.try_serve_inline(peer, frame)
-
-    def _on_directive(self, frame: Frame) -> Frame:
-        return self.coherence.on_directive(frame)
-
-    def _on_grant(self, frame: Frame) -> None:
-        self.coherence.on_grant(frame)
 
     # -- events ------------------------------------------------------------------------------
     def _forward_console(self, data: bytes) -> None:

@@ -87,6 +87,13 @@ libc.read.restype = ctypes.c_ssize_t
 libc.read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
 
 
+_ZEROS = bytes(64 * PAGE_SIZE)  # read-only source of zero pages (a batch is at most 64)
+
+
+def _zeros(length: int) -> bytes:
+    return _ZEROS if length <= len(_ZEROS) else bytes(length)
+
+
 class UffdError(OSError):
     """A userfaultfd operation failed."""
 
@@ -148,7 +155,6 @@ class Userfault:
             raise UffdError(-fd, f"userfaultfd: {os.strerror(-fd)}")
         self.fd = fd
         self.start, self.length = start, length
-        self._scratch = ctypes.create_string_buffer(PAGE_SIZE)
         try:
             api = UffdioApi(
                 api=UFFD_API, features=UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_THREAD_ID
@@ -205,17 +211,22 @@ class Userfault:
 
     def install(self, address: int, data: bytes | None, writable: bool, pages: int = 1) -> bool:
         """Map `pages` contiguous pages with `data` (zeros if None), write-protected unless
-        writable, in one ioctl; wakes the faulting threads. False if already present."""
+        writable, in one ioctl; wakes the faulting threads. False if already present.
+
+        The kernel copies straight from `data` (an immutable bytes object, alive for the
+        call) or from a shared zero buffer that nobody writes: no staging buffer, which
+        several threads installing at once would overwrite under each other (the call
+        releases the GIL between filling such a buffer and the copy)."""
         length = pages * PAGE_SIZE
-        if len(self._scratch) < length:
-            self._scratch = ctypes.create_string_buffer(length)
         if data is None:
-            ctypes.memset(self._scratch, 0, length)
+            source = _zeros(length)
         else:
-            ctypes.memmove(self._scratch, data, length)
+            if len(data) < length:
+                raise ValueError(f"install of {pages} pages given {len(data)} bytes")
+            source = data
         copy = UffdioCopy(
             dst=address,
-            src=ctypes.addressof(self._scratch),
+            src=ctypes.cast(ctypes.c_char_p(source), ctypes.c_void_p).value,
             len=length,
             mode=0 if writable else UFFDIO_COPY_MODE_WP,
         )

@@ -1,0 +1,92 @@
+"""The coherence protocol over 3 and 4 fragments under a seeded scheduler that reorders
+deliveries across connections and interleaves every thread at each system call
+(tests/coherence_explorer.py), plus mutants it must catch: today's protocol passes, and the
+two bugs below (one of them the one that broke 3-fragment guests) fail."""
+
+import ctypes
+import errno
+import os
+
+import pytest
+
+from coherence_explorer import ExplorationError, explore
+from spanvm.fabric.coherence import NO_OWNER, Coherence
+from spanvm.fabric.uffd import (
+    PAGE_SIZE,
+    UFFDIO_COPY,
+    UFFDIO_COPY_MODE_WP,
+    UffdError,
+    UffdioCopy,
+    Userfault,
+)
+
+
+@pytest.mark.parametrize(("fragments", "seeds"), [(3, 150), (4, 60)])
+def test_protocol_holds_under_reordered_deliveries(fragments: int, seeds: int) -> None:
+    steps = 0
+    for seed in range(seeds):
+        steps += explore(fragments, seed)
+    assert steps > seeds * 100  # the runs did real work, not an early exit
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_several_vcpus_per_fragment_and_wide_readahead(seed: int) -> None:
+    explore(3, seed, pages_per_home=2, vcpus_per_fragment=2, ops_per_vcpu=30, readahead=4)
+
+
+class StagingUserfault(Userfault):
+    """Userfault.install as it was before the fix: one staging buffer per userfaultfd,
+    filled, then copied by the kernel. Threads installing at once overwrite each other's
+    data between the fill and the ioctl (which releases the GIL)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._scratch = ctypes.create_string_buffer(64 * PAGE_SIZE)
+
+    def install(self, address: int, data: bytes | None, writable: bool, pages: int = 1) -> bool:
+        length = pages * PAGE_SIZE
+        if data is None:
+            ctypes.memset(self._scratch, 0, length)
+        else:
+            ctypes.memmove(self._scratch, data, length)
+        copy = UffdioCopy(
+            dst=address,
+            src=ctypes.addressof(self._scratch),
+            len=length,
+            mode=0 if writable else UFFDIO_COPY_MODE_WP,
+        )
+        result = self.kernel.ioctl(self.fd, UFFDIO_COPY, ctypes.addressof(copy))
+        if result == -errno.EEXIST:
+            self.wake(address)
+            return False
+        if result < 0:
+            raise UffdError(-result, os.strerror(-result))
+        return True
+
+
+def test_explorer_finds_the_shared_staging_buffer_race() -> None:
+    """The bug behind the stale reads and hangs on 3 fragments (issue 12): found within a
+    few seeds, as stale data installed on a fragment."""
+    failures = []
+    for seed in range(40):
+        try:
+            explore(3, seed, userfault=StagingUserfault)
+        except ExplorationError as err:
+            failures.append(str(err))
+    assert failures, "the explorer missed the staging-buffer race"
+    assert any("the last write was" in f for f in failures)
+
+
+class ForgetfulHome(Coherence):
+    """A home that grants a write without invalidating a sharer other than itself."""
+
+    def _serve_write(self, r: int, page: int, request_id: int, window: int = 1) -> None:
+        if self.owner.get(page, self.index) == NO_OWNER:
+            self.sharers[page] &= (1 << self.index) | (1 << r)
+        super()._serve_write(r, page, request_id, window)
+
+
+def test_explorer_finds_a_lost_invalidation() -> None:
+    with pytest.raises(ExplorationError, match=r"writable on|the last write was"):
+        for seed in range(40):
+            explore(3, seed, coherence=ForgetfulHome)
