@@ -1,6 +1,9 @@
 """The catalogue of built-in guest payloads: names, what each does, its default argument.
 
 This is the one list the API (enum of `spec.boot.payload.name`), the build and the CLI share.
+The litmus-* payloads (litmus.h) play their roles on the highest-numbered vCPUs; with more vCPUs
+than roles the others (fragment 0, home of the image's pages) only join the per-round barriers,
+so requester, owner and home of each shared page are three different fragments.
 """
 
 from dataclasses import dataclass
@@ -43,6 +46,45 @@ PAYLOADS: dict[str, PayloadInfo] = {
             " sees the flag, for arg rounds",
             10_000,
             min_vcpus=2,
+        ),
+        PayloadInfo(
+            "console-remote",
+            "the last vCPU writes a 32-letter line, vCPU 0 has the monitor print it while the"
+            " writer's fragment holds the page (arg: rounds)",
+            3,
+            min_vcpus=2,
+        ),
+        PayloadInfo(
+            "litmus-mp",
+            "message passing: the writer stores data then flag, the reader loads flag then data;"
+            " flag=r with data=r-1 is forbidden (arg: rounds)",
+            1000,
+            min_vcpus=2,
+        ),
+        PayloadInfo(
+            "litmus-sb",
+            "store buffering with mfence: both loads returning 0 is forbidden (arg: rounds)",
+            1000,
+            min_vcpus=2,
+        ),
+        PayloadInfo(
+            "litmus-2p2w",
+            "2+2W: x=1;y=2 against y=1;x=2, a final x=1,y=1 is forbidden (arg: rounds)",
+            1000,
+            min_vcpus=2,
+        ),
+        PayloadInfo(
+            "litmus-iriw",
+            "IRIW: two writers, two readers in opposite orders must agree on one store order"
+            " (arg: rounds)",
+            1000,
+            min_vcpus=4,
+        ),
+        PayloadInfo(
+            "litmus-lock",
+            "every vCPU increments a plain counter under an xchg spinlock; it must be exact"
+            " (arg: rounds)",
+            1000,
         ),
         PayloadInfo(
             "stream",

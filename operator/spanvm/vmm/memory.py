@@ -66,14 +66,21 @@ class GuestMemory:
         raise ValueError(f"host address {host_address:#x} is not guest RAM")
 
     def write(self, gpa: int, data: bytes) -> None:
-        """Copy bytes into guest RAM."""
+        """Copy bytes into guest RAM (without the GIL, as `read`)."""
         offset = self.host_offset(gpa, len(data))
         ctypes.memmove(self.host_address + offset, data, len(data))
 
     def read(self, gpa: int, length: int) -> bytes:
-        """Copy bytes out of guest RAM."""
+        """Copy bytes out of guest RAM.
+
+        The copy runs without the GIL (ctypes.memmove, unlike ctypes.string_at, releases it):
+        in a fragment a page may be absent and the copy then waits in a userfault until the
+        fabric's fault thread brings the page in, exactly like a vCPU's access. Holding the
+        GIL there would stop that thread and deadlock the fragment."""
         offset = self.host_offset(gpa, length)
-        return ctypes.string_at(self.host_address + offset, length)
+        buffer = ctypes.create_string_buffer(length)
+        ctypes.memmove(buffer, self.host_address + offset, length)
+        return buffer.raw
 
     def write_struct(
         self, gpa: int, value: ctypes.Structure | ctypes.Array[ctypes.c_uint64]
