@@ -53,6 +53,12 @@ class FragmentConfig(BaseModel):
     readahead: int = Field(
         default=READAHEAD, ge=1, le=64, description="Pages a missing-page fault asks for."
     )
+    vcpu_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="Nice value of vCPU threads: fault service (nice 0) preempts them.",
+    )
 
 
 def unwired(*_args: object) -> NoReturn:
@@ -106,7 +112,7 @@ class Fragment:
                 image,
                 config.arg,
                 local_vcpus=tuple(config.vcpu_ids),
-                vcpu_sched_idle=True,
+                vcpu_nice=config.vcpu_nice,
             ),
             console_sink=sink,
             exit_handler=self._on_guest_exit,

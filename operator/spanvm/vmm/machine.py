@@ -48,9 +48,10 @@ class VmConfig:
     image: PayloadImage
     arg: int = 0
     local_vcpus: tuple[int, ...] | None = None  # vCPUs this process runs (all by default)
-    # A fragment runs vCPU threads as SCHED_IDLE so that page-fault service, which guests
-    # wait on, preempts vCPUs spinning on other pages at once (2 cores, many threads).
-    vcpu_sched_idle: bool = False
+    # A fragment runs vCPU threads at a lower priority (this nice value, SCHED_OTHER) so that
+    # page-fault service, which guests wait on, preempts vCPUs spinning on other pages (2
+    # cores, many threads). Not SCHED_IDLE: that starves the guest beside any busy process.
+    vcpu_nice: int | None = None
     device: str = KVM_DEVICE
 
 
@@ -301,8 +302,8 @@ class Machine:
         self._request_stop()
 
     def _vcpu_loop(self, vcpu: Vcpu) -> None:
-        if self.config.vcpu_sched_idle:
-            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+        if self.config.vcpu_nice is not None:  # per thread: setpriority on the thread id
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.vcpu_nice)
         try:
             while not self._stop.is_set():
                 if kvm_abi.libc.ioctl(vcpu.fd, kvm_abi.KVM_RUN, None) < 0:
