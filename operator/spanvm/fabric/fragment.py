@@ -9,6 +9,7 @@ Progress lines go as JSON to the file descriptor `--status-fd` (the launcher or 
 the fabric endpoint from there).
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -167,14 +168,18 @@ class Fragment:
         elif frame.kind == Kind.STARTED:
             log.info("%s", frame.payload.decode(errors="replace"))
         elif frame.kind == Kind.FAILED:
+            # Relayed as it came: `page` names the fragment where the failure was seen first.
             self.stopping.set()
             self.transport.stopping()
             self.transport.broadcast(frame)
-            self.machine.fail(f"fragment {peer} failed: {frame.payload.decode(errors='replace')}")
+            reason = frame.payload.decode(errors="replace")
+            self.machine.fail(f"fragment {frame.page} reports: {reason}")
 
     def _on_failure(self, message: str) -> None:
         log.error("fragment %d: %s", self.config.index, message)
-        self.transport.broadcast(Frame(Kind.FAILED, payload=message.encode()))
+        self.transport.broadcast(
+            Frame(Kind.FAILED, page=self.config.index, payload=message.encode())
+        )
         self.machine.fail(message)
 
     def _fault_loop(self) -> None:
@@ -199,17 +204,25 @@ class Fragment:
         if cfg.index == 0:
             log.info("%s", started)
         else:
-            self.transport.send(0, Frame(Kind.STARTED, payload=started.encode()))
+            # If fragment 0 is already gone, its reader says whether it ended the VM (STOP
+            # came first) or was lost; this send failing decides nothing.
+            with contextlib.suppress(FabricError):
+                self.transport.send(0, Frame(Kind.STARTED, payload=started.encode()))
         watchdog = threading.Thread(target=self._watchdog, daemon=True)
         watchdog.start()
         result = self.machine.run(idle_timeout=cfg.idle_timeout if cfg.index == 0 else None)
         self.stopping.set()
         if cfg.index == 0:
+            # The VM's end is an orderly exchange: every peer reads STOP (or FAILED) before
+            # any connection closes, so none takes the closing for a lost fragment.
             self.transport.stopping()
             if result.error:
-                self.transport.broadcast(Frame(Kind.FAILED, payload=result.error.encode()))
+                error = f"guest timeout: {result.error}" if result.timed_out else result.error
+                self.transport.broadcast(Frame(Kind.FAILED, page=0, payload=error.encode()))
             else:
                 self.transport.broadcast(Frame(Kind.STOP, page=result.exit_code or 0))
+            if staying := self.transport.wait_departed(STOP_GRACE_SECONDS):
+                log.warning("fragments %s did not close within %.0fs", staying, STOP_GRACE_SECONDS)
         return result
 
     def _watchdog(self) -> None:

@@ -49,6 +49,7 @@ class Peer:
     sock: socket.socket
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_seen: float = field(default_factory=time.monotonic)
+    departed: bool = False  # its reader saw the connection end
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Transport:
         self._closing = threading.Event()
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
+        self._torn_down = False
         self.refused = 0
 
     # -- setup ------------------------------------------------------------------------------
@@ -94,6 +96,8 @@ class Transport:
             host, port = endpoint.rsplit(":", 1)
             deadline = time.monotonic() + CONNECT_TIMEOUT
             while True:
+                if self._closing.is_set():
+                    return  # the VM ended while this fragment was still joining
                 try:
                     sock = socket.create_connection((host, int(port)), timeout=5)
                     break
@@ -107,6 +111,8 @@ class Transport:
                 peer_index = handshake_client(sock, self.secret, self.index)
             except (AuthError, ProtocolError, OSError) as err:
                 sock.close()
+                if self._closing.is_set():
+                    return
                 raise FabricError(f"fragment {index} at {endpoint}: {err}") from None
             if peer_index != index:
                 sock.close()
@@ -114,10 +120,10 @@ class Transport:
             self._add_peer(Peer(index, sock))
 
     def wait_connected(self, timeout: float = CONNECT_TIMEOUT) -> None:
-        """Block until every other fragment is connected."""
+        """Block until every other fragment is connected (or the VM ends first)."""
         deadline = time.monotonic() + timeout
         with self._peers_changed:
-            while len(self.peers) < self.count - 1:
+            while len(self.peers) < self.count - 1 and not self._closing.is_set():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     missing = sorted(set(range(self.count)) - set(self.peers) - {self.index})
@@ -149,14 +155,18 @@ class Transport:
     def _add_peer(self, peer: Peer) -> None:
         peer.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._peers_changed:
+            if self._torn_down:  # close() ran while this connection was being admitted
+                peer.sock.close()
+                return
             self.peers[peer.index] = peer
             self._peers_changed.notify_all()
-        self._spawn(lambda: self._reader(peer), f"fabric-reader-{peer.index}")
+            self._spawn(lambda: self._reader(peer), f"fabric-reader-{peer.index}")
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
+        """Start a thread close() will wait for (it joins only threads already started)."""
         thread = threading.Thread(target=target, name=name, daemon=True)
-        self._threads.append(thread)
         thread.start()
+        self._threads.append(thread)
 
     # -- sending -------------------------------------------------------------------------------
     def send(self, index: int, frame: Frame) -> None:
@@ -205,6 +215,22 @@ class Transport:
         except Exception as err:
             if not self._closing.is_set():
                 self._fail(f"fragment {peer.index} lost: {err}")
+        finally:
+            with self._peers_changed:
+                peer.departed = True
+                self._peers_changed.notify_all()
+
+    def wait_departed(self, timeout: float) -> list[int]:
+        """After the VM's end was sent: wait until every peer has closed its side (so each
+        read the end before its connection closed); returns those that did not in time."""
+        deadline = time.monotonic() + timeout
+        with self._peers_changed:
+            while True:
+                staying = [p.index for p in self.peers.values() if not p.departed]
+                left = deadline - time.monotonic()
+                if not staying or left <= 0:
+                    return staying
+                self._peers_changed.wait(left)
 
     def _dispatch(self, peer: Peer, frame: Frame) -> None:
         kind = frame.kind
@@ -236,12 +262,25 @@ class Transport:
             )
 
     def _heartbeat_loop(self) -> None:
+        last_tick = time.monotonic()
         while not self._closing.wait(HEARTBEAT_INTERVAL):
             now = time.monotonic()
+            if now - last_tick > PEER_LOST_AFTER:
+                # This fragment itself did not run (stopped, frozen, starved): its peers'
+                # silence is not theirs. Give them a fresh window instead of blaming them.
+                log.warning(
+                    "fragment %d was frozen for %.1fs; not judging peers on that gap",
+                    self.index,
+                    now - last_tick,
+                )
+                for peer in list(self.peers.values()):
+                    peer.last_seen = max(peer.last_seen, now)
+            last_tick = now
             for peer in list(self.peers.values()):
                 if now - peer.last_seen > PEER_LOST_AFTER:
                     self._fail(
-                        f"fragment {peer.index} lost: no message for {now - peer.last_seen:.1f}s"
+                        f"fragment {peer.index} lost: silent for {now - peer.last_seen:.1f}s"
+                        " (frozen, or the network to it is cut)"
                     )
                     return
                 try:
@@ -267,23 +306,27 @@ class Transport:
     def stopping(self) -> None:
         """The VM is ending: connections closing from now on are not failures."""
         self._closing.set()
+        with self._peers_changed:
+            self._peers_changed.notify_all()  # a fragment still joining stops waiting
 
     # -- teardown ----------------------------------------------------------------------------
     def close(self, timeout: float = 5.0) -> None:
         """Stop listening, close every connection, fail what still waits, and wait for the
         reader and worker threads to end (they touch guest memory: it must outlive them)."""
         self._closing.set()
+        with self._peers_changed:
+            self._torn_down = True
         self._fail_pending("fabric closed")
         if self._listener is not None:
             with contextlib.suppress(OSError):  # wakes the thread blocked in accept()
                 self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
-        for peer in self.peers.values():
+        for peer in list(self.peers.values()):
             with contextlib.suppress(OSError):
                 peer.sock.shutdown(socket.SHUT_RDWR)
             peer.sock.close()
         deadline = time.monotonic() + timeout
-        for thread in self._threads:
+        for thread in list(self._threads):
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
         self._workers.shutdown(wait=True, cancel_futures=True)

@@ -39,7 +39,7 @@ class Kind(enum.IntEnum):
     EXIT = 11  # a vCPU wrote the exit doorbell (page = exit code), to fragment 0
     STOP = 12  # fragment 0 -> all: the VM is over (page = exit code)
     STARTED = 13  # vCPUs started on a fragment (payload: text), to fragment 0
-    FAILED = 14  # a fragment failed (payload: message): every fragment stops
+    FAILED = 14  # a fragment failed (page: where it was seen, payload: why): all stop
 
 
 EXCLUSIVE, HAS_DATA, WANT_DATA, BATCH = 1, 2, 4, 8  # BATCH: read-ahead window / several pages

@@ -48,6 +48,11 @@ PAYLOADS: dict[str, PayloadInfo] = {
             min_vcpus=2,
         ),
         PayloadInfo(
+            "exit-now",
+            "vCPU 0 exits at once with code arg; the other vCPUs spin until the VM stops",
+            0,
+        ),
+        PayloadInfo(
             "console-remote",
             "the last vCPU writes a 32-letter line, vCPU 0 has the monitor print it while the"
             " writer's fragment holds the page (arg: rounds)",

@@ -7,7 +7,6 @@ the vCPU and its registers. A stop interrupts running vCPUs with SIGUSR1 plus
 `immediate_exit`, so no vCPU is left in the guest.
 """
 
-import contextlib
 import ctypes
 import errno
 import os
@@ -90,6 +89,10 @@ class Vcpu:
         self.exits = 0
         self.parked = False
         self.thread: threading.Thread | None = None
+        # Kicks are sent only while the thread is in its loop: a signal to a thread that has
+        # exited may reach another thread that reuses its pthread_t, after the handler is gone.
+        self.kick_lock = threading.Lock()
+        self.looping = False
 
     def exit_union(self, kind: type[ctypes.Structure]) -> ctypes.Structure:
         return kind.from_address(self.run_address + kvm_abi.KVM_EXIT_UNION_OFFSET)
@@ -277,9 +280,9 @@ class Machine:
     @staticmethod
     def _kick(vcpu: Vcpu) -> None:
         vcpu.run.immediate_exit = 1
-        thread = vcpu.thread
-        if thread is not None and thread.is_alive() and thread.ident is not None:
-            with contextlib.suppress(ProcessLookupError):
+        with vcpu.kick_lock:
+            thread = vcpu.thread
+            if vcpu.looping and thread is not None and thread.ident is not None:
                 signal.pthread_kill(thread.ident, KICK_SIGNAL)
 
     @property
@@ -302,6 +305,15 @@ class Machine:
         self._request_stop()
 
     def _vcpu_loop(self, vcpu: Vcpu) -> None:
+        with vcpu.kick_lock:
+            vcpu.looping = True
+        try:
+            self._run_vcpu(vcpu)
+        finally:
+            with vcpu.kick_lock:
+                vcpu.looping = False
+
+    def _run_vcpu(self, vcpu: Vcpu) -> None:
         if self.config.vcpu_nice is not None:  # per thread: setpriority on the thread id
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.vcpu_nice)
         try:
