@@ -50,6 +50,12 @@ PAYLOADS: dict[str, PayloadInfo] = {
             " their sum, phases timed by doorbell marks (measures page-fault service)",
             0,
         ),
+        PayloadInfo(
+            "spin",
+            "every vCPU meets the others, vCPU 0 prints one line, then all spin forever without"
+            " an exit (stop and timeout tests)",
+            0,
+        ),
     )
 }
 
