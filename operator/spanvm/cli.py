@@ -310,6 +310,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         listen_host=args.fabric_address,
         renew_interval=args.renew_interval,
         capability_interval=args.capability_interval,
+        stop_fragments_on_exit=args.stop_fragments_on_exit,
     )
     return 0
 
@@ -344,6 +345,13 @@ def _add_agent_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
         type=_positive,
         default=60.0,
         help="seconds between capability re-checks",
+    )
+    agent.add_argument(
+        "--stop-fragments-on-exit",
+        action="store_true",
+        default=os.environ.get("SPANVM_STOP_FRAGMENTS_ON_EXIT", "") not in ("", "0", "false"),
+        help="on SIGTERM/SIGINT stop this node's fragments too (SIGTERM, SIGKILL after 8 s)"
+        " instead of leaving them for the next agent to adopt (env SPANVM_STOP_FRAGMENTS_ON_EXIT)",
     )
     agent.set_defaults(func=cmd_agent)
 
