@@ -67,9 +67,34 @@ def test_payload_larger_than_memory(tmp_path: Path) -> None:
     result = spanvm("run", "--memory", "16Mi", str(path))
     assert result.returncode == 70
     assert result.stderr.strip().splitlines() == [
-        "spanvm: error: payload image (20971520 bytes) and 1 vCPU stacks"
+        f"spanvm: error: payload image {path} (20971520 bytes) and 1 vCPU stacks"
         " do not fit in 16 MiB of guest memory"
     ]
+
+
+@pytest.mark.parametrize("fragments", [1, 2])
+def test_an_image_that_cannot_fit_is_refused_by_its_size_unread(
+    tmp_path: Path, fragments: int
+) -> None:
+    """A sparse 1 GiB image with 256 MiB of memory: refused from its size, so the process
+    never holds the file (it used to read all of it, 1.1 GB resident, before refusing)."""
+    path = tmp_path / "huge.bin"
+    with path.open("wb") as f:
+        f.truncate(1 << 30)
+    env = {**os.environ, "PYTHONPATH": str(repo_root() / "operator")}
+    command = [sys.executable, "-m", "spanvm.cli", "run", "--memory", "256Mi"]
+    command += ["--fragments", str(fragments), "--vcpus", "2", str(path)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, env=env)
+    assert process.stderr is not None
+    stderr = process.stderr.read().decode()
+    _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage (and its children's)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    assert process.returncode == 70, stderr
+    assert (
+        f"payload image {path} (1073741824 bytes) and 2 vCPU stacks do not fit in"
+        " 256 MiB of guest memory"
+    ) in stderr
+    assert usage.ru_maxrss < 150 * 1024, f"max RSS {usage.ru_maxrss} KiB"  # KiB on Linux
 
 
 def test_silent_guest_times_out_saying_where(tmp_path: Path) -> None:

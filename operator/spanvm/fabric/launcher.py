@@ -76,9 +76,11 @@ class RunningFragment:
             raise LaunchError(f"fragment {self.index} said nothing for {timeout:.0f}s")
         line = self.status.readline()
         if not line:
-            raise LaunchError(
-                f"fragment {self.index} exited during start-up (status {self.process.poll()})"
-            )
+            try:
+                code: int | str | None = self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = "unknown: still running"
+            raise LaunchError(f"fragment {self.index} exited during start-up (status {code})")
         event: dict[str, Any] = json.loads(line)
         self.events.append(event)
         return event

@@ -134,16 +134,19 @@ class Machine:
     # -- construction --------------------------------------------------------------------------
     def _build(self) -> None:
         cfg = self.config
-        image_bytes = cfg.image.path.read_bytes()
+        image_size = cfg.image.path.stat().st_size  # sizes first: never read what cannot fit
         try:
             plan = GuestLayout.plan(
                 cfg.memory_size,
                 cfg.vcpu_count,
-                max(cfg.image.end, layout.IMAGE_BASE + len(image_bytes)),
+                max(cfg.image.end, layout.IMAGE_BASE + image_size),
                 ram_ranges(cfg.memory_size),
+                image_name=f"payload image {cfg.image.path}",
             )
         except layout.LayoutError as err:
             raise VmError(str(err)) from None
+        with cfg.image.path.open("rb") as image_file:
+            image_bytes = image_file.read(image_size)
         local = cfg.local_vcpus if cfg.local_vcpus is not None else tuple(range(cfg.vcpu_count))
         if not local or any(not 0 <= v < cfg.vcpu_count for v in local):
             raise VmError(
