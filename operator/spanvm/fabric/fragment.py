@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 from spanvm.exitstatus import EXIT_TIMEOUT, guest_status, signal_status
 from spanvm.fabric.coherence import READAHEAD, Coherence, readahead_count
 from spanvm.fabric.homes import HomeMap, HomeRange
+from spanvm.fabric.shape import vm_shape
 from spanvm.fabric.transport import FabricError, Handlers, Transport
 from spanvm.fabric.uffd import Userfault
 from spanvm.fabric.wire import Frame, Kind
@@ -118,6 +119,17 @@ class Fragment:
             ),
             console_sink=sink,
             exit_handler=self._on_guest_exit,
+        )
+        # Peers must run the same VM: the handshake compares this (the image is read only now
+        # that the machine has checked its size fits).
+        self.transport.shape = vm_shape(
+            fragment_count=config.fragment_count,
+            vcpu_count=config.vcpu_count,
+            memory=config.memory,
+            arg=config.arg,
+            homes=config.homes,
+            image=image.path,
+            image_size=self.machine.loaded_end - image.load_address,
         )
         assert self.machine.memory is not None
         memory = self.machine.memory
