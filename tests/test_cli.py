@@ -1,13 +1,15 @@
 """`spanvm run`: streams the console, exits with the guest's code, one clear line on bad input."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from guest_code import EXIT_7, HLT, SPIN
+from guest_code import EXIT_7, HLT, NOP_LOOP, SPIN, exit_with
 from spanvm.devcluster.paths import repo_root
 
 pytestmark = pytest.mark.kvm
@@ -160,3 +162,47 @@ def test_flat_binary_by_relative_path_across_fragments(tmp_path: Path) -> None:
         "run", "--fragments", "2", "--vcpus", "2", "--memory", "16Mi", "exit7.bin", cwd=tmp_path
     )
     assert result.returncode == 7, result.stderr
+
+
+def test_a_guest_busy_with_exits_is_not_idle(tmp_path: Path) -> None:
+    """--timeout counts exits to the monitor as activity, as its help says: a guest that
+    writes the NOP doorbell for ever without printing is not stopped as idle."""
+    path = tmp_path / "nop-loop.bin"
+    path.write_bytes(NOP_LOOP)
+    env = {**os.environ, "PYTHONPATH": str(repo_root() / "operator")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "spanvm.cli", "run", "--timeout", "1", str(path)],
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    time.sleep(4)
+    still_running = process.poll() is None
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert still_running, f"stopped as idle (status {process.returncode}): {stderr}"
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines() == ["spanvm: stopped by SIGTERM; the VM ended"]
+
+
+@pytest.mark.parametrize("fragments", [1, 2])
+def test_an_exit_code_above_255_does_not_look_like_success(tmp_path: Path, fragments: int) -> None:
+    """256 used to wrap to 0. Now: status 125 and the full code on stderr. (The guest waits
+    a moment before exiting: an exit at the first instruction across fragments is issue 20.2.)"""
+    path = tmp_path / "exit256.bin"
+    path.write_bytes(exit_with(256, delay_loops=100_000_000))
+    result = spanvm(
+        "run", "--fragments", str(fragments), "--vcpus", "2", "--memory", "16Mi", str(path)
+    )
+    assert result.returncode == 125, result.stderr
+    assert (
+        "spanvm: the guest exited with code 256 (0x100), which does not fit in an exit status;"
+        " exiting with 125"
+    ) in result.stderr.splitlines(), result.stderr
+
+
+def test_an_exit_code_of_255_is_the_status(tmp_path: Path) -> None:
+    path = tmp_path / "exit255.bin"
+    path.write_bytes(exit_with(255))
+    result = spanvm("run", "--memory", "16Mi", str(path))
+    assert result.returncode == 255 and result.stderr == "", result.stderr

@@ -386,7 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spanvm", description="spanvm: KVM virtual machines spanning several nodes"
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    run = sub.add_parser("run", help="run a guest payload locally under KVM")
+    run = sub.add_parser(
+        "run",
+        help="run a guest payload locally under KVM",
+        description="Run a guest and exit with its exit code: 2 bad arguments, 70 the VM"
+        " stopped on an error, 124 --timeout, 125 a guest exit code above 255 (printed in full"
+        " on stderr), 128+N stopped by signal N (SIGTERM, SIGINT, SIGHUP: every fragment ends"
+        " within 6 s).",
+    )
     run.add_argument(
         "payload", help=f"payload name ({', '.join(PAYLOAD_NAMES)}) or path of a flat binary"
     )
@@ -399,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         default=30.0,
-        help="stop a guest that neither exits nor prints for this many seconds (default 30)",
+        help="stop a guest idle for this many seconds (default 30), exit status 124; idle: no"
+        " console output and no exit to the monitor (doorbell, port I/O) from its vCPUs (with"
+        " --fragments: fragment 0's vCPUs; console output from any vCPU counts)",
     )
     run.add_argument(
         "--fragments",
