@@ -99,6 +99,7 @@ class Fragment:
         self.status = status
         self.stopping = threading.Event()
         self.running = False  # the vCPUs were started: a stop request can now stop them
+        self._vcpus_stopped = threading.Event()  # Machine.run returned (for the watchdog)
         image = resolve_image(config.payload)
         self.homes = HomeMap([HomeRange(*h) for h in config.homes])
         self.transport = Transport(
@@ -229,6 +230,7 @@ class Fragment:
         watchdog.start()
         self.running = True
         result = self.machine.run(idle_timeout=cfg.idle_timeout if cfg.index == 0 else None)
+        self._vcpus_stopped.set()
         self.stopping.set()
         if cfg.index == 0:
             self.transport.stopping()
@@ -241,7 +243,9 @@ class Fragment:
     def _watchdog(self) -> None:
         """Never hang: once the VM is told to stop, the process ends within the grace period."""
         self.machine.stop_requested.wait()
-        if not self.stopping.wait(STOP_GRACE_SECONDS):
+        # Not `stopping`: a STOP, FAILED or stop signal sets that at once, before the vCPUs
+        # have stopped; this waits for Machine.run itself to return.
+        if not self._vcpus_stopped.wait(STOP_GRACE_SECONDS):
             print(
                 f"spanvm fragment {self.config.index}: vCPUs did not stop within"
                 f" {STOP_GRACE_SECONDS:.0f}s; exiting",
