@@ -199,10 +199,7 @@ def test_an_exit_code_above_255_does_not_look_like_success(tmp_path: Path, fragm
         "spanvm: the guest exited with code 256 (0x100), which does not fit in an exit status;"
         " exiting with 125"
     ) in result.stderr.splitlines(), result.stderr
-
-
-def test_an_exit_code_of_255_is_the_status(tmp_path: Path) -> None:
-    path = tmp_path / "exit255.bin"
-    path.write_bytes(exit_with(255))
-    result = spanvm("run", "--memory", "16Mi", str(path))
-    assert result.returncode == 255 and result.stderr == "", result.stderr
+    if fragments == 1:  # the largest code that fits is still the status, silently
+        path.write_bytes(exit_with(255))
+        result = spanvm("run", "--memory", "16Mi", str(path))
+        assert result.returncode == 255 and result.stderr == "", result.stderr
