@@ -26,6 +26,7 @@ from spanvm.api.spanningvm import FragmentSummary, SpanningVMSpec
 from spanvm.controller.fragments import fabric_secret, fragment_body, peers_of
 from spanvm.devcluster.nodes import SimulatedNodes
 from spanvm.kube import JsonObject, Kube, parse_time
+from spanvm.procs import pid_alive
 from spanvm.vmm.expected import smp_sum
 
 pytestmark = [pytest.mark.cluster, pytest.mark.kvm]
@@ -289,3 +290,30 @@ def test_deleting_a_fragment_stops_its_process(kube: Kube, nodes: SimulatedNodes
         "its state to be removed",
         lambda: not any("_gone-0_" in d.name for d in (nodes.state_dir / "ag-b").iterdir()),
     )
+
+
+def test_an_agent_told_to_stops_its_fragments_when_it_stops(
+    kube: Kube, nodes: SimulatedNodes
+) -> None:
+    """By default fragments outlive their agent (adoption, above); with
+    --stop-fragments-on-exit the agent stops them on SIGTERM and waits for their runners."""
+    nodes.stop_agent("ag-b")
+    nodes.start_agent("ag-b", "--stop-fragments-on-exit")
+    try:
+        (name,) = place(kube, "with-agent", spec_of("spin", 1, "64Mi", 0), ["ag-b"])
+        pid = wait_for(
+            "Running",
+            lambda: phase(kube, name) == "Running" and fragment(kube, name)["status"]["pid"],
+        )
+        directory = next(
+            d for d in (nodes.state_dir / "ag-b").iterdir() if "_with-agent-0_" in d.name
+        )
+        nodes.stop_agent("ag-b")  # SIGTERM; the agent then has 10 s before SIGKILL
+        assert not pid_alive(pid), "the fragment outlived an agent told to stop it"
+        assert not runner_processes(directory.name)
+        assert json.loads((directory / "exit.json").read_text()) == {"exit_code": 143}
+        assert "stopping its fragments" in nodes.log_of("ag-b").read_text()
+    finally:
+        nodes.stop_agent("ag-b")
+        nodes.start_agent("ag-b")
+    wait_for("the next agent to report it Stopped", lambda: phase(kube, name) == "Stopped")

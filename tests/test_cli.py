@@ -1,13 +1,15 @@
 """`spanvm run`: streams the console, exits with the guest's code, one clear line on bad input."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from guest_code import EXIT_7, HLT, SPIN
+from guest_code import EXIT_7, HLT, NOP_LOOP, SPIN, exit_with
 from spanvm.devcluster.paths import repo_root
 
 pytestmark = pytest.mark.kvm
@@ -67,9 +69,34 @@ def test_payload_larger_than_memory(tmp_path: Path) -> None:
     result = spanvm("run", "--memory", "16Mi", str(path))
     assert result.returncode == 70
     assert result.stderr.strip().splitlines() == [
-        "spanvm: error: payload image (20971520 bytes) and 1 vCPU stacks"
+        f"spanvm: error: payload image {path} (20971520 bytes) and 1 vCPU stacks"
         " do not fit in 16 MiB of guest memory"
     ]
+
+
+@pytest.mark.parametrize("fragments", [1, 2])
+def test_an_image_that_cannot_fit_is_refused_by_its_size_unread(
+    tmp_path: Path, fragments: int
+) -> None:
+    """A sparse 1 GiB image with 256 MiB of memory: refused from its size, so the process
+    never holds the file (it used to read all of it, 1.1 GB resident, before refusing)."""
+    path = tmp_path / "huge.bin"
+    with path.open("wb") as f:
+        f.truncate(1 << 30)
+    env = {**os.environ, "PYTHONPATH": str(repo_root() / "operator")}
+    command = [sys.executable, "-m", "spanvm.cli", "run", "--memory", "256Mi"]
+    command += ["--fragments", str(fragments), "--vcpus", "2", str(path)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, env=env)
+    assert process.stderr is not None
+    stderr = process.stderr.read().decode()
+    _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage (and its children's)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    assert process.returncode == 70, stderr
+    assert (
+        f"payload image {path} (1073741824 bytes) and 2 vCPU stacks do not fit in"
+        " 256 MiB of guest memory"
+    ) in stderr
+    assert usage.ru_maxrss < 150 * 1024, f"max RSS {usage.ru_maxrss} KiB"  # KiB on Linux
 
 
 def test_silent_guest_times_out_saying_where(tmp_path: Path) -> None:
@@ -135,3 +162,44 @@ def test_flat_binary_by_relative_path_across_fragments(tmp_path: Path) -> None:
         "run", "--fragments", "2", "--vcpus", "2", "--memory", "16Mi", "exit7.bin", cwd=tmp_path
     )
     assert result.returncode == 7, result.stderr
+
+
+def test_a_guest_busy_with_exits_is_not_idle(tmp_path: Path) -> None:
+    """--timeout counts exits to the monitor as activity, as its help says: a guest that
+    writes the NOP doorbell for ever without printing is not stopped as idle."""
+    path = tmp_path / "nop-loop.bin"
+    path.write_bytes(NOP_LOOP)
+    env = {**os.environ, "PYTHONPATH": str(repo_root() / "operator")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "spanvm.cli", "run", "--timeout", "1", str(path)],
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    time.sleep(4)
+    still_running = process.poll() is None
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert still_running, f"stopped as idle (status {process.returncode}): {stderr}"
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines() == ["spanvm: stopped by SIGTERM; the VM ended"]
+
+
+@pytest.mark.parametrize("fragments", [1, 2])
+def test_an_exit_code_above_255_does_not_look_like_success(tmp_path: Path, fragments: int) -> None:
+    """256 used to wrap to 0. Now: status 125 and the full code on stderr. (The guest waits
+    a moment before exiting: an exit at the first instruction across fragments is issue 20.2.)"""
+    path = tmp_path / "exit256.bin"
+    path.write_bytes(exit_with(256, delay_loops=100_000_000))
+    result = spanvm(
+        "run", "--fragments", str(fragments), "--vcpus", "2", "--memory", "16Mi", str(path)
+    )
+    assert result.returncode == 125, result.stderr
+    assert (
+        "spanvm: the guest exited with code 256 (0x100), which does not fit in an exit status;"
+        " exiting with 125"
+    ) in result.stderr.splitlines(), result.stderr
+    if fragments == 1:  # the largest code that fits is still the status, silently
+        path.write_bytes(exit_with(255))
+        result = spanvm("run", "--memory", "16Mi", str(path))
+        assert result.returncode == 255 and result.stderr == "", result.stderr

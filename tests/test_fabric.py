@@ -2,10 +2,13 @@
 TCP; failures stop the VM naming the lost fragment; strangers are refused."""
 
 import contextlib
+import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +17,8 @@ from typing import IO
 
 import pytest
 
+from spanvm.devcluster.paths import repo_root
+from spanvm.fabric.fragment import FragmentConfig
 from spanvm.fabric.homes import HomeMap, plan_homes
 from spanvm.fabric.launcher import LocalVm, launch, split_vcpus
 from spanvm.fabric.wire import (
@@ -186,3 +191,57 @@ def test_garbage_frames_are_protocol_errors() -> None:
         assert read_frame(stream).kind == Kind.PING
         with pytest.raises(ProtocolError, match="bad magic"):
             read_frame(stream)
+
+
+def start_fragment(config: FragmentConfig, log: Path) -> tuple[subprocess.Popen[bytes], IO[str]]:
+    """`spanvm fragment` with `config` on stdin; its status lines readable from the pipe."""
+    read_fd, write_fd = os.pipe()
+    env = {**os.environ, "PYTHONPATH": str(repo_root() / "operator")}
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "spanvm.cli", "fragment", "--status-fd", str(write_fd)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            pass_fds=(write_fd,),
+            env=env,
+        )
+    os.close(write_fd)
+    assert process.stdin is not None
+    process.stdin.write(config.model_dump_json().encode())
+    process.stdin.close()
+    return process, os.fdopen(read_fd)
+
+
+def spin_config(index: int, memory: int, secret: str, peers: dict[int, str]) -> FragmentConfig:
+    homes = [(h.start, h.end, h.index) for h in plan_homes(memory, [1, 1])]
+    return FragmentConfig(
+        index=index,
+        fragment_count=2,
+        vcpu_count=2,
+        vcpu_ids=[index],
+        memory=memory,
+        payload="spin",
+        homes=homes,
+        peers=peers,
+        secret=secret,
+    )
+
+
+def test_a_fragment_of_another_vm_shape_is_refused_naming_both(tmp_path: Path) -> None:
+    """Same secret, other memory size: fragment 0 refuses fragment 1 and both say why."""
+    secret = secrets.token_hex(32)
+    first, status = start_fragment(spin_config(0, 32 * MiB, secret, {}), tmp_path / "0.log")
+    try:
+        with status:
+            endpoint = json.loads(status.readline())["endpoint"]
+        other, _ = start_fragment(
+            spin_config(1, 64 * MiB, secret, {0: endpoint}), tmp_path / "1.log"
+        )
+        assert other.wait(timeout=60) == 70
+    finally:
+        first.kill()
+        first.wait()
+    refused, refusing = (tmp_path / "1.log").read_text(), (tmp_path / "0.log").read_text()
+    assert "fragment 0 refused fragment 1: they run VMs of different shapes" in refused, refused
+    assert "fragment 1 runs a VM of another shape than fragment 0" in refusing, refusing

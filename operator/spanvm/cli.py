@@ -1,20 +1,29 @@
 """The `spanvm` command line: run a guest locally, report KVM capabilities, write the CRDs."""
 
 import argparse
+import os
 import sys
+import threading
 from typing import NoReturn
 
 from spanvm.agent.capabilities import discover
 from spanvm.api.quantity import parse_memory
+from spanvm.exitstatus import (
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    EXIT_VM_ERROR,
+    guest_status,
+    signal_status,
+    too_large_message,
+)
 from spanvm.fabric.fragment import main as fragment_main
-from spanvm.fabric.launcher import LaunchError, launch, split_vcpus
-from spanvm.payloads.build import PayloadBuildError, resolve_image
+from spanvm.fabric.launcher import STOP_GRACE, LaunchError, LocalVm, launch, split_vcpus
+from spanvm.payloads.build import PayloadBuildError, PayloadImage, resolve_image
 from spanvm.payloads.catalog import PAYLOAD_NAMES, PAYLOADS
+from spanvm.procs import die_with_parent
+from spanvm.stopsignals import Interrupted, StopSignals
 from spanvm.vmm.layout import MAX_VCPUS
-from spanvm.vmm.machine import EXIT_VM_ERROR, Machine, VmConfig, VmError
-
-EXIT_USAGE = 2
-EXIT_TIMEOUT = 124
+from spanvm.vmm.machine import Machine, VmConfig, VmError
 
 
 class UsageError(Exception):
@@ -47,15 +56,42 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     arg = args.arg if args.arg is not None else (info.default_arg if info else 0)
+    with StopSignals() as stops:
+        try:
+            if args.fragments > 1 or args.netns:
+                payload = args.payload if info else str(image.path)
+                return _run_fragments(args, payload, memory, arg, stops)
+            return _run_here(args, image, memory, arg, stops)
+        except Interrupted as stop:
+            print(f"spanvm: {stop} while starting; nothing left running", file=sys.stderr)
+            return signal_status(stop.signal)
+
+
+def _run_here(
+    args: argparse.Namespace, image: PayloadImage, memory: int, arg: int, stops: StopSignals
+) -> int:
+    """The guest in this process. A stop signal stops the vCPUs; if they have not stopped
+    within STOP_GRACE seconds (a console write blocked on a full pipe, say), the process
+    exits anyway."""
 
     def sink(data: bytes) -> None:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
 
-    if args.fragments > 1 or args.netns:
-        return _run_fragments(args, args.payload if info else str(image.path), memory, arg)
     with Machine(VmConfig(memory, args.vcpus, image, arg), console_sink=sink) as machine:
+        bound = threading.Thread(target=_exit_unless_stopped, args=(stops,), daemon=True)
+
+        def stop(reason: str) -> bool:
+            if not bound.is_alive():
+                bound.start()
+            machine.fail(reason)
+            return True
+
+        stops.action = stop
         result = machine.run(idle_timeout=args.timeout)
+    if stops.received is not None:
+        print(f"spanvm: stopped by {stops.received.name}; the VM ended", file=sys.stderr)
+        return signal_status(stops.received)
     if result.error:
         print(
             f"spanvm: {'timeout' if result.timed_out else 'vm error'}: {result.error}",
@@ -63,10 +99,32 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         return EXIT_TIMEOUT if result.timed_out else EXIT_VM_ERROR
     assert result.exit_code is not None
-    return result.exit_code & 0xFF
+    return _guest_status(result.exit_code)
 
 
-def _run_fragments(args: argparse.Namespace, payload: str, memory: int, arg: int) -> int:
+def _exit_unless_stopped(stops: StopSignals) -> None:
+    """The bound on a signalled stop of an in-process VM: gone within STOP_GRACE seconds."""
+    threading.Event().wait(STOP_GRACE)
+    assert stops.received is not None
+    print(
+        f"spanvm: stopped by {stops.received.name}; the vCPUs did not stop within"
+        f" {STOP_GRACE:g}s, exiting without them",
+        file=sys.stderr,
+    )
+    os._exit(signal_status(stops.received))
+
+
+def _guest_status(code: int) -> int:
+    """The exit status for the guest's code, saying so on stderr if it does not fit."""
+    message = too_large_message(code)
+    if message:
+        print(message, file=sys.stderr)
+    return guest_status(code)
+
+
+def _run_fragments(
+    args: argparse.Namespace, payload: str, memory: int, arg: int, stops: StopSignals
+) -> int:
     """The guest split over local fragment processes joined by the fabric."""
     try:
         split_vcpus(args.vcpus, args.fragments)
@@ -82,13 +140,33 @@ def _run_fragments(args: argparse.Namespace, payload: str, memory: int, arg: int
             idle_timeout=args.timeout,
             netns=args.netns,
         ) as vm:
-            return vm.wait()
+            stops.action = vm.request_stop
+            code = vm.wait()
     except (LaunchError, RuntimeError) as err:
         raise VmError(str(err)) from None
+    if stops.received is not None:
+        ended = "every fragment ended" + (" (some killed)" if vm.killed else "")
+        print(f"spanvm: stopped by {stops.received.name}; {ended}", file=sys.stderr)
+        return signal_status(stops.received)
+    return _fragments_status(vm, code)
+
+
+def _fragments_status(vm: LocalVm, code: int) -> int:
+    """Fragment 0 exits with guest_status() of the guest's code: say the full code if it
+    did not fit (fragment 0's `finished` event carries it)."""
+    for event in vm.fragments[0].events:
+        if event.get("event") == "finished" and event.get("exit_code") is not None:
+            message = too_large_message(int(event["exit_code"]))
+            if message and not event.get("error"):
+                print(message, file=sys.stderr)
+    return code
 
 
 def cmd_fragment(args: argparse.Namespace) -> int:
     """One fragment process (started by `spanvm run --fragments` or the node agent)."""
+    if args.parent_pid is not None and not die_with_parent(args.parent_pid):
+        print(f"spanvm fragment: parent {args.parent_pid} ended before it started", file=sys.stderr)
+        return EXIT_VM_ERROR
     return fragment_main(args.status_fd)
 
 
@@ -232,6 +310,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         listen_host=args.fabric_address,
         renew_interval=args.renew_interval,
         capability_interval=args.capability_interval,
+        stop_fragments_on_exit=args.stop_fragments_on_exit,
     )
     return 0
 
@@ -267,6 +346,13 @@ def _add_agent_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
         default=60.0,
         help="seconds between capability re-checks",
     )
+    agent.add_argument(
+        "--stop-fragments-on-exit",
+        action="store_true",
+        default=os.environ.get("SPANVM_STOP_FRAGMENTS_ON_EXIT", "") not in ("", "0", "false"),
+        help="on SIGTERM/SIGINT stop this node's fragments too (SIGTERM, SIGKILL after 8 s)"
+        " instead of leaving them for the next agent to adopt (env SPANVM_STOP_FRAGMENTS_ON_EXIT)",
+    )
     agent.set_defaults(func=cmd_agent)
 
 
@@ -300,7 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spanvm", description="spanvm: KVM virtual machines spanning several nodes"
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    run = sub.add_parser("run", help="run a guest payload locally under KVM")
+    run = sub.add_parser(
+        "run",
+        help="run a guest payload locally under KVM",
+        description="Run a guest and exit with its exit code: 2 bad arguments, 70 the VM"
+        " stopped on an error, 124 --timeout, 125 a guest exit code above 255 (printed in full"
+        " on stderr), 128+N stopped by signal N (SIGTERM, SIGINT, SIGHUP: every fragment ends"
+        " within 6 s).",
+    )
     run.add_argument(
         "payload", help=f"payload name ({', '.join(PAYLOAD_NAMES)}) or path of a flat binary"
     )
@@ -313,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         default=30.0,
-        help="stop a guest that neither exits nor prints for this many seconds (default 30)",
+        help="stop a guest idle for this many seconds (default 30), exit status 124; idle: no"
+        " console output and no exit to the monitor (doorbell, port I/O) from its vCPUs (with"
+        " --fragments: fragment 0's vCPUs; console output from any vCPU counts)",
     )
     run.add_argument(
         "--fragments",
@@ -329,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     frag = sub.add_parser("fragment", help="run one fragment (configuration as JSON on stdin)")
     frag.add_argument("--status-fd", type=int, default=None, help="write JSON progress lines here")
+    frag.add_argument(
+        "--parent-pid",
+        type=int,
+        default=None,
+        help="die (SIGKILL) when this parent process ends; exit at once if it already has",
+    )
     frag.set_defaults(func=cmd_fragment)
     info = sub.add_parser("kvm-info", help="probe KVM and this node as the agent would")
     info.add_argument("--device", default="/dev/kvm", help="KVM device to probe")

@@ -22,6 +22,7 @@ STOP_REQUESTED = "stop-requested"
 META = "fragment.json"  # which VMFragment this directory belongs to
 TAIL_BYTES = 2048
 STOP_GRACE = 8.0
+POLL_INTERVAL = 0.1
 
 
 def tail(path: Path, size: int = TAIL_BYTES) -> str:
@@ -227,3 +228,19 @@ class FragmentProcess:
                 "message": f"the guest exited with code {guest_code}",
             }
         return {"phase": "Succeeded", "exitCode": 0, "message": "the guest finished"}
+
+
+def stop_all(processes: list[FragmentProcess], grace: float = STOP_GRACE) -> list[FragmentProcess]:
+    """Stop every running fragment (SIGTERM, SIGKILL after `grace` seconds) and wait for their
+    runners to record how they ended: what an agent started with `--stop-fragments-on-exit`
+    does on its way out. Returns those still running `grace` + 2 s later (normally none)."""
+    deadline = time.monotonic() + grace + 2.0
+    left = [p for p in processes if p.running()]
+    while left and time.monotonic() < deadline:
+        for proc in left:
+            proc.stop()
+        time.sleep(POLL_INTERVAL)
+        for proc in left:
+            proc.reap()
+        left = [p for p in left if p.running()]
+    return left

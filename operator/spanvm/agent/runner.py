@@ -5,7 +5,8 @@ on stdin and hands it to `spanvm fragment` through a pipe, never a command line 
 It records both pids in DIR/pids.json, sends the fragment's status lines to DIR/status.jsonl,
 its console to DIR/console.log and its log to DIR/fragment.log, and when the fragment ends
 writes how it ended to DIR/exit.json. It outlives an agent restart, which is how a new agent
-learns the exit status of a fragment it did not start.
+learns the exit status of a fragment it did not start. The fragment dies with the runner
+(`--parent-pid`: PR_SET_PDEATHSIG), so a runner killed outright leaves no orphaned guest.
 """
 
 import json
@@ -36,7 +37,10 @@ def main(directory: str) -> int:
     status_fd = os.open(state / STATUS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with (state / CONSOLE).open("ab") as console, (state / LOG).open("ab") as log:
         child = subprocess.Popen(
-            [sys.executable, "-m", "spanvm.cli", "fragment", "--status-fd", str(status_fd)],
+            [
+                *(sys.executable, "-m", "spanvm.cli", "fragment", "--status-fd", str(status_fd)),
+                *("--parent-pid", str(os.getpid())),
+            ],
             stdin=subprocess.PIPE,
             stdout=console,
             stderr=log,

@@ -7,6 +7,11 @@ VM: it prints the console of every vCPU and exits with the guest's exit code; th
 0 when the VM ends. A lost peer stops every fragment with an error naming it (exit 70).
 Progress lines go as JSON to the file descriptor `--status-fd` (the launcher or agent reads
 the fabric endpoint from there).
+
+Exit status (fragment 0 reports for the VM; see spanvm/exitstatus.py): the guest's exit code
+(125 if above 255), 70 on an error, 124 when `idle_timeout` stopped the guest, 128+N when
+signal N (SIGTERM, SIGINT, SIGHUP) stopped it. A stop signal stops this fragment quietly: its
+launcher or agent asked, and says so itself.
 """
 
 import contextlib
@@ -20,12 +25,15 @@ from typing import Any, NoReturn
 
 from pydantic import BaseModel, Field
 
+from spanvm.exitstatus import EXIT_TIMEOUT, guest_status, signal_status
 from spanvm.fabric.coherence import READAHEAD, Coherence, readahead_count
 from spanvm.fabric.homes import HomeMap, HomeRange
+from spanvm.fabric.shape import vm_shape
 from spanvm.fabric.transport import FabricError, Handlers, Transport
 from spanvm.fabric.uffd import Userfault
 from spanvm.fabric.wire import Frame, Kind
 from spanvm.payloads.build import resolve_image
+from spanvm.stopsignals import Interrupted, StopSignals
 from spanvm.vmm.layout import IMAGE_BASE
 from spanvm.vmm.machine import EXIT_VM_ERROR, Machine, VmConfig, VmResult
 
@@ -97,6 +105,8 @@ class Fragment:
         self.config = config
         self.status = status
         self.stopping = threading.Event()
+        self.running = False  # the vCPUs were started: a stop request can now stop them
+        self._vcpus_stopped = threading.Event()  # Machine.run returned (for the watchdog)
         image = resolve_image(config.payload)
         self.homes = HomeMap([HomeRange(*h) for h in config.homes])
         self.transport = Transport(
@@ -117,6 +127,17 @@ class Fragment:
             ),
             console_sink=sink,
             exit_handler=self._on_guest_exit,
+        )
+        # Peers must run the same VM: the handshake compares this (the image is read only now
+        # that the machine has checked its size fits).
+        self.transport.shape = vm_shape(
+            fragment_count=config.fragment_count,
+            vcpu_count=config.vcpu_count,
+            memory=config.memory,
+            arg=config.arg,
+            homes=config.homes,
+            image=image.path,
+            image_size=self.machine.loaded_end - image.load_address,
         )
         assert self.machine.memory is not None
         memory = self.machine.memory
@@ -182,6 +203,17 @@ class Fragment:
         )
         self.machine.fail(message)
 
+    def stop_quietly(self, reason: str) -> bool:
+        """A stop signal: end the VM with `reason` as its error, treating closing connections
+        as expected. False before the vCPUs run (the caller then aborts start-up instead).
+        Signal-handler safe: sets flags and kicks threads."""
+        if not self.running:
+            return False
+        self.stopping.set()
+        self.transport.stopping()
+        self.machine.fail(reason)
+        return True
+
     def _fault_loop(self) -> None:
         try:
             while not self.stopping.is_set():
@@ -210,15 +242,16 @@ class Fragment:
                 self.transport.send(0, Frame(Kind.STARTED, payload=started.encode()))
         watchdog = threading.Thread(target=self._watchdog, daemon=True)
         watchdog.start()
+        self.running = True
         result = self.machine.run(idle_timeout=cfg.idle_timeout if cfg.index == 0 else None)
+        self._vcpus_stopped.set()
         self.stopping.set()
         if cfg.index == 0:
             # The VM's end is an orderly exchange: every peer reads STOP (or FAILED) before
             # any connection closes, so none takes the closing for a lost fragment.
             self.transport.stopping()
-            if result.error:
-                error = f"guest timeout: {result.error}" if result.timed_out else result.error
-                self.transport.broadcast(Frame(Kind.FAILED, page=0, payload=error.encode()))
+            if result.error and not result.timed_out:  # a timeout ends the VM like an exit
+                self.transport.broadcast(Frame(Kind.FAILED, page=0, payload=result.error.encode()))
             else:
                 self.transport.broadcast(Frame(Kind.STOP, page=result.exit_code or 0))
             if staying := self.transport.wait_departed(STOP_GRACE_SECONDS):
@@ -228,7 +261,9 @@ class Fragment:
     def _watchdog(self) -> None:
         """Never hang: once the VM is told to stop, the process ends within the grace period."""
         self.machine.stop_requested.wait()
-        if not self.stopping.wait(STOP_GRACE_SECONDS):
+        # Not `stopping`: a STOP, FAILED or stop signal sets that at once, before the vCPUs
+        # have stopped; this waits for Machine.run itself to return.
+        if not self._vcpus_stopped.wait(STOP_GRACE_SECONDS):
             print(
                 f"spanvm fragment {self.config.index}: vCPUs did not stop within"
                 f" {STOP_GRACE_SECONDS:.0f}s; exiting",
@@ -264,13 +299,30 @@ def main(status_fd: int | None) -> int:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
 
+    with StopSignals() as stops:
+        try:
+            return _run(config, sink, status, stops)
+        except Interrupted as stop:
+            status({"event": "failed", "error": f"{stop} during start-up"})
+            return signal_status(stop.signal)
+
+
+def _run(
+    config: FragmentConfig,
+    sink: Callable[[bytes], None],
+    status: Callable[[dict[str, Any]], None],
+    stops: StopSignals,
+) -> int:
     fragment = Fragment(config, sink, status)
     try:
+        stops.action = fragment.stop_quietly
         try:
             result = fragment.run()
         except FabricError as err:
-            print(f"spanvm fragment {config.index}: {err}", file=sys.stderr)
             status({"event": "failed", "error": str(err)})
+            if stops.received is not None:
+                return signal_status(stops.received)
+            print(f"spanvm fragment {config.index}: {err}", file=sys.stderr)
             return EXIT_VM_ERROR
         counters = fragment.coherence.counters
         status(
@@ -285,9 +337,11 @@ def main(status_fd: int | None) -> int:
                 "marks": [[v, value, t] for v, value, t in result.marks],
             }
         )
+        if stops.received is not None:  # whoever sent it reports the stop
+            return signal_status(stops.received)
         if result.error:
             print(f"spanvm fragment {config.index}: {result.error}", file=sys.stderr)
-            return EXIT_VM_ERROR
-        return (result.exit_code or 0) & 0xFF if config.index == 0 else 0
+            return EXIT_TIMEOUT if result.timed_out else EXIT_VM_ERROR
+        return guest_status(result.exit_code or 0) if config.index == 0 else 0
     finally:
         fragment.close()

@@ -20,13 +20,16 @@ from dataclasses import dataclass, field, replace
 from typing import BinaryIO, cast
 
 from spanvm.fabric.wire import (
+    NO_SHAPE,
     AuthError,
+    BusyError,
     Frame,
     Kind,
     ProtocolError,
     handshake_client,
     handshake_server,
     read_frame,
+    refuse_busy,
 )
 
 log = logging.getLogger("spanvm.fabric")
@@ -35,10 +38,19 @@ HEARTBEAT_INTERVAL = 0.5
 PEER_LOST_AFTER = 3.0
 REQUEST_TIMEOUT = 15.0
 CONNECT_TIMEOUT = 30.0
+# Unauthenticated connections (handshakes in flight, one thread each) per listener; more are
+# told BUSY and closed at once (connect() retries on BUSY), so idle strangers cost no threads.
+MAX_HANDSHAKES = 8
 
 
 class FabricError(RuntimeError):
     """The fabric cannot go on (a peer is lost, a request timed out): the VM stops."""
+
+
+class PeerGoneError(FabricError):
+    """A send found the connection closed. Not a verdict by itself: the peer may have ended
+    the VM in frames still unread, so the connection's reader decides (lost, or an orderly
+    STOP/FAILED) once it has read everything up to the end."""
 
 
 @dataclass
@@ -67,8 +79,12 @@ class Handlers:
 class Transport:
     """One fragment's connections."""
 
-    def __init__(self, index: int, count: int, secret: bytes, handlers: Handlers) -> None:
+    def __init__(
+        self, index: int, count: int, secret: bytes, handlers: Handlers, shape: bytes = NO_SHAPE
+    ) -> None:
+        """`shape`: the VM's shape digest (fabric/shape.py); peers must present the same."""
         self.index, self.count, self.secret, self.handlers = index, count, secret, handlers
+        self.shape = shape
         self.peers: dict[int, Peer] = {}
         self._peers_changed = threading.Condition()
         self._pending: dict[int, Future[Frame]] = {}
@@ -79,7 +95,8 @@ class Transport:
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._torn_down = False
-        self.refused = 0
+        self.refused = 0  # handshakes that failed (logged each)
+        self.busy_refused = 0  # connections closed at once: MAX_HANDSHAKES were in flight
 
     # -- setup ------------------------------------------------------------------------------
     def listen(self, host: str, port: int = 0) -> str:
@@ -100,20 +117,28 @@ class Transport:
                     return  # the VM ended while this fragment was still joining
                 try:
                     sock = socket.create_connection((host, int(port)), timeout=5)
-                    break
                 except OSError as err:
                     if time.monotonic() > deadline:
                         raise FabricError(
                             f"cannot reach fragment {index} at {endpoint}: {err}"
                         ) from None
                     time.sleep(0.1)
-            try:
-                peer_index = handshake_client(sock, self.secret, self.index)
-            except (AuthError, ProtocolError, OSError) as err:
-                sock.close()
-                if self._closing.is_set():
-                    return
-                raise FabricError(f"fragment {index} at {endpoint}: {err}") from None
+                    continue
+                try:
+                    peer_index = handshake_client(sock, self.secret, self.index, self.shape)
+                    break
+                except BusyError:
+                    sock.close()
+                    if time.monotonic() > deadline:
+                        raise FabricError(
+                            f"fragment {index} at {endpoint} stayed too busy to accept us"
+                        ) from None
+                    time.sleep(0.1)
+                except (AuthError, ProtocolError, OSError) as err:
+                    sock.close()
+                    if self._closing.is_set():
+                        return
+                    raise FabricError(f"fragment {index} at {endpoint}: {err}") from None
             if peer_index != index:
                 sock.close()
                 raise FabricError(f"{endpoint} is fragment {peer_index}, expected {index}")
@@ -132,17 +157,40 @@ class Transport:
         self._spawn(self._heartbeat_loop, "fabric-heartbeat")
 
     def _accept_loop(self) -> None:
+        """Accept connections; at most MAX_HANDSHAKES are authenticated at once (one thread
+        each), the rest are told BUSY and closed at once, counted in `busy_refused` and
+        logged the first time."""
         assert self._listener is not None
+        slots = threading.BoundedSemaphore(MAX_HANDSHAKES)
         while not self._closing.is_set():
             try:
                 sock, address = self._listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._admit, args=(sock, address), daemon=True).start()
+            if not slots.acquire(blocking=False):
+                refuse_busy(sock)
+                sock.close()
+                self.busy_refused += 1
+                if self.busy_refused == 1:
+                    log.warning(
+                        "fabric listener of fragment %d: %d handshakes in flight; closing"
+                        " further connections at once (first from %s:%s)",
+                        self.index,
+                        MAX_HANDSHAKES,
+                        address[0],
+                        address[1],
+                    )
+                continue
+            threading.Thread(
+                target=self._admit, args=(sock, address, slots.release), daemon=True
+            ).start()
 
-    def _admit(self, sock: socket.socket, address: tuple[str, int]) -> None:
+    def _admit(
+        self, sock: socket.socket, address: tuple[str, int], done: Callable[[], None]
+    ) -> None:
+        """Authenticate one accepted connection (calls `done` once it is decided)."""
         try:
-            index = handshake_server(sock, self.secret, self.index)
+            index = handshake_server(sock, self.secret, self.index, self.shape)
             if not 0 <= index < self.count or index == self.index or index in self.peers:
                 raise AuthError(f"unexpected fragment index {index}")
         except (AuthError, ProtocolError, OSError, ValueError) as err:
@@ -150,6 +198,8 @@ class Transport:
             log.warning("refused fabric connection from %s:%s: %s", address[0], address[1], err)
             sock.close()
             return
+        finally:
+            done()
         self._add_peer(Peer(index, sock))
 
     def _add_peer(self, peer: Peer) -> None:
@@ -178,7 +228,7 @@ class Transport:
             with peer.lock:
                 peer.sock.sendall(data)
         except OSError as err:
-            raise FabricError(f"fragment {index} lost: {err}") from None
+            raise PeerGoneError(f"fragment {index} lost: {err}") from None
 
     def broadcast(self, frame: Frame) -> None:
         """Send to every peer, ignoring those already gone (used while stopping)."""
@@ -193,7 +243,10 @@ class Transport:
         with self._pending_lock:
             self._pending[request_id] = future
         try:
-            self.send(index, replace(frame, request=request_id))
+            # If the peer is gone, the reply never comes: wait for the reader's verdict,
+            # which fails every waiting request with the reason (or the fabric closes).
+            with contextlib.suppress(PeerGoneError):
+                self.send(index, replace(frame, request=request_id))
             return future.result(REQUEST_TIMEOUT)
         except FutureTimeout:
             raise FabricError(
@@ -209,12 +262,19 @@ class Transport:
         stream = cast(BinaryIO, peer.sock.makefile("rb", buffering=1 << 16))
         try:
             while True:
-                frame = read_frame(stream)
+                try:
+                    frame = read_frame(stream)
+                except ProtocolError as err:
+                    self._fail(f"fragment {peer.index} sent garbage: {err}")
+                    return
+                except (OSError, ValueError) as err:  # closed, reset, or closed under us
+                    self._fail(f"fragment {peer.index} lost: {err}")
+                    return
                 peer.last_seen = time.monotonic()
-                self._dispatch(peer, frame)
+                with contextlib.suppress(PeerGoneError):  # read on: its last frames say why
+                    self._dispatch(peer, frame)
         except Exception as err:
-            if not self._closing.is_set():
-                self._fail(f"fragment {peer.index} lost: {err}")
+            self._fail(f"handling traffic from fragment {peer.index}: {err}")
         finally:
             with self._peers_changed:
                 peer.departed = True
@@ -283,18 +343,15 @@ class Transport:
                         " (frozen, or the network to it is cut)"
                     )
                     return
-                try:
+                with contextlib.suppress(PeerGoneError):  # its reader reports how it ended
                     self.send(peer.index, Frame(Kind.PING))
-                except FabricError as err:
-                    self._fail(str(err))
-                    return
 
     def _fail(self, message: str) -> None:
         if self._closing.is_set():
             return
         self._closing.set()
+        self.handlers.on_failure(message)  # the cause is recorded before waiters wake
         self._fail_pending(message)
-        self.handlers.on_failure(message)
 
     def _fail_pending(self, message: str) -> None:
         """Wake every request still waiting for a reply, with the reason it never comes."""

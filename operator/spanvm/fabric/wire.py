@@ -2,10 +2,20 @@
 
 Every frame is a 26-byte header (magic "SV", version, type, flags, page version, request id,
 page, payload length) and a payload. A connection starts with a mutual HMAC-SHA256
-challenge-response over the per-VM secret; a peer that cannot prove the secret gets nothing
-and is dropped.
+challenge-response over the per-VM secret that also binds the VM's shape digest (see
+fabric/shape.py); a peer that cannot prove the secret, or that runs a VM of another shape,
+gets nothing and is told why before it is dropped.
+
+Handshake (byte counts):
+  listener -> client   GREETING (16) + nonce_s (32)        or BUSY (16) + zeros (32), close
+  client -> listener   index (4) + nonce_c (32) + shape (32) + mac_c (32)
+  listener -> client   index (4) + mac_s (32)              or a refusal (36), close
+where mac_c = HMAC(secret, "client" nonce_s nonce_c index shape) and mac_s = HMAC(secret,
+"server" nonce_c nonce_s index shape); a refusal is 0xFFFFFFFF, a reason byte, the listener's
+index (4) and, for SHAPE, the first 27 bytes of the listener's shape digest.
 """
 
+import contextlib
 import enum
 import hashlib
 import hmac
@@ -19,9 +29,14 @@ MAGIC = b"SV"
 VERSION = 1
 HEADER = struct.Struct("<2sBBHIIQI")  # magic version kind flags page-version request page length
 MAX_PAYLOAD = 1 << 20
-GREETING = b"SPANVM-FABRIC/1\n"
+GREETING = b"SPANVM-FABRIC/2\n"
+BUSY = b"SPANVM-BUSY/2\n\n\n"  # same length as GREETING: too many handshakes in flight
 NONCE = 32
+SHAPE_SIZE = 32
+NO_SHAPE = bytes(SHAPE_SIZE)
 HANDSHAKE_TIMEOUT = 5.0
+REFUSED_MARK = 0xFFFF_FFFF
+REFUSAL = struct.Struct("<IBI27s")  # mark, reason, listener index, detail (36 bytes)
 
 
 class Kind(enum.IntEnum):
@@ -50,7 +65,18 @@ class ProtocolError(ConnectionError):
 
 
 class AuthError(ConnectionError):
-    """A peer could not prove it holds the VM's secret."""
+    """A peer could not prove it holds the VM's secret, or runs a VM of another shape."""
+
+
+class BusyError(ConnectionError):
+    """The listener has too many handshakes in flight; try again shortly."""
+
+
+class Refusal(enum.IntEnum):
+    """Why a listener refused a handshake (sent to the client before closing)."""
+
+    SECRET = 1  # the client's MAC is wrong: not this VM's secret
+    SHAPE = 2  # right secret, but the VM's shape differs (memory, vCPUs, payload, homes)
 
 
 @dataclass(frozen=True)
@@ -123,33 +149,86 @@ def _mac(secret: bytes, role: bytes, *parts: bytes) -> bytes:
     return hmac.new(secret, role + b"".join(parts), hashlib.sha256).digest()
 
 
-def handshake_server(sock: socket.socket, secret: bytes, my_index: int) -> int:
-    """Authenticate an accepted connection; returns the peer's fragment index."""
+def refuse_busy(sock: socket.socket) -> None:
+    """Tell a just-accepted client that the listener is busy (never blocks); caller closes."""
+    try:
+        sock.setblocking(False)
+        sock.send(BUSY + bytes(NONCE))
+    except OSError:
+        pass
+
+
+def _refuse(sock: socket.socket, reason: Refusal, my_index: int, detail: bytes = b"") -> None:
+    with contextlib.suppress(OSError):
+        sock.sendall(REFUSAL.pack(REFUSED_MARK, reason, my_index, detail[: REFUSAL.size - 9]))
+
+
+def handshake_server(
+    sock: socket.socket, secret: bytes, my_index: int, shape: bytes = NO_SHAPE
+) -> int:
+    """Authenticate an accepted connection; returns the peer's fragment index. AuthError (the
+    client is told why) if it lacks the secret or its VM's `shape` digest differs from ours."""
     sock.settimeout(HANDSHAKE_TIMEOUT)
     nonce_s = os.urandom(NONCE)
     sock.sendall(GREETING + nonce_s)
-    reply = recv_exact(sock, 4 + NONCE + 32)
+    reply = recv_exact(sock, 4 + NONCE + SHAPE_SIZE + 32)
     (peer,) = struct.unpack("<I", reply[:4])
-    nonce_c, mac = reply[4 : 4 + NONCE], reply[4 + NONCE :]
-    if not hmac.compare_digest(mac, _mac(secret, b"client", nonce_s, nonce_c, reply[:4])):
+    nonce_c = reply[4 : 4 + NONCE]
+    peer_shape = reply[4 + NONCE : 4 + NONCE + SHAPE_SIZE]
+    mac = reply[4 + NONCE + SHAPE_SIZE :]
+    if not hmac.compare_digest(
+        mac, _mac(secret, b"client", nonce_s, nonce_c, reply[:4], peer_shape)
+    ):
+        _refuse(sock, Refusal.SECRET, my_index)
         raise AuthError(f"peer claiming to be fragment {peer} failed authentication")
+    if not hmac.compare_digest(peer_shape, shape):
+        _refuse(sock, Refusal.SHAPE, my_index, shape)
+        raise AuthError(
+            f"fragment {peer} runs a VM of another shape than fragment {my_index}"
+            f" (shape {peer_shape.hex()[:12]} vs {shape.hex()[:12]}: memory, vCPUs, payload,"
+            " argument or homes differ)"
+        )
     index = struct.pack("<I", my_index)
-    sock.sendall(index + _mac(secret, b"server", nonce_c, nonce_s, index))
+    sock.sendall(index + _mac(secret, b"server", nonce_c, nonce_s, index, shape))
     sock.settimeout(None)
     return int(peer)
 
 
-def handshake_client(sock: socket.socket, secret: bytes, my_index: int) -> int:
-    """Authenticate to a listener; returns the listener's fragment index."""
+def handshake_client(
+    sock: socket.socket, secret: bytes, my_index: int, shape: bytes = NO_SHAPE
+) -> int:
+    """Authenticate to a listener; returns the listener's fragment index. BusyError if the
+    listener has too many handshakes in flight (retry); AuthError saying why it refused us,
+    or if it cannot prove the secret itself."""
     sock.settimeout(HANDSHAKE_TIMEOUT)
     greeting = recv_exact(sock, len(GREETING) + NONCE)
+    if greeting.startswith(BUSY):
+        raise BusyError("the listener is busy with other handshakes")
     if not greeting.startswith(GREETING):
-        raise ProtocolError("not a spanvm fabric listener")
+        raise ProtocolError("not a spanvm fabric listener (or another fabric version)")
     nonce_s, nonce_c = greeting[len(GREETING) :], os.urandom(NONCE)
     index = struct.pack("<I", my_index)
-    sock.sendall(index + nonce_c + _mac(secret, b"client", nonce_s, nonce_c, index))
+    mac = _mac(secret, b"client", nonce_s, nonce_c, index, shape)
+    sock.sendall(index + nonce_c + shape + mac)
     reply = recv_exact(sock, 4 + 32)
-    if not hmac.compare_digest(reply[4:], _mac(secret, b"server", nonce_c, nonce_s, reply[:4])):
-        raise AuthError("listener failed authentication")
+    mark, reason, listener, detail = REFUSAL.unpack(reply)
+    if mark == REFUSED_MARK:
+        raise AuthError(_refusal_text(reason, listener, my_index, shape, detail))
+    if not hmac.compare_digest(
+        reply[4:], _mac(secret, b"server", nonce_c, nonce_s, reply[:4], shape)
+    ):
+        raise AuthError("listener failed authentication (it does not hold this VM's secret)")
     sock.settimeout(None)
     return int(struct.unpack("<I", reply[:4])[0])
+
+
+def _refusal_text(reason: int, listener: int, me: int, shape: bytes, detail: bytes) -> str:
+    if reason == Refusal.SECRET:
+        return f"authentication refused by fragment {listener} (wrong VM secret?)"
+    if reason == Refusal.SHAPE:
+        return (
+            f"fragment {listener} refused fragment {me}: they run VMs of different shapes"
+            f" (fragment {listener}: {detail.hex()[:12]}, fragment {me}: {shape.hex()[:12]};"
+            " memory, vCPUs, payload, argument or homes differ: started for another VM?)"
+        )
+    return f"fragment {listener} refused the connection (reason {reason})"

@@ -53,6 +53,11 @@ PAYLOADS: dict[str, PayloadInfo] = {
             0,
         ),
         PayloadInfo(
+            "fault-now",
+            "vCPU 0 takes an invalid-opcode exception at once; the other vCPUs spin",
+            0,
+        ),
+        PayloadInfo(
             "console-remote",
             "the last vCPU writes a 32-letter line, vCPU 0 has the monitor print it while the"
             " writer's fragment holds the page (arg: rounds)",
@@ -95,6 +100,12 @@ PAYLOADS: dict[str, PayloadInfo] = {
             "stream",
             "vCPU 0 writes every heap page, then the last vCPU reads one word of each and prints"
             " their sum, phases timed by doorbell marks (measures page-fault service)",
+            0,
+        ),
+        PayloadInfo(
+            "spin",
+            "every vCPU meets the others, vCPU 0 prints one line, then all spin forever without"
+            " an exit (stop and timeout tests)",
             0,
         ),
     )

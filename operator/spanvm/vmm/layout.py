@@ -121,9 +121,15 @@ class GuestLayout:
 
     @classmethod
     def plan(
-        cls, memory_size: int, vcpu_count: int, image_end: int, ranges: tuple[RamRange, ...]
+        cls,
+        memory_size: int,
+        vcpu_count: int,
+        image_end: int,
+        ranges: tuple[RamRange, ...],
+        image_name: str = "payload image",
     ) -> "GuestLayout":
-        """Check the sizes fit and place stacks and heap after the image."""
+        """Check the sizes fit and place stacks and heap after the image (LayoutError saying
+        which does not fit, naming the image as `image_name`)."""
         if memory_size % LARGE_PAGE:
             raise LayoutError(f"memory must be a multiple of 2Mi, got {memory_size} bytes")
         if memory_size > MAX_MEMORY:
@@ -135,7 +141,7 @@ class GuestLayout:
         low_end = ranges[0].end
         if heap_start >= low_end:
             raise LayoutError(
-                f"payload image ({image_end - IMAGE_BASE} bytes) and {vcpu_count} vCPU stacks"
+                f"{image_name} ({image_end - IMAGE_BASE} bytes) and {vcpu_count} vCPU stacks"
                 f" do not fit in {memory_size >> 20} MiB of guest memory"
             )
         heap = [(heap_start, low_end)] + [(r.gpa, r.end) for r in ranges[1:]]

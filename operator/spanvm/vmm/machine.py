@@ -138,16 +138,19 @@ class Machine:
     # -- construction --------------------------------------------------------------------------
     def _build(self) -> None:
         cfg = self.config
-        image_bytes = cfg.image.path.read_bytes()
+        image_size = cfg.image.path.stat().st_size  # sizes first: never read what cannot fit
         try:
             plan = GuestLayout.plan(
                 cfg.memory_size,
                 cfg.vcpu_count,
-                max(cfg.image.end, layout.IMAGE_BASE + len(image_bytes)),
+                max(cfg.image.end, layout.IMAGE_BASE + image_size),
                 ram_ranges(cfg.memory_size),
+                image_name=f"payload image {cfg.image.path}",
             )
         except layout.LayoutError as err:
             raise VmError(str(err)) from None
+        with cfg.image.path.open("rb") as image_file:
+            image_bytes = image_file.read(image_size)
         local = cfg.local_vcpus if cfg.local_vcpus is not None else tuple(range(cfg.vcpu_count))
         if not local or any(not 0 <= v < cfg.vcpu_count for v in local):
             raise VmError(
@@ -219,8 +222,10 @@ class Machine:
 
     # -- running ---------------------------------------------------------------------------------
     def run(self, idle_timeout: float | None = None) -> VmResult:
-        """Run every local vCPU until the guest exits, an error, or `idle_timeout` seconds with
-        neither an exit nor console output; returns how it ended."""
+        """Run every local vCPU until the guest exits, an error, or `idle_timeout` seconds idle:
+        no console output (from any vCPU, remote ones included) and no exit to this monitor
+        (doorbell writes, port I/O: any KVM_RUN return) from its local vCPUs. Returns how it
+        ended."""
         in_main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(KICK_SIGNAL, _noop_handler) if in_main else None
         if not in_main and signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
@@ -234,11 +239,14 @@ class Machine:
                     target=self._vcpu_loop, args=(vcpu,), name=f"vcpu-{vcpu.id}", daemon=True
                 )
                 vcpu.thread.start()
+            exits_seen, active_at = -1, started
             while not self._stop.wait(0.05):
-                if (
-                    idle_timeout is not None
-                    and time.monotonic() - self.console.last_output > idle_timeout
-                ):
+                if idle_timeout is None:
+                    continue
+                now, exits = time.monotonic(), sum(v.exits for v in self.vcpus.values())
+                if exits != exits_seen:  # an exit is activity, as console output is
+                    exits_seen, active_at = exits, now
+                if now - max(active_at, self.console.last_output) > idle_timeout:
                     timed_out = True
                     self._request_stop()
                     break
