@@ -39,6 +39,7 @@ from spanvm.vmm.machine import EXIT_VM_ERROR, Machine, VmConfig, VmResult
 
 log = logging.getLogger("spanvm.fragment")
 STOP_GRACE_SECONDS = 5.0
+FAILED_GRACE_SECONDS = 1.0
 
 
 class FragmentConfig(BaseModel):
@@ -254,8 +255,12 @@ class Fragment:
                 self.transport.broadcast(Frame(Kind.FAILED, page=0, payload=result.error.encode()))
             else:
                 self.transport.broadcast(Frame(Kind.STOP, page=result.exit_code or 0))
-            if staying := self.transport.wait_departed(STOP_GRACE_SECONDS):
-                log.warning("fragments %s did not close within %.0fs", staying, STOP_GRACE_SECONDS)
+            # Closing with their frames unread would reset the connections under them. After
+            # a failure, one of them may be the frozen or lost cause: wait less for them.
+            failed = bool(result.error) and not result.timed_out
+            grace = FAILED_GRACE_SECONDS if failed else STOP_GRACE_SECONDS
+            if staying := self.transport.wait_departed(grace):
+                log.warning("fragments %s did not close within %.0fs", staying, grace)
         return result
 
     def _watchdog(self) -> None:
