@@ -183,7 +183,7 @@ class SimTransport(Transport):
     def request(self, index: int, frame: Frame) -> Frame:
         request_id = next(self._ids)
         future: Future[Frame] = Future()
-        self._pending[request_id] = future
+        self._pending[request_id] = (index, future)
         self.send(index, replace(frame, request=request_id))
         self._explorer.block(future.done, f"reply {request_id} from fragment {index}")
         del self._pending[request_id]

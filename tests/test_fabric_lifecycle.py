@@ -38,14 +38,19 @@ def test_a_resumed_fragment_does_not_blame_its_healthy_peer(tmp_path: Path) -> N
     log = err.read_text()
     assert "fragment 0: fragment 1 lost: silent for" in log, log
     assert "fragment 1 was frozen for" in log, log
+    assert "spanvm fragment 1: fragment 0 reports: fragment 1 lost: silent" in log, log
     assert "fragment 0 lost" not in log, log  # the healthy peer is not blamed
 
 
-def test_a_relayed_failure_names_the_fragment_where_it_began(tmp_path: Path) -> None:
-    """A guest exception in fragment 0 reaches fragment 2 directly and relayed by fragment 1;
-    either way fragment 2 names fragment 0 (before: the relaying fragment)."""
-    code, _, log = run_local(tmp_path, "fault-now", 3, 3, 0)
+@pytest.mark.parametrize("where", [0, 2])
+def test_a_failure_names_the_fragment_where_it_began(tmp_path: Path, where: int) -> None:
+    """A guest exception on fragment 0 (relayed to 2 by 1 as well) or on fragment 2 (which
+    used to end without telling anyone: the others said "fragment 2 lost")."""
+    code, _, log = run_local(tmp_path, "fault-now", 3, 3, where)
     assert code == 70, log
-    for index in (1, 2):
-        assert f"spanvm fragment {index}: fragment 0 reports: vCPU 0: guest exception" in log, log
-    assert "fragment 1 reports" not in log and "lost" not in log, log
+    for index in {0, 1, 2} - {where}:
+        assert (
+            f"spanvm fragment {index}: fragment {where} reports: vCPU {where}: guest exception"
+            in log
+        ), log
+    assert "lost" not in log, log

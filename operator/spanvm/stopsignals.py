@@ -34,8 +34,9 @@ class StopSignals:
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         sig = signal.Signals(signum)
-        if self.received is None:
-            self.received = sig
+        if self.received is not None:
+            return  # already stopping: a second Ctrl-C must not cut the cleanup short
+        self.received = sig
         if self.action is None or not self.action(f"stopped by {sig.name}"):
             raise Interrupted(sig)
 

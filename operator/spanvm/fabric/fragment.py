@@ -29,8 +29,8 @@ from spanvm.exitstatus import EXIT_TIMEOUT, guest_status, signal_status
 from spanvm.fabric.coherence import READAHEAD, Coherence, readahead_count
 from spanvm.fabric.homes import HomeMap, HomeRange
 from spanvm.fabric.shape import vm_shape
-from spanvm.fabric.transport import FabricError, Handlers, Transport
-from spanvm.fabric.uffd import Userfault
+from spanvm.fabric.transport import FabricError, Handlers, PeerGoneError, Transport
+from spanvm.fabric.uffd import Fault, UffdError, Userfault
 from spanvm.fabric.wire import Frame, Kind
 from spanvm.payloads.build import resolve_image
 from spanvm.stopsignals import Interrupted, StopSignals
@@ -107,6 +107,7 @@ class Fragment:
         self.status = status
         self.stopping = threading.Event()
         self.running = False  # the vCPUs were started: a stop request can now stop them
+        self.end_known = False  # a STOP or FAILED was sent or received
         self._vcpus_stopped = threading.Event()  # Machine.run returned (for the watchdog)
         image = resolve_image(config.payload)
         self.homes = HomeMap([HomeRange(*h) for h in config.homes])
@@ -161,19 +162,16 @@ class Fragment:
 
     # -- events ------------------------------------------------------------------------------
     def _forward_console(self, data: bytes) -> None:
-        try:
+        # If fragment 0 is gone, its connection's reader reports how (a failed send does not).
+        with contextlib.suppress(PeerGoneError):
             self.transport.send(0, Frame(Kind.CONSOLE, payload=data))
-        except FabricError as err:
-            self.machine.fail(str(err))
 
     def _on_guest_exit(self, code: int) -> None:
         if self.config.index == 0:
             self.machine.finish(code)
         else:
-            try:
+            with contextlib.suppress(PeerGoneError):
                 self.transport.send(0, Frame(Kind.EXIT, page=code))
-            except FabricError as err:
-                self.machine.fail(str(err))
 
     def _on_event(self, peer: int, frame: Frame) -> None:
         if frame.kind == Kind.CONSOLE:
@@ -183,26 +181,26 @@ class Fragment:
         elif frame.kind == Kind.STOP:
             # Forward it first: every link then carries the STOP ahead of this fragment's
             # departure, so no peer mistakes the closing connection for a lost fragment.
-            self.stopping.set()
-            self.transport.stopping()
-            self.transport.broadcast(frame)
+            self._end(frame)
             self.machine.finish(frame.page)
         elif frame.kind == Kind.STARTED:
             log.info("%s", frame.payload.decode(errors="replace"))
         elif frame.kind == Kind.FAILED:
             # Relayed as it came: `page` names the fragment where the failure was seen first.
-            self.stopping.set()
-            self.transport.stopping()
-            self.transport.broadcast(frame)
+            self._end(frame)
             reason = frame.payload.decode(errors="replace")
             self.machine.fail(f"fragment {frame.page} reports: {reason}")
 
+    def _end(self, frame: Frame) -> None:
+        """This fragment learnt or decided that the VM is over (STOP or FAILED)."""
+        self.end_known = True
+        self.stopping.set()
+        self.transport.announce_end(frame)
+
     def _on_failure(self, message: str) -> None:
         log.error("fragment %d: %s", self.config.index, message)
-        self.transport.broadcast(
-            Frame(Kind.FAILED, page=self.config.index, payload=message.encode())
-        )
-        self.machine.fail(message)
+        self.machine.fail(message)  # first: a blocked send below must not delay the stop
+        self._end(Frame(Kind.FAILED, page=self.config.index, payload=message.encode()))
 
     def stop_quietly(self, reason: str) -> bool:
         """A stop signal: end the VM with `reason` as its error, treating closing connections
@@ -210,19 +208,33 @@ class Fragment:
         Signal-handler safe: sets flags and kicks threads."""
         if not self.running:
             return False
+        self.end_known = True  # every fragment is being stopped the same way: no FAILED
         self.stopping.set()
         self.transport.stopping()
         self.machine.fail(reason)
         return True
 
     def _fault_loop(self) -> None:
-        try:
-            while not self.stopping.is_set():
-                for fault in self.uffd.read_faults(0.1):
-                    self.coherence.handle_fault(fault)
-        except Exception as err:
-            if not self.stopping.is_set():
-                self.machine.fail(f"fragment {self.config.index}: page fault service failed: {err}")
+        """Serve guest faults until the vCPUs have stopped: a vCPU (or the monitor on its
+        thread, reading guest memory) may be waiting on a page while the VM ends. Once the
+        VM is ending, a fault the fabric cannot serve gets a zero page: only to let that
+        thread run on to its stop, never as guest data the VM goes on with."""
+        while not self._vcpus_stopped.is_set():
+            for fault in self.uffd.read_faults(0.1):
+                if not self.stopping.is_set():
+                    try:
+                        self.coherence.handle_fault(fault)
+                        continue
+                    except Exception as err:
+                        if not self.stopping.is_set():
+                            self.machine.fail(f"page fault service failed: {err}")
+                            self.stopping.set()
+                self._release(fault)
+
+    def _release(self, fault: Fault) -> None:
+        with contextlib.suppress(UffdError):
+            if not self.uffd.install(fault.address, None, writable=True):
+                self.uffd.unprotect(fault.address)  # present: a write-protect fault
 
     # -- running -----------------------------------------------------------------------------
     def run(self) -> VmResult:
@@ -247,17 +259,18 @@ class Fragment:
         result = self.machine.run(idle_timeout=cfg.idle_timeout if cfg.index == 0 else None)
         self._vcpus_stopped.set()
         self.stopping.set()
-        if cfg.index == 0:
-            # The VM's end is an orderly exchange: every peer reads STOP (or FAILED) before
-            # any connection closes, so none takes the closing for a lost fragment.
-            self.transport.stopping()
-            if result.error and not result.timed_out:  # a timeout ends the VM like an exit
-                self.transport.broadcast(Frame(Kind.FAILED, page=0, payload=result.error.encode()))
-            else:
-                self.transport.broadcast(Frame(Kind.STOP, page=result.exit_code or 0))
+        failed = bool(result.error) and not result.timed_out  # a timeout ends it like an exit
+        if cfg.index == 0 or (failed and not self.end_known):
+            # The VM's end is an orderly exchange: every peer reads STOP (or FAILED, carrying
+            # where it began) before any connection closes, so none takes the closing for a
+            # lost fragment. A failure here that nobody was told of yet is told now.
+            if failed:
+                error = (result.error or "").encode()
+                self._end(Frame(Kind.FAILED, page=cfg.index, payload=error))
+            elif not self.end_known:
+                self._end(Frame(Kind.STOP, page=result.exit_code or 0))
             # Closing with their frames unread would reset the connections under them. After
             # a failure, one of them may be the frozen or lost cause: wait less for them.
-            failed = bool(result.error) and not result.timed_out
             grace = FAILED_GRACE_SECONDS if failed else STOP_GRACE_SECONDS
             if staying := self.transport.wait_departed(grace):
                 log.warning("fragments %s did not close within %.0fs", staying, grace)
@@ -279,6 +292,7 @@ class Fragment:
     def close(self) -> None:
         """Tear down in dependency order: nothing may touch guest RAM once it is unmapped."""
         self.stopping.set()
+        self._vcpus_stopped.set()  # also when run() never started them
         self.transport.close()
         if self._fault_thread.is_alive():
             self._fault_thread.join(5.0)

@@ -11,10 +11,11 @@ import contextlib
 import itertools
 import logging
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from typing import BinaryIO, cast
@@ -37,6 +38,7 @@ log = logging.getLogger("spanvm.fabric")
 HEARTBEAT_INTERVAL = 0.5
 PEER_LOST_AFTER = 3.0
 REQUEST_TIMEOUT = 15.0
+SEND_TIMEOUT = 2 * PEER_LOST_AFTER  # seconds a send may wait for a peer to read
 CONNECT_TIMEOUT = 30.0
 # Unauthenticated connections (handshakes in flight, one thread each) per listener; more are
 # told BUSY and closed at once (connect() retries on BUSY), so idle strangers cost no threads.
@@ -87,7 +89,7 @@ class Transport:
         self.shape = shape
         self.peers: dict[int, Peer] = {}
         self._peers_changed = threading.Condition()
-        self._pending: dict[int, Future[Frame]] = {}
+        self._pending: dict[int, tuple[int, Future[Frame]]] = {}  # id -> (peer, reply)
         self._pending_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._workers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fabric-home")
@@ -95,6 +97,7 @@ class Transport:
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._torn_down = False
+        self._end: Frame | None = None  # the STOP or FAILED that ended the VM, for late peers
         self.refused = 0  # handshakes that failed (logged each)
         self.busy_refused = 0  # connections closed at once: MAX_HANDSHAKES were in flight
 
@@ -204,6 +207,10 @@ class Transport:
 
     def _add_peer(self, peer: Peer) -> None:
         peer.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A peer that stops reading must not block a sender for ever (socket(7) SO_SNDTIMEO).
+        peer.sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(SEND_TIMEOUT), 0)
+        )
         with self._peers_changed:
             if self._torn_down:  # close() ran while this connection was being admitted
                 peer.sock.close()
@@ -211,6 +218,10 @@ class Transport:
             self.peers[peer.index] = peer
             self._peers_changed.notify_all()
             self._spawn(lambda: self._reader(peer), f"fabric-reader-{peer.index}")
+            end = self._end
+        if end is not None:
+            with contextlib.suppress(PeerGoneError):
+                self.send(peer.index, end)
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         """Start a thread close() will wait for (it joins only threads already started)."""
@@ -241,12 +252,16 @@ class Transport:
         request_id = next(self._ids)
         future: Future[Frame] = Future()
         with self._pending_lock:
-            self._pending[request_id] = future
+            self._pending[request_id] = (index, future)
         try:
             # If the peer is gone, the reply never comes: wait for the reader's verdict,
             # which fails every waiting request with the reason (or the fabric closes).
-            with contextlib.suppress(PeerGoneError):
+            try:
                 self.send(index, replace(frame, request=request_id))
+            except PeerGoneError:
+                peer = self.peers.get(index)
+                if self._torn_down or peer is None or peer.departed:
+                    raise  # its reader has ended already: no verdict will wake this request
             return future.result(REQUEST_TIMEOUT)
         except FutureTimeout:
             raise FabricError(
@@ -279,6 +294,8 @@ class Transport:
             with self._peers_changed:
                 peer.departed = True
                 self._peers_changed.notify_all()
+            # Whatever ended the connection, no reply from this peer will come any more.
+            self._fail_pending(f"fragment {peer.index} ended the connection", peer.index)
 
     def wait_departed(self, timeout: float) -> list[int]:
         """After the VM's end was sent: wait until every peer has closed its side (so each
@@ -300,9 +317,10 @@ class Transport:
             if kind == Kind.GRANT:
                 self.handlers.on_grant(frame)
             with self._pending_lock:
-                future = self._pending.get(frame.request)
-            if future is not None:
-                future.set_result(frame)
+                entry = self._pending.get(frame.request)
+            if entry is not None:
+                with contextlib.suppress(InvalidStateError):  # already failed: too late
+                    entry[1].set_result(frame)
             return
         if kind in (Kind.READ, Kind.WRITE):
             if not self.handlers.try_inline(peer.index, frame):
@@ -316,6 +334,8 @@ class Transport:
     def _serve(self, index: int, frame: Frame) -> None:
         try:
             self.handlers.on_request(index, frame)
+        except PeerGoneError:
+            pass  # the connection's reader reports how the peer ended
         except Exception as err:
             self._fail(
                 f"serving {frame.kind.name} of page {frame.page:#x} for fragment {index}: {err}"
@@ -323,19 +343,24 @@ class Transport:
 
     def _heartbeat_loop(self) -> None:
         last_tick = time.monotonic()
-        while not self._closing.wait(HEARTBEAT_INTERVAL):
+        while True:
+            ending = self._closing.wait(HEARTBEAT_INTERVAL)
             now = time.monotonic()
-            if now - last_tick > PEER_LOST_AFTER:
-                # This fragment itself did not run (stopped, frozen, starved): its peers'
-                # silence is not theirs. Give them a fresh window instead of blaming them.
-                log.warning(
-                    "fragment %d was frozen for %.1fs; not judging peers on that gap",
-                    self.index,
-                    now - last_tick,
-                )
-                for peer in list(self.peers.values()):
-                    peer.last_seen = max(peer.last_seen, now)
+            late = now - last_tick - HEARTBEAT_INTERVAL
             last_tick = now
+            if late > HEARTBEAT_INTERVAL:
+                # This fragment itself did not run (stopped, frozen, starved): its peers'
+                # silence over that time is not theirs. Do not count it against them.
+                if late > 1.0:
+                    log.warning(
+                        "fragment %d was frozen for %.1fs; not judging peers on that gap",
+                        self.index,
+                        late + HEARTBEAT_INTERVAL,
+                    )
+                for peer in list(self.peers.values()):
+                    peer.last_seen += late
+            if ending:
+                return
             for peer in list(self.peers.values()):
                 if now - peer.last_seen > PEER_LOST_AFTER:
                     self._fail(
@@ -353,12 +378,21 @@ class Transport:
         self.handlers.on_failure(message)  # the cause is recorded before waiters wake
         self._fail_pending(message)
 
-    def _fail_pending(self, message: str) -> None:
-        """Wake every request still waiting for a reply, with the reason it never comes."""
+    def _fail_pending(self, message: str, peer: int | None = None) -> None:
+        """Wake every request still waiting for a reply (of `peer`, or any), with the reason
+        it never comes."""
         with self._pending_lock:
-            for future in self._pending.values():
-                if not future.done():
+            for index, future in self._pending.values():
+                if (peer is None or index == peer) and not future.done():
                     future.set_exception(FabricError(message))
+
+    def announce_end(self, frame: Frame) -> None:
+        """The VM is over (STOP or FAILED): tell every peer, including any that connects
+        later (a fragment still joining), and treat closing connections as no failure."""
+        with self._peers_changed:
+            self._end = frame
+        self.stopping()
+        self.broadcast(frame)
 
     def stopping(self) -> None:
         """The VM is ending: connections closing from now on are not failures."""

@@ -54,7 +54,7 @@ PAYLOADS: dict[str, PayloadInfo] = {
         ),
         PayloadInfo(
             "fault-now",
-            "vCPU 0 takes an invalid-opcode exception at once; the other vCPUs spin",
+            "vCPU arg takes an invalid-opcode exception at once; the other vCPUs spin",
             0,
         ),
         PayloadInfo(

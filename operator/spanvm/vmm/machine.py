@@ -91,7 +91,7 @@ class Vcpu:
         self.thread: threading.Thread | None = None
         # Kicks are sent only while the thread is in its loop: a signal to a thread that has
         # exited may reach another thread that reuses its pthread_t, after the handler is gone.
-        self.kick_lock = threading.Lock()
+        self.kick_lock = threading.RLock()  # a signal handler on this thread may kick too
         self.looping = False
 
     def exit_union(self, kind: type[ctypes.Structure]) -> ctypes.Structure:
