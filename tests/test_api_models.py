@@ -111,3 +111,13 @@ def test_parse_memory(text: str, size: int) -> None:
 def test_parse_memory_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_memory(text)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "examples" / "invalid").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_invalid_examples_are_refused_by_the_model_too(path: Path) -> None:
+    """The model and the CRD refuse the same manifests (the API server side is in
+    test_api_server.py)."""
+    with pytest.raises(ValidationError):
+        SpanningVM.model_validate(yaml.safe_load(path.read_text()))

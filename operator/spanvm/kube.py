@@ -7,6 +7,7 @@ client); async callers run it in a thread.
 """
 
 import base64
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
@@ -43,6 +44,17 @@ def unless_status(call: Callable[[], T], *statuses: int) -> T | None:
         if err.status in statuses:
             return None
         raise
+
+
+def api_error_text(err: ApiException) -> str:
+    """The API server's own words for a refused request: status code and message."""
+    message = err.reason or ""
+    try:
+        body = json.loads(err.body or "{}")
+        message = str(body.get("message") or message)
+    except (ValueError, AttributeError):
+        pass
+    return f"{err.status}: {message}"
 
 
 def load_config(kubeconfig: str | None = None) -> client.ApiClient:
@@ -203,6 +215,14 @@ class Kube:
         secret = unless_status(lambda: self.core.read_namespaced_secret(name, namespace), NOT_FOUND)
         value = None if secret is None else (secret.data or {}).get(key)
         return None if value is None else base64.b64decode(value)
+
+    def get_secret_metadata(self, namespace: str, name: str) -> JsonObject | None:
+        """A Secret's metadata (never its data), or None if there is none."""
+        secret = unless_status(lambda: self.core.read_namespaced_secret(name, namespace), NOT_FOUND)
+        if secret is None:
+            return None
+        meta: JsonObject = self._plain(secret.metadata)
+        return meta
 
     def create_secret(self, namespace: str, body: JsonObject) -> bool:
         """Create a Secret; False if it exists already (its key is kept)."""
