@@ -3,6 +3,8 @@ agents are stood in for by writing VMFragment status as an agent would."""
 
 import json
 import socket
+import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +16,7 @@ import pytest
 
 from conftest import Cluster
 from k8s_sim import (
+    SYSTEM_NS,
     SimNodes,
     ensure_namespace,
     force_delete_vms,
@@ -21,12 +24,25 @@ from k8s_sim import (
     vm_manifest,
     wait_for,
 )
-from spanvm.api.constants import GROUP, SPANNINGVM_PLURAL, VERSION, VM_LABEL
+from spanvm.agent.controller import Agent
+from spanvm.agent.node_publisher import NodePublisher, Offer
+from spanvm.api.constants import (
+    GROUP,
+    SPANNINGVM_PLURAL,
+    VERSION,
+    VM_LABEL,
+    agent_lease_name,
+    fabric_secret_name,
+    label_value,
+)
+from spanvm.api.spanningvm import FragmentSummary, SpanningVMSpec
+from spanvm.controller.fragments import fragment_body
 from spanvm.controller.reconcile import FAULT_EXIT_ENV
-from spanvm.kube import JsonObject, Kube
+from spanvm.kube import NOT_FOUND, JsonObject, Kube, unless_status
 
 pytestmark = pytest.mark.cluster
 NS = "op-test"
+GRACE = 8.0  # the module operator's --node-loss-grace
 
 
 def free_port() -> int:
@@ -59,7 +75,9 @@ class Env:
         return (vm or {}).get("status") or {}
 
     def fragments(self, name: str, namespace: str | None = None) -> list[JsonObject]:
-        items = self.kube.list_fragments(namespace or self.namespace, f"{VM_LABEL}={name}")
+        items = self.kube.list_fragments(
+            namespace or self.namespace, f"{VM_LABEL}={label_value(name)}"
+        )
         return sorted(items, key=lambda f: int(f["spec"]["index"]))
 
     def wait_phase(self, name: str, phase: str, timeout: float = 30) -> JsonObject:
@@ -90,6 +108,12 @@ def condition(status: JsonObject, type_: str) -> JsonObject:
     return next(c for c in status.get("conditions") or [] if c["type"] == type_)
 
 
+def reason_of(status: JsonObject, type_: str) -> str | None:
+    """The reason of a condition, None while it is not set."""
+    found = [c for c in status.get("conditions") or [] if c["type"] == type_]
+    return found[0].get("reason") if found else None
+
+
 @pytest.fixture(scope="module")
 def kube(crds: Cluster) -> Kube:
     return Kube.connect(str(crds.kubeconfig))
@@ -103,7 +127,7 @@ def running_operator(
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     port = free_port()
     with operator_process(
-        crds.kubeconfig, NS, log, lease_name="op-test", metrics_port=port
+        crds.kubeconfig, NS, log, lease_name="op-test", metrics_port=port, node_loss_grace=GRACE
     ) as process:
         yield log, port
         assert process.poll() is None, log.read_text()[-3000:]
@@ -448,3 +472,279 @@ def test_two_operators_place_once_and_the_follower_takes_over(
                 timeout=40,
             )
             assert follower.poll() is None
+
+
+# -- issue 13: faults found from outside ------------------------------------------------------
+
+
+def reconciles(env: Env) -> float:
+    """Reconcile passes the module operator has made so far (its metrics)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{env.metrics_port}/metrics").read().decode()
+    lines = [m for m in text.splitlines() if m.startswith("spanvm_reconcile_total{")]
+    return sum(float(m.split()[1]) for m in lines)
+
+
+def later_passes(env: Env, count: int = 3) -> None:
+    """Until the operator has made `count` more passes (the timer runs every second)."""
+    start = reconciles(env)
+    wait_for(f"{count} more reconcile passes", lambda: reconciles(env) >= start + count)
+
+
+def stop_requested(env: Env, name: str) -> list[JsonObject]:
+    return wait_for(
+        f"stop requests for {name}",
+        lambda: (
+            all(f["spec"]["desiredState"] == "Stopped" for f in env.fragments(name))
+            and env.fragments(name)
+        ),
+    )
+
+
+def test_names_up_to_253_characters_are_placed_run_and_deleted(env: Env) -> None:
+    """Kind 1: a 64- or 250-character VM name and 64- or 253-character node names become
+    valid label values, selectors, child and Lease names; the VM runs and is deletable."""
+    node64, node253 = "k1-" + "a" * 61, "k" * 253
+    env.nodes.add(node64, vcpus=2, labels={"pool": "k1"})
+    env.nodes.add(node253, vcpus=2, labels={"pool": "k1"})
+    names = ["v" * 64, "w" * 250]
+    for name in names:
+        env.create_vm(vm_manifest(name, NS, "k1", vcpus=2, max_fragments=1))
+    for name in names:
+        frags = wait_for(f"{name[:8]}… placed", lambda n=name: env.fragments(n))
+        labels = frags[0]["metadata"]["labels"]
+        assert all(len(v) <= 63 for v in labels.values()), labels
+        assert len(frags[0]["metadata"]["name"]) <= 253
+        assert frags[0]["spec"]["secretRef"]["name"] == fabric_secret_name(name)
+        assert env.kube.read_secret_key(NS, fabric_secret_name(name), "fabric-key") is not None
+        env.report(frags[0], phase="Running", endpoint="10.0.0.1:7000")
+        env.wait_phase(name, "Running")
+    assert {env.fragments(n)[0]["spec"]["nodeName"] for n in names} == {node64, node253}
+    for name in names:
+        env.delete_vm(name)
+        for frag in stop_requested(env, name):
+            env.report(frag, phase="Stopped")
+        wait_for(f"{name[:8]}… deleted (finalizer released)", lambda n=name: env.vm(n) is None)
+
+
+def test_an_agent_on_a_253_character_node_finds_its_fragments(env: Env, tmp_path: Path) -> None:
+    """Kind 1, agent side: its heartbeat Lease and its fragment selector are valid for the
+    longest node name; a fragment whose Secret is missing says so."""
+    node = "m" * 253
+    env.nodes.add(node, labels={"pool": "k1b"})
+    publisher = NodePublisher(
+        env.kube, node, SYSTEM_NS, kvm_device="/dev/kvm", offer=Offer(), lease_duration=6
+    )
+    publisher.renew_lease()
+    lease = env.kube.get_lease(SYSTEM_NS, agent_lease_name(node))
+    assert lease is not None and lease["spec"]["holderIdentity"] == node
+    vm = {"metadata": {"name": "x" * 250, "namespace": NS, "uid": "not-a-vm"}}
+    spec = SpanningVMSpec.model_validate(vm_manifest("x", NS, "k1b")["spec"])
+    placed = [FragmentSummary(name="x" * 248 + "-0", node_name=node, vcpu_ids=[0], memory="0")]
+    body = fragment_body(vm, spec, placed, 0)
+    del body["metadata"]["ownerReferences"]  # no VM of ours: the operator leaves it alone
+    body["spec"]["fragmentCount"] = 1
+    assert env.kube.create_fragment(NS, body)
+    agent = Agent(env.kube, node, publisher, state_dir=tmp_path, listen_host="127.0.0.1")
+    agent.sync()
+    status = env.kube.get_fragment(NS, body["metadata"]["name"])["status"]  # type: ignore[index]
+    assert status["phase"] == "Pending"
+    assert status["message"] == f"waiting for Secret {fabric_secret_name('x' * 250)}"
+
+
+def test_a_failed_vm_releases_its_capacity(env: Env) -> None:
+    """Kind 4: a Failed (Once) VM's fragments are asked to stop and no longer counted, so the
+    next VM is placed without the failed one being deleted or its agent answering."""
+    env.nodes.add("k4-a", labels={"pool": "k4"})
+    env.nodes.add("k4-b", labels={"pool": "k4"})
+    env.create_vm(vm_manifest("vm-k4a", NS, "k4"))
+    frags = wait_for(
+        "2 fragments", lambda: len(env.fragments("vm-k4a")) == 2 and env.fragments("vm-k4a")
+    )
+    env.report(frags[1], phase="Failed", message="memory above 64Gi is not supported by this VMM")
+    env.wait_phase("vm-k4a", "Failed")
+    wait_for(
+        "the surviving fragment asked to stop",
+        lambda: env.fragments("vm-k4a")[0]["spec"]["desiredState"] == "Stopped",
+    )
+    env.create_vm(vm_manifest("vm-k4b", NS, "k4"))
+    wait_for("the new VM placed", lambda: placed_whole(env, "vm-k4b", NS))
+    assert env.status("vm-k4a")["phase"] == "Failed"
+
+
+def test_a_finished_vm_is_final_and_phases_never_go_back(env: Env) -> None:
+    """Kinds 7 and 11: fragment 0 finishing first keeps the VM Running (not Starting); once
+    Succeeded, a fragment deleted by hand is not re-created and the phase stays."""
+    frags = running_vm(env, "vm-k7", "k7")
+    env.report(frags[0], phase="Succeeded", exitCode=0, consoleTail="done\n")
+    later_passes(env)
+    assert env.status("vm-k7")["phase"] == "Running"
+    env.report(frags[1], phase="Succeeded", exitCode=0)
+    env.wait_phase("vm-k7", "Succeeded")
+    env.kube.delete_fragment(NS, frags[1]["metadata"]["name"])
+    wait_for("the fragment gone", lambda: len(env.fragments("vm-k7")) == 1)
+    later_passes(env)
+    assert [f["metadata"]["name"] for f in env.fragments("vm-k7")] == ["vm-k7-0"]
+    status = env.status("vm-k7")
+    assert status["phase"] == "Succeeded" and status["exitCode"] == 0
+    starting = [e for e in env.events("vm-k7") if e.startswith("Starting:")]
+    assert len(starting) == 1, env.events("vm-k7")
+
+
+def test_deleting_finished_vms_is_prompt(env: Env) -> None:
+    """Kind 10: deleting a finished VM is bounded (the Kopf timer of a VM being deleted is
+    polled every 0.5 s, not every 60 s). 20 VMs, one after the other; the slowest counts."""
+    env.nodes.add("k10-a", vcpus=20, memory="64Gi", labels={"pool": "k10"})
+    names = [f"vm-k10-{i}" for i in range(20)]
+    for name in names:
+        env.create_vm(vm_manifest(name, NS, "k10", vcpus=1, max_fragments=1, memory="64Mi"))
+    for name in names:
+        frag = wait_for(f"{name} placed", lambda n=name: env.fragments(n))[0]
+        env.report(frag, phase="Succeeded", exitCode=0)
+    for name in names:
+        env.wait_phase(name, "Succeeded")
+    took = []
+    for name in names:
+        started = time.monotonic()
+        env.delete_vm(name)
+        wait_for(f"{name} deleted", lambda n=name: env.vm(n) is None, timeout=90, interval=0.05)
+        took.append(time.monotonic() - started)
+    print("deletion seconds:", " ".join(f"{t:.2f}" for t in took))
+    assert max(took) < 3.0, took
+
+
+def test_a_foreign_object_holding_a_child_name_is_reported_not_adopted(env: Env) -> None:
+    """Kind 6: a VMFragment named like the VM's first fragment, made by someone else: the
+    clash is a condition and an Event naming it; the object is neither adopted nor touched."""
+    env.nodes.add("k6-a", labels={"pool": "k6"})
+    env.nodes.add("k6-b", labels={"pool": "k6"})
+    vm = {"metadata": {"name": "vm-k6", "namespace": NS, "uid": "someone-else"}}
+    spec = SpanningVMSpec.model_validate(vm_manifest("vm-k6", NS, "k6")["spec"])
+    placed = [FragmentSummary(name="vm-k6-0", node_name="elsewhere", vcpu_ids=[0], memory="0")]
+    foreign = fragment_body(vm, spec, placed, 0)
+    foreign["metadata"] = {"name": "vm-k6-0", "namespace": NS, "labels": {"made-by": "hand"}}
+    foreign["spec"]["fragmentCount"] = 1
+    assert env.kube.create_fragment(NS, foreign)
+    env.create_vm(vm_manifest("vm-k6", NS, "k6"))
+    status = wait_for(
+        "the clash reported",
+        lambda: (
+            env.status("vm-k6")
+            if reason_of(env.status("vm-k6"), "Ready") == "NameConflict"
+            else None
+        ),
+    )
+    assert "VMFragment vm-k6-0 (owner: none)" in status["message"], status["message"]
+    assert any(e.startswith("NameConflict:") and "vm-k6-0" in e for e in env.events("vm-k6"))
+    later_passes(env)
+    mine = env.kube.get_fragment(NS, "vm-k6-0")
+    assert mine is not None and not mine["metadata"].get("ownerReferences")
+    assert mine["metadata"]["labels"] == {"made-by": "hand"}
+    assert mine["spec"]["nodeName"] == "elsewhere" and mine["spec"]["desiredState"] == "Running"
+    env.kube.delete_fragment(NS, "vm-k6-0")  # its maker removes it: the VM goes on
+    wait_for("the VM placed once the name is free", lambda: placed_whole(env, "vm-k6", NS))
+
+
+def test_a_recreated_vm_waits_for_its_predecessors_secret(env: Env) -> None:
+    """Kind 5: the fabric Secret of an earlier VM of the same name (not yet collected) is not
+    reused: the new VM says it waits for it, then makes its own, owned by its own uid."""
+    env.nodes.add("k5-a", labels={"pool": "k5"})
+    env.nodes.add("k5-b", labels={"pool": "k5"})
+    old_uid = "00000000-0000-0000-0000-0000000000k5"
+    stale = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": fabric_secret_name("vm-k5"),
+            "namespace": NS,
+            "finalizers": ["spanvm.io/test-hold"],  # stays while the test holds it
+            "ownerReferences": [
+                {
+                    "apiVersion": "spanvm.io/v1alpha1",
+                    "kind": "SpanningVM",
+                    "name": "vm-k5",
+                    "uid": old_uid,
+                }
+            ],
+        },
+        "data": {"fabric-key": "b2xk"},
+    }
+    env.kube.core.create_namespaced_secret(NS, stale)
+    env.create_vm(vm_manifest("vm-k5", NS, "k5"))
+    status = wait_for(
+        "waiting for the old Secret",
+        lambda: (
+            env.status("vm-k5")
+            if reason_of(env.status("vm-k5"), "Ready") == "WaitingForOldObjects"
+            else None
+        ),
+    )
+    assert (
+        f"Secret vm-k5-fabric (of an earlier SpanningVM vm-k5, uid {old_uid})"
+        in (status["message"])
+    )
+    assert env.fragments("vm-k5") == []
+    secret_name = fabric_secret_name("vm-k5")
+    env.kube.core.patch_namespaced_secret(secret_name, NS, {"metadata": {"finalizers": None}})
+    unless_status(lambda: env.kube.core.delete_namespaced_secret(secret_name, NS), NOT_FOUND)
+    frags = wait_for("placed with its own Secret", lambda: len(env.fragments("vm-k5")) == 2)
+    vm = env.vm("vm-k5")
+    assert vm is not None
+    meta = env.kube.get_secret_metadata(NS, secret_name)
+    assert meta is not None and meta["ownerReferences"][0]["uid"] == vm["metadata"]["uid"]
+    assert frags
+
+
+def test_heartbeats_are_judged_by_the_operators_own_clock(env: Env) -> None:
+    """Kind 8: an agent 30 s behind that renews is alive; one 1 h ahead that stops renewing is
+    lost one lease duration later, and the node is named."""
+    env.nodes.add("k8-behind", labels={"pool": "k8"})
+    env.nodes.add("k8-ahead", labels={"pool": "k8b"})
+    stop = threading.Event()
+
+    def renew_behind() -> None:
+        while not stop.wait(0.5):
+            env.nodes.heartbeat("k8-behind", age=30, duration=6)
+
+    renewer = threading.Thread(target=renew_behind, daemon=True)
+    renewer.start()
+    try:
+        env.nodes.heartbeat("k8-ahead", age=-3600, duration=6)  # written once, then silence
+        env.create_vm(vm_manifest("vm-k8a", NS, "k8", vcpus=1, max_fragments=1))
+        env.create_vm(vm_manifest("vm-k8b", NS, "k8b", vcpus=1, max_fragments=1))
+        for name in ("vm-k8a", "vm-k8b"):
+            frag = wait_for(f"{name} placed", lambda n=name: env.fragments(n))[0]
+            env.report(frag, phase="Running", endpoint="10.0.0.1:7000")
+            env.wait_phase(name, "Running")
+        status = env.wait_phase("vm-k8b", "Degraded")
+        assert "the agent on node k8-ahead stopped heartbeating" in status["message"]
+        env.create_vm(vm_manifest("vm-k8c", NS, "k8b", vcpus=1, max_fragments=1))
+        pending = wait_for("vm-k8c refused", lambda: env.status("vm-k8c").get("message"))
+        assert "with a stale agent heartbeat (k8-ahead)" in pending
+        later_passes(env)
+        assert env.status("vm-k8a")["phase"] == "Running"
+    finally:
+        stop.set()
+        renewer.join()
+
+
+def test_a_node_flap_shorter_than_the_grace_does_not_restart(env: Env) -> None:
+    """Kind 9: an Always VM whose node goes NotReady briefly is Degraded, not restarted; a
+    loss longer than --node-loss-grace restarts it, never sooner than the grace."""
+    for n in ("k9-a", "k9-b", "k9-c"):
+        env.nodes.add(n, labels={"pool": "k9"})
+    env.create_vm(vm_manifest("vm-k9", NS, "k9", run_strategy="Always"))
+    frags = run_fragments(env, "vm-k9")
+    env.wait_phase("vm-k9", "Running")
+    node = frags[1]["spec"]["nodeName"]
+    env.nodes.set_ready(node, False)
+    env.wait_phase("vm-k9", "Degraded")
+    env.nodes.set_ready(node, True)
+    env.wait_phase("vm-k9", "Running")
+    assert not env.status("vm-k9").get("restarts")
+    assert [f["metadata"]["uid"] for f in env.fragments("vm-k9")] == [
+        f["metadata"]["uid"] for f in frags
+    ]
+    flipped = time.monotonic()
+    env.nodes.set_ready(node, False)
+    wait_for("a restart", lambda: env.status("vm-k9").get("restarts") == 1, timeout=60)
+    assert time.monotonic() - flipped >= GRACE

@@ -218,6 +218,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         namespaces=args.namespace or [],
         timer_interval=args.timer_interval,
         deletion_grace=args.deletion_grace,
+        node_loss_grace=args.node_loss_grace,
     )
     asyncio.run(
         run_operator(
@@ -274,6 +275,12 @@ def _add_operator_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
         type=_positive,
         default=60.0,
         help="seconds a deletion waits for fragments to stop before forcing",
+    )
+    op.add_argument(
+        "--node-loss-grace",
+        type=_positive,
+        default=40.0,
+        help="seconds a node must stay NotReady or silent before an Always VM is restarted",
     )
     op.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     op.set_defaults(func=cmd_operator)

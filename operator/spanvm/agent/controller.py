@@ -22,6 +22,7 @@ from spanvm.api.constants import (
     NODE_LABEL,
     VERSION,
     VMFRAGMENT_PLURAL,
+    label_value,
 )
 from spanvm.api.quantity import parse_memory
 from spanvm.api.vmfragment import VMFragmentSpec
@@ -118,7 +119,7 @@ class Agent:
                     GROUP,
                     VERSION,
                     VMFRAGMENT_PLURAL,
-                    label_selector=f"{NODE_LABEL}={self.node}",
+                    label_selector=f"{NODE_LABEL}={label_value(self.node)}",
                     timeout_seconds=30,
                 )
                 for _ in stream:
@@ -145,7 +146,7 @@ class Agent:
 
     def sync(self) -> None:
         """One pass: start, stop, forget and report fragments."""
-        items = self.kube.list_fragments(None, f"{NODE_LABEL}={self.node}")
+        items = self.kube.list_fragments(None, f"{NODE_LABEL}={label_value(self.node)}")
         fragments = {
             f["metadata"]["uid"]: f for f in items if f["spec"].get("nodeName") == self.node
         }

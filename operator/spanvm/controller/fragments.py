@@ -13,6 +13,7 @@ from spanvm.api.constants import (
     VM_LABEL,
     fabric_secret_name,
     fragment_name,
+    label_value,
 )
 from spanvm.api.quantity import format_memory, parse_memory
 from spanvm.api.spanningvm import FabricSpec, FragmentSummary, SpanningVMSpec
@@ -67,6 +68,19 @@ def owner_reference(vm: JsonObject) -> dict[str, Any]:
     }
 
 
+def owned_by(obj: JsonObject, uid: str) -> bool:
+    """Whether `obj` has an owner reference to the object with this uid."""
+    return any(o.get("uid") == uid for o in obj["metadata"].get("ownerReferences") or [])
+
+
+def owner_vm_name(obj: JsonObject) -> str | None:
+    """The name of the SpanningVM controlling `obj`, from its owner reference."""
+    for owner in obj["metadata"].get("ownerReferences") or []:
+        if owner.get("kind") == "SpanningVM" and owner.get("apiVersion") == API_VERSION:
+            return str(owner["name"])
+    return None
+
+
 def user_labels(vm: JsonObject) -> dict[str, str]:
     """The VM's own labels, carried to its fragments (spanvm's and Kopf's left out)."""
     labels: dict[str, str] = vm["metadata"].get("labels") or {}
@@ -76,8 +90,8 @@ def user_labels(vm: JsonObject) -> dict[str, str]:
 def fragment_labels(vm: JsonObject, index: int, node: str) -> dict[str, str]:
     return {
         **user_labels(vm),
-        VM_LABEL: vm["metadata"]["name"],
-        NODE_LABEL: node,
+        VM_LABEL: label_value(vm["metadata"]["name"]),
+        NODE_LABEL: label_value(node),
         INDEX_LABEL: str(index),
     }
 
@@ -142,7 +156,7 @@ def fabric_secret(vm: JsonObject) -> JsonObject:
         "metadata": {
             "name": fabric_secret_name(name),
             "namespace": vm["metadata"]["namespace"],
-            "labels": {VM_LABEL: name},
+            "labels": {VM_LABEL: label_value(name)},
             "ownerReferences": [owner_reference(vm)],
         },
         "type": "Opaque",
