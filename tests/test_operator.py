@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from conftest import Cluster
 from k8s_sim import (
@@ -748,3 +749,80 @@ def test_a_node_flap_shorter_than_the_grace_does_not_restart(env: Env) -> None:
     env.nodes.set_ready(node, False)
     wait_for("a restart", lambda: env.status("vm-k9").get("restarts") == 1, timeout=60)
     assert time.monotonic() - flipped >= GRACE
+
+
+def test_a_vm_whose_delete_handler_keeps_failing_is_still_deletable(env: Env) -> None:
+    """Kind 1: an API server that refuses what the delete handler does (here an admission
+    policy refusing stop requests) no longer holds the finalizer forever: after
+    --deletion-grace the VM goes, with a ForcedDeletion Event saying why."""
+    policy = "k1-refuse-stop"
+    refuse = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": policy},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": ["spanvm.io"],
+                        "apiVersions": ["*"],
+                        "operations": ["UPDATE"],
+                        "resources": ["vmfragments"],
+                    }
+                ]
+            },
+            "validations": [
+                {
+                    "expression": "object.spec.desiredState != 'Stopped'",
+                    "message": "stop requests are refused here (test)",
+                }
+            ],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": policy},
+        "spec": {
+            "policyName": policy,
+            "validationActions": ["Deny"],
+            "matchResources": {"objectSelector": {"matchLabels": {"refuse-stop": "yes"}}},
+        },
+    }
+    running_vm(env, "vm-k1d", "k1d")
+    env.cluster.kubectl("label", "-n", NS, "svm", "vm-k1d", "refuse-stop=yes")
+    wait_for(
+        "the label on the fragments",
+        lambda: all(f["metadata"]["labels"].get("refuse-stop") for f in env.fragments("vm-k1d")),
+    )
+    probe = fragment_body(
+        {"metadata": {"name": "k1d-probe", "namespace": NS, "uid": "none"}},
+        SpanningVMSpec.model_validate(vm_manifest("x", NS, "k1d")["spec"]),
+        [FragmentSummary(name="k1d-probe", node_name="nowhere", vcpu_ids=[0], memory="0")],
+        0,
+    )
+    probe["metadata"] = {"name": "k1d-probe", "namespace": NS, "labels": {"refuse-stop": "yes"}}
+    probe["spec"]["fragmentCount"] = 1
+    env.kube.create_fragment(NS, probe)
+    env.cluster.kubectl("apply", "-f", "-", stdin=json.dumps(refuse))
+    env.cluster.kubectl("apply", "-f", "-", stdin=json.dumps(binding))
+    try:
+
+        def refused() -> bool:
+            patch = {"spec": {"desiredState": "Stopped"}}
+            try:
+                env.kube.patch_fragment(NS, "k1d-probe", patch)
+            except ApiException as err:
+                return err.status in (403, 422)
+            env.kube.patch_fragment(NS, "k1d-probe", {"spec": {"desiredState": "Running"}})
+            return False
+
+        wait_for("the admission policy in force", refused)
+        env.delete_vm("vm-k1d")
+        wait_for("the VM deleted despite the failing handler", lambda: env.vm("vm-k1d") is None)
+        events = env.events("vm-k1d")
+        assert any(e.startswith("ForcedDeletion:") and "deletion failed" in e for e in events)
+    finally:
+        env.cluster.kubectl("delete", "validatingadmissionpolicybinding", policy)
+        env.cluster.kubectl("delete", "validatingadmissionpolicy", policy)
