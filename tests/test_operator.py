@@ -826,3 +826,28 @@ def test_a_vm_whose_delete_handler_keeps_failing_is_still_deletable(env: Env) ->
     finally:
         env.cluster.kubectl("delete", "validatingadmissionpolicybinding", policy)
         env.cluster.kubectl("delete", "validatingadmissionpolicy", policy)
+
+
+def test_a_fragment_waiting_for_a_missing_secret_is_reported_on_the_vm(
+    env: Env, tmp_path: Path
+) -> None:
+    """Kind 5, last part: the agent (in-process, real) holds a fragment whose Secret is gone
+    and says so; the VM's status names the Secret instead of failing later on a timeout."""
+    env.nodes.add("k5s-a", labels={"pool": "k5s"})
+    env.create_vm(vm_manifest("vm-k5s", NS, "k5s", vcpus=1, max_fragments=1))
+    wait_for("placed", lambda: env.fragments("vm-k5s"))
+    secret = fabric_secret_name("vm-k5s")
+    env.kube.core.delete_namespaced_secret(secret, NS)
+    publisher = NodePublisher(
+        env.kube, "k5s-a", SYSTEM_NS, kvm_device="/dev/kvm", offer=Offer(), lease_duration=60
+    )
+    Agent(env.kube, "k5s-a", publisher, state_dir=tmp_path, listen_host="127.0.0.1").sync()
+    status = wait_for(
+        "the VM naming the missing Secret",
+        lambda: (
+            env.status("vm-k5s")
+            if f"waiting for Secret {secret}" in (env.status("vm-k5s").get("message") or "")
+            else None
+        ),
+    )
+    assert status["phase"] == "Starting"

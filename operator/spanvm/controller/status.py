@@ -121,7 +121,14 @@ def aggregate(
             "FabricConnected",
             **result,
         )
-    waiting = [f"{i} ({p})" for i, p in enumerate(phases) if p != "Running"]
+    waiting = []
+    for i, p in enumerate(phases):
+        if p == "Running":
+            continue
+        # A fragment held back says why (its agent's words: a missing Secret, a peer's
+        # endpoint not known yet), so the VM names what it waits for.
+        why = ((fragments.get(i) or {}).get("status") or {}).get("message")
+        waiting.append(f"{i} ({p}: {why})" if p == "Pending" and why else f"{i} ({p})")
     return Aggregate(
         "Starting",
         "waiting for fragments " + ", ".join(waiting) + " to connect their fabric",
