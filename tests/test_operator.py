@@ -851,3 +851,20 @@ def test_a_fragment_waiting_for_a_missing_secret_is_reported_on_the_vm(
         ),
     )
     assert status["phase"] == "Starting"
+
+
+def test_a_fragment_deleted_under_a_running_once_vm_fails_it_not_relaunched(env: Env) -> None:
+    """Kinds 7 and 11: re-creating fragments happens only where the run strategy says so. A
+    fragment deleted by hand under a running Once guest fails the VM, naming it; nothing is
+    relaunched and the survivor is asked to stop."""
+    frags = running_vm(env, "vm-k7r", "k7r")
+    env.kube.delete_fragment(NS, frags[1]["metadata"]["name"])
+    status = env.wait_phase("vm-k7r", "Failed")
+    assert "fragment(s) vm-k7r-1 deleted while the guest ran" in status["message"]
+    wait_for(
+        "the survivor asked to stop",
+        lambda: env.fragments("vm-k7r")[0]["spec"]["desiredState"] == "Stopped",
+    )
+    later_passes(env)
+    assert [f["metadata"]["name"] for f in env.fragments("vm-k7r")] == ["vm-k7r-0"]
+    assert env.status("vm-k7r")["phase"] == "Failed"

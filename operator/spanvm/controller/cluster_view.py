@@ -24,6 +24,7 @@ from spanvm.scheduler.snapshot import NodeInfo, Taint, Usage
 
 TERMINAL_FRAGMENT_PHASES = frozenset({"Succeeded", "Failed", "Stopped"})
 FINISHED_VM_PHASES = frozenset({"Succeeded", "Failed"})  # the guest has ended
+STARTED_VM_PHASES = frozenset({"Starting", "Running", "Degraded"})  # every fragment was made
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from spanvm.api.spanningvm import FragmentSummary, SpanningVMSpec
 from spanvm.controller import metrics
 from spanvm.controller.cluster_view import (
     FINISHED_VM_PHASES,
+    STARTED_VM_PHASES,
     TERMINAL_FRAGMENT_PHASES,
     HeartbeatObserver,
     NodeHealth,
@@ -193,6 +194,17 @@ class Reconciler:
             if spec.run_strategy == "Always" and (agg.failed or lost):
                 await self._restart(vm, fragments, agg.message)
                 return
+        missing = [p.name for i, p in enumerate(placed) if i not in fragments]
+        if missing and status.get("phase") in STARTED_VM_PHASES:
+            # A fragment deleted under a started guest took part of it along: re-creating it
+            # would relaunch a fragment into a guest that has lost its state. Once: the guest
+            # failed; Always: restart it whole.
+            why = f"fragment(s) {', '.join(missing)} deleted while the guest ran"
+            if spec.run_strategy == "Always":
+                await self._restart(vm, fragments, why)
+            else:
+                await self._fail(vm, fragments, why)
+            return
         if not placed:
             if fragments:  # the previous run's fragments must go before a new placement
                 await self._delete_fragments(vm, fragments)
@@ -406,6 +418,21 @@ class Reconciler:
             conditions=[
                 (FABRIC_READY, agg.fabric_ready, agg.fabric_reason, agg.message),
                 (READY, agg.phase == "Running", agg.phase, agg.message),
+            ],
+        )
+
+    async def _fail(self, vm: JsonObject, fragments: dict[int, JsonObject], why: str) -> None:
+        """The guest cannot go on (runStrategy Once): Failed, with the cause; the rest stops."""
+        await self._ask_stop(fragments)
+        self.events(vm, "Warning", "Failed", why)
+        log.warning("[%s] failed: %s", _vm_ref(vm), why)
+        metrics.FAILURES.labels("FragmentDeleted").inc()
+        await self._write(
+            vm,
+            {"phase": "Failed", "message": why},
+            conditions=[
+                (FABRIC_READY, False, "FragmentDeleted", why),
+                (READY, False, "Failed", why),
             ],
         )
 
