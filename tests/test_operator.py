@@ -868,3 +868,34 @@ def test_a_fragment_deleted_under_a_running_once_vm_fails_it_not_relaunched(env:
     later_passes(env)
     assert [f["metadata"]["name"] for f in env.fragments("vm-k7r")] == ["vm-k7r-0"]
     assert env.status("vm-k7r")["phase"] == "Failed"
+
+
+@pytest.mark.kvm
+def test_a_vm_with_a_250_character_name_runs_on_a_real_agent(env: Env, tmp_path: Path) -> None:
+    """Kind 1, end to end on one node: the operator places a VM whose name is 250 characters;
+    the real agent code (in-process, real fragment process under KVM) launches it (its state
+    directory name stays a valid file name) and the guest finishes."""
+    node, name = "k1r-a", "r" * 250
+    env.nodes.add(node, labels={"pool": "k1r"})
+    env.create_vm(vm_manifest(name, NS, "k1r", vcpus=1, max_fragments=1, payload="hello"))
+    wait_for(
+        "placed with peers", lambda: (env.fragments(name) or [{}])[0].get("spec", {}).get("peers")
+    )
+    publisher = NodePublisher(
+        env.kube, node, SYSTEM_NS, kvm_device="/dev/kvm", offer=Offer(), lease_duration=60
+    )
+    publisher.publish_capabilities()
+    agent = Agent(env.kube, node, publisher, state_dir=tmp_path, listen_host="127.0.0.1")
+
+    def finished() -> bool:
+        agent.sync()
+        phase = (env.fragments(name)[0].get("status") or {}).get("phase")
+        return phase in ("Succeeded", "Failed")
+
+    try:
+        wait_for("the fragment to finish", finished, timeout=90, interval=0.5)
+        status = env.wait_phase(name, "Succeeded")
+        assert status["exitCode"] == 0
+    finally:
+        for proc in agent.processes.values():
+            proc.stop()
