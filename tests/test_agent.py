@@ -187,7 +187,9 @@ def test_a_node_that_loses_kvm_becomes_unschedulable(
         assert node["metadata"]["annotations"][ALLOCATABLE_VCPUS_ANNOTATION] == "0"
         details = json.loads(node["metadata"]["annotations"][DETAILS_ANNOTATION])
         assert str(device) in details["kvm"]["error"]
-        assert "KVM not usable" in nodes.log_of("ag-b").read_text()
+        wait_for(  # the agent logs right after it patches the Node
+            "the agent to log it", lambda: "KVM not usable" in nodes.log_of("ag-b").read_text()
+        )
     finally:
         nodes.stop_agent("ag-b")
         nodes.start_agent("ag-b")

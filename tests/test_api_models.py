@@ -149,7 +149,11 @@ def test_derived_names_are_valid_for_any_legal_name(name: str, index: int) -> No
     for value in (label_value(name), label_value(name + "x")):
         assert len(value) <= LABEL_MAX and LABEL_VALUE.match(value), value
     assert label_value(name) != label_value(name + "x")
-    for child in (fragment_name(name, index), fabric_secret_name(name), agent_lease_name(name)):
+    for child in (
+        fragment_name(name, index),
+        fabric_secret_name(name, "0b5e1f3c-5d2e-4c55-9f3a-2b7c1d0e9a11"),
+        agent_lease_name(name),
+    ):
         assert len(child) <= 253 and DNS_SUBDOMAIN.match(child), child
     assert fragment_name(name, index) != fragment_name(name + "x", index)
 

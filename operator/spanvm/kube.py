@@ -216,14 +216,6 @@ class Kube:
         value = None if secret is None else (secret.data or {}).get(key)
         return None if value is None else base64.b64decode(value)
 
-    def get_secret_metadata(self, namespace: str, name: str) -> JsonObject | None:
-        """A Secret's metadata (never its data), or None if there is none."""
-        secret = unless_status(lambda: self.core.read_namespaced_secret(name, namespace), NOT_FOUND)
-        if secret is None:
-            return None
-        meta: JsonObject = self._plain(secret.metadata)
-        return meta
-
     def create_secret(self, namespace: str, body: JsonObject) -> bool:
         """Create a Secret; False if it exists already (its key is kept)."""
         created = unless_status(

@@ -77,6 +77,9 @@ def fragment_name(vm: str, index: int) -> str:
     return child_name(vm, str(index))
 
 
-def fabric_secret_name(vm: str) -> str:
-    """The Secret holding a VM's fabric key."""
-    return child_name(vm, "fabric")
+def fabric_secret_name(vm: str, uid: str) -> str:
+    """The Secret holding a VM's fabric key: named after the VM *and its uid*, so a VM
+    deleted and re-created under the same name never meets its predecessor's Secret (still
+    there until the garbage collector removes it), and the operator needs no right to read
+    Secrets to tell them apart."""
+    return child_name(vm, f"fabric-{uid[:8]}")

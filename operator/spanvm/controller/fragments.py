@@ -118,7 +118,9 @@ def fragment_body(
         ],
         boot=spec.boot,
         fabric=fabric,
-        secret_ref=SecretRef(name=fabric_secret_name(vm["metadata"]["name"])),
+        secret_ref=SecretRef(
+            name=fabric_secret_name(vm["metadata"]["name"], vm["metadata"]["uid"])
+        ),
     )
     return {
         "apiVersion": API_VERSION,
@@ -154,7 +156,7 @@ def fabric_secret(vm: JsonObject) -> JsonObject:
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {
-            "name": fabric_secret_name(name),
+            "name": fabric_secret_name(name, vm["metadata"]["uid"]),
             "namespace": vm["metadata"]["namespace"],
             "labels": {VM_LABEL: label_value(name)},
             "ownerReferences": [owner_reference(vm)],

@@ -285,13 +285,8 @@ class Reconciler:
         ns, uid = vm["metadata"]["namespace"], vm["metadata"]["uid"]
         if len(fragments) == len(placed):
             return False
-        secret = fabric_secret(vm)
-        if not await self._call(self.kube.create_secret, ns, secret):
-            name = secret["metadata"]["name"]
-            meta = await self._call(self.kube.get_secret_metadata, ns, name)
-            if meta is not None and not owned_by({"metadata": meta}, uid):
-                await self._name_taken(vm, "Secret", meta)
-                return None
+        # Named after the VM's uid: a 409 here is this VM's own Secret from an earlier pass.
+        await self._call(self.kube.create_secret, ns, fabric_secret(vm))
         taken: list[JsonObject] = []
         for index in range(len(placed)):
             if index in fragments:
