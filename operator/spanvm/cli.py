@@ -7,7 +7,7 @@ import threading
 from typing import NoReturn
 
 from spanvm.agent.capabilities import discover
-from spanvm.api.quantity import parse_memory
+from spanvm.api.quantity import parse_memory, parse_quantity_bytes
 from spanvm.exitstatus import (
     EXIT_TIMEOUT,
     EXIT_USAGE,
@@ -297,10 +297,14 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if not args.node_name:
         raise UsageError("--node-name (or NODE_NAME) is required")
     _setup_logging(args.log_format)
+    try:  # a node's offer, not one guest's size: any whole number of bytes
+        offer_memory = parse_quantity_bytes(args.guest_memory) if args.guest_memory else None
+    except ValueError as err:
+        raise UsageError(f"--guest-memory: {err}") from None
     kube = Kube.connect(args.kubeconfig)
     offer = Offer(
         vcpus=args.guest_vcpus,
-        memory=parse_memory(args.guest_memory) if args.guest_memory else None,
+        memory=offer_memory,
     )
     publisher = NodePublisher(
         kube,
