@@ -18,6 +18,7 @@ from spanvm.api.constants import (
 from spanvm.api.quantity import format_memory, parse_memory
 from spanvm.api.spanningvm import FabricSpec, FragmentSummary, SpanningVMSpec
 from spanvm.api.vmfragment import MemoryRange, Peer, SecretRef, VMFragmentSpec
+from spanvm.controller.cluster_view import NodeHealth, health_of
 from spanvm.fabric.homes import plan_homes
 from spanvm.kube import JsonObject
 from spanvm.scheduler.placement import Placement
@@ -66,6 +67,20 @@ def owner_reference(vm: JsonObject) -> dict[str, Any]:
         "controller": True,
         "blockOwnerDeletion": True,
     }
+
+
+def fabric_vouches(
+    placed: list[FragmentSummary], fragments: dict[int, JsonObject], health: dict[str, NodeHealth]
+) -> bool:
+    """Whether the memory fabric shows the guest alive in spite of lost nodes: some fragment
+    runs on a healthy node and every fragment is Running. A peer that stopped answering
+    would have failed them (the fabric's own liveness timeout), so they vouch for the rest;
+    a guest on lost nodes only has no one to vouch for it."""
+    phases = [
+        ((fragments.get(i) or {}).get("status") or {}).get("phase") for i in range(len(placed))
+    ]
+    healthy = [i for i, p in enumerate(placed) if health_of(health, p.node_name).healthy]
+    return bool(healthy) and all(p == "Running" for p in phases)
 
 
 def owned_by(obj: JsonObject, uid: str) -> bool:

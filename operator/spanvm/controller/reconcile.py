@@ -32,6 +32,7 @@ from spanvm.controller.cluster_view import (
 )
 from spanvm.controller.fragments import (
     fabric_secret,
+    fabric_vouches,
     fragment_body,
     fragment_labels,
     owned_by,
@@ -189,8 +190,12 @@ class Reconciler:
             grace = self.config.node_loss_grace
             # A node briefly NotReady (or an agent briefly silent) is no reason to kill the
             # guest: its fragments keep running, and if the node is really gone the fabric
-            # fails the VM soon (peers lose it), which restarts it at once.
+            # fails the VM soon (peers lose it), which restarts it at once. Fragments on
+            # healthy nodes still Running are that evidence: their fabric still reaches the
+            # suspect node's fragments, so the guest is left alone however long it lasts.
             lost = [n for n in agg.lost_nodes if self._lost_for(n, health) >= grace]
+            if lost and fabric_vouches(placed, fragments, health):
+                lost = []
             if spec.run_strategy == "Always" and (agg.failed or lost):
                 await self._restart(vm, fragments, agg.message)
                 return
