@@ -908,7 +908,7 @@ def test_a_fragment_deleted_under_a_running_once_vm_fails_it_not_relaunched(env:
     frags = running_vm(env, "vm-k7r", "k7r")
     env.kube.delete_fragment(NS, frags[1]["metadata"]["name"])
     status = env.wait_phase("vm-k7r", "Failed")
-    assert "fragment(s) vm-k7r-1 deleted while the guest ran" in status["message"]
+    assert "fragment(s) vm-k7r-1 deleted after the guest started" in status["message"]
     wait_for(
         "the survivor asked to stop",
         lambda: env.fragments("vm-k7r")[0]["spec"]["desiredState"] == "Stopped",
@@ -947,3 +947,26 @@ def test_a_vm_with_a_250_character_name_runs_on_a_real_agent(env: Env, tmp_path:
     finally:
         for proc in agent.processes.values():
             proc.stop()
+
+
+def test_a_fragment_deleted_under_an_always_vm_restarts_it_whole(env: Env) -> None:
+    """Kind 7, the other run strategy: Always restarts the guest whole (every fragment new),
+    never relaunches the one fragment into the running guest."""
+    for n in ("k7a-a", "k7a-b"):
+        env.nodes.add(n, labels={"pool": "k7a"})
+    env.create_vm(vm_manifest("vm-k7a", NS, "k7a", run_strategy="Always"))
+    frags = run_fragments(env, "vm-k7a")
+    env.wait_phase("vm-k7a", "Running")
+    env.kube.delete_fragment(NS, frags[1]["metadata"]["name"])
+    wait_for("a restart", lambda: env.status("vm-k7a").get("restarts") == 1)
+    old = {f["metadata"]["uid"] for f in frags}
+    again = wait_for(
+        "placed anew",
+        lambda: (
+            len(env.fragments("vm-k7a")) == 2
+            and not old & {f["metadata"]["uid"] for f in env.fragments("vm-k7a")}
+            and env.fragments("vm-k7a")
+        ),
+    )
+    assert all(f["spec"]["desiredState"] == "Running" for f in again)
+    assert any("deleted after the guest started" in e for e in env.events("vm-k7a"))

@@ -200,11 +200,11 @@ class Reconciler:
                 await self._restart(vm, fragments, agg.message)
                 return
         missing = [p.name for i, p in enumerate(placed) if i not in fragments]
-        if missing and status.get("phase") in STARTED_VM_PHASES:
+        if missing and status.get("phase") in STARTED_VM_PHASES | FINISHED_VM_PHASES:
             # A fragment deleted under a started guest took part of it along: re-creating it
             # would relaunch a fragment into a guest that has lost its state. Once: the guest
             # failed; Always: restart it whole.
-            why = f"fragment(s) {', '.join(missing)} deleted while the guest ran"
+            why = f"fragment(s) {', '.join(missing)} deleted after the guest started"
             if spec.run_strategy == "Always":
                 await self._restart(vm, fragments, why)
             else:
