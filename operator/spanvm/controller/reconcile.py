@@ -355,7 +355,7 @@ class Reconciler:
             log.warning("[%s] %s", _vm_ref(vm), message)
         await self._write(
             vm,
-            {"phase": "Pending", "message": message},
+            {"phase": "Scheduling", "message": message},  # placed; its objects wait
             conditions=[(FABRIC_READY, False, reason, message), (READY, False, reason, message)],
         )
 
