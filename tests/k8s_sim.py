@@ -117,7 +117,9 @@ class SimNodes:
             )
 
     def expire(self, name: str) -> None:
-        self.heartbeat(name, age=120, duration=10)
+        """The agent's last renewal: the operator sees no change after this, so the Lease
+        lapses one (short) duration later by the operator's own clock."""
+        self.heartbeat(name, age=120, duration=2)
 
     def delete_all(self) -> None:
         for name in self.names:
@@ -134,6 +136,7 @@ def operator_process(
     lease_name: str,
     env: dict[str, str] | None = None,
     deletion_grace: float = 4.0,
+    node_loss_grace: float = 3.0,
     metrics_port: int | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`spanvm operator` watching one namespace; stopped (SIGTERM, then SIGKILL) after."""
@@ -143,6 +146,7 @@ def operator_process(
         lease_name=lease_name,
         namespaces=(namespace,),
         deletion_grace=deletion_grace,
+        node_loss_grace=node_loss_grace,
         metrics_port=metrics_port,
     )
     process = start(command, log_path, env)

@@ -13,6 +13,8 @@ import pytest
 from conftest import Cluster
 from k8s_sim import ensure_namespace, wait_for
 from spanvm.agent.capabilities import DETAILS_ANNOTATION
+from spanvm.agent.fragment_process import FragmentProcess
+from spanvm.agent.runner import EXIT, STATUS
 from spanvm.api.constants import (
     ALLOCATABLE_VCPUS_ANNOTATION,
     GROUP,
@@ -185,7 +187,9 @@ def test_a_node_that_loses_kvm_becomes_unschedulable(
         assert node["metadata"]["annotations"][ALLOCATABLE_VCPUS_ANNOTATION] == "0"
         details = json.loads(node["metadata"]["annotations"][DETAILS_ANNOTATION])
         assert str(device) in details["kvm"]["error"]
-        assert "KVM not usable" in nodes.log_of("ag-b").read_text()
+        wait_for(  # the agent logs right after it patches the Node
+            "the agent to log it", lambda: "KVM not usable" in nodes.log_of("ag-b").read_text()
+        )
     finally:
         nodes.stop_agent("ag-b")
         nodes.start_agent("ag-b")
@@ -317,3 +321,24 @@ def test_an_agent_told_to_stops_its_fragments_when_it_stops(
         nodes.stop_agent("ag-b")
         nodes.start_agent("ag-b")
     wait_for("the next agent to report it Stopped", lambda: phase(kube, name) == "Stopped")
+
+
+def test_the_first_cause_is_reported_not_how_the_process_ended(tmp_path: Path) -> None:
+    """Issue 13 kind 11: a fragment that recorded a lost peer and was then killed by a signal
+    on its way out is reported for the lost peer (the signal comes after, as such)."""
+    state = tmp_path / "frag"
+    state.mkdir()
+    lines = [
+        {"event": "listening", "endpoint": "10.0.0.2:7000"},
+        {"event": "connected"},
+        {"event": "failed", "error": "fragment 0 lost: no message for 3.5s"},
+    ]
+    (state / STATUS).write_text("".join(json.dumps(e) + "\n" for e in lines))
+    (state / EXIT).write_text(json.dumps({"exit_code": None, "signal": "SIGUSR1"}))
+    status = FragmentProcess(state).status(1)
+    assert status["phase"] == "Failed"
+    assert status["message"] == (
+        "fragment 0 lost: no message for 3.5s (then the fragment VMM killed by SIGUSR1)"
+    )
+    (state / STATUS).write_text(json.dumps(lines[0]) + "\n")  # nothing recorded: the signal
+    assert FragmentProcess(state).status(1)["message"] == "fragment VMM killed by SIGUSR1"

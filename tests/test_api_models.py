@@ -1,17 +1,31 @@
 """The API models and the CRDs generated from them (no cluster needed)."""
 
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import BaseModel, Field, ValidationError
 
+from spanvm.api.constants import (
+    agent_lease_name,
+    fabric_secret_name,
+    fragment_name,
+    label_value,
+)
 from spanvm.api.crd import CRDS, SchemaError, crd_filename, model_schema, render
 from spanvm.api.quantity import format_memory, parse_memory
 from spanvm.api.spanningvm import SpanningVM, SpanningVMSpec
+from spanvm.controller.cluster_view import HeartbeatObserver
 from spanvm.devcluster.paths import repo_root
 
 REPO = repo_root()
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+LABEL_MAX = 63
 
 
 @pytest.mark.parametrize("crd", CRDS, ids=lambda c: c.kind)
@@ -111,3 +125,56 @@ def test_parse_memory(text: str, size: int) -> None:
 def test_parse_memory_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_memory(text)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "examples" / "invalid").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_invalid_examples_are_refused_by_the_model_too(path: Path) -> None:
+    """The model and the CRD refuse the same manifests (the API server side is in
+    test_api_server.py)."""
+    with pytest.raises(ValidationError):
+        SpanningVM.model_validate(yaml.safe_load(path.read_text()))
+
+
+@given(
+    st.from_regex(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", fullmatch=True).filter(
+        lambda n: bool(DNS_SUBDOMAIN.match(n))
+    ),
+    st.integers(0, 63),
+)
+def test_derived_names_are_valid_for_any_legal_name(name: str, index: int) -> None:
+    """Label values, child names and Lease names derived from any legal object name (up to
+    253 characters) are valid, and distinct names give distinct results."""
+    for value in (label_value(name), label_value(name + "x")):
+        assert len(value) <= LABEL_MAX and LABEL_VALUE.match(value), value
+    assert label_value(name) != label_value(name + "x")
+    for child in (
+        fragment_name(name, index),
+        fabric_secret_name(name, "0b5e1f3c-5d2e-4c55-9f3a-2b7c1d0e9a11"),
+        agent_lease_name(name),
+    ):
+        assert len(child) <= 253 and DNS_SUBDOMAIN.match(child), child
+    assert fragment_name(name, index) != fragment_name(name + "x", index)
+
+
+def test_heartbeats_are_judged_by_the_observers_clock() -> None:
+    """A renewal is a renewTime seen to change; the remote timestamp is never compared with
+    the local clock (skewed agents, either way)."""
+    now = [1000.0]
+    observer = HeartbeatObserver(clock=lambda: now[0])
+
+    def lease(node: str, renew: str) -> dict[str, Any]:
+        return {
+            "metadata": {"name": agent_lease_name(node)},
+            "spec": {"holderIdentity": node, "renewTime": renew, "leaseDurationSeconds": 6},
+        }
+
+    behind = [f"2000-01-01T00:00:0{i}.000000Z" for i in range(10)]  # a clock years behind
+    ahead = "2100-01-01T00:00:00.000000Z"  # a clock far ahead, then the agent dies
+    for i in range(10):
+        seen = observer.observe([lease("behind", behind[i]), lease("ahead", ahead)])
+        assert seen["behind"], i
+        assert seen["ahead"] == (now[0] - 1000.0 < 6), i
+        now[0] += 1.0
+    assert observer.observe([lease("ahead", ahead)]) == {"ahead": False}

@@ -1,13 +1,37 @@
 """The CRDs against the real kube-apiserver: established, explained, validated, printed."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
 from conftest import REPO, Cluster
+from quantity_forms import MEMORY_FORMS
+from spanvm.api.constants import GROUP, SPANNINGVM_PLURAL, VERSION
+from spanvm.api.quantity import (
+    ABOVE_MAXIMUM,
+    BELOW_MINIMUM,
+    MAX_GUEST_MEMORY_BYTES,
+    MEMORY_ALIGNMENT,
+    MIN_GUEST_MEMORY_BYTES,
+    NOT_A_QUANTITY,
+    NOT_ALIGNED,
+    parse_memory,
+)
+from spanvm.api.spanningvm import SpanningVMSpec, heap_start
+from spanvm.kube import Kube, api_error_text
+from spanvm.payloads.build import resolve_image
+from spanvm.payloads.catalog import MAX_IMAGE_SIZE, PAYLOAD_NAMES
+from spanvm.vmm.layout import IMAGE_BASE, MAX_VCPUS, GuestLayout, LayoutError
+from spanvm.vmm.memory import ram_ranges
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 INVALID = sorted((REPO / "examples" / "invalid").glob("*.yaml"))
@@ -38,7 +62,7 @@ def test_crds_are_established(crds: Cluster) -> None:
     ("field", "needle"),
     [
         ("svm.spec.placement", "Most fragments (nodes) the guest may be split into"),
-        ("svm.spec.fabric.transport", "auto (RDMA where every node has it, else TCP)"),
+        ("svm.spec.fabric.transport", "auto (TCP today; RDMA once the fabric has it)"),
         ("vmf.spec.homeMemory", "Guest-physical ranges this fragment is home for"),
     ],
 )
@@ -205,3 +229,133 @@ def test_failed_start_reports_the_log_tail(tmp_path: Path) -> None:
     ):
         plane.up(timeout=60)
     assert not any(plane.running().values()), "a failed start must not leave processes behind"
+
+
+# -- issue 13: quantity forms and limits agree at admission, in the model and in the CLI ------
+
+
+def _svm(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "spanvm.io/v1alpha1",
+        "kind": "SpanningVM",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": spec,
+    }
+
+
+def _admit(kube: Kube, body: dict[str, Any]) -> str | None:
+    """None if the API server would store the object (server-side dry run), else its refusal."""
+    try:
+        kube.custom.create_namespaced_custom_object(
+            GROUP, VERSION, "default", SPANNINGVM_PLURAL, body, dry_run="All"
+        )
+    except ApiException as err:
+        return api_error_text(err)
+    return None
+
+
+def _model(spec: dict[str, Any]) -> str | None:
+    try:
+        SpanningVMSpec.model_validate(spec)
+    except ValidationError as err:
+        return str(err)
+    return None
+
+
+@pytest.fixture(scope="module")
+def kube(crds: Cluster) -> Kube:
+    return Kube.connect(str(crds.kubeconfig))
+
+
+@pytest.mark.parametrize(("form", "reason"), MEMORY_FORMS, ids=[f for f, _ in MEMORY_FORMS])
+def test_memory_forms_agree_across_api_server_model_and_cli(
+    kube: Kube, form: str, reason: str | None
+) -> None:
+    spec = {"cpu": {"vcpus": 3}, "memory": form, "boot": {"payload": {"name": "hello"}}}
+    refused = _admit(kube, _svm("quantity-form", spec))
+    by_model = _model(spec)
+    try:
+        parse_memory(form)  # what `spanvm run --memory` and the agent use
+        by_cli = None
+    except ValueError as err:
+        by_cli = str(err)
+    if reason is None:
+        assert refused is None and by_model is None and by_cli is None, (refused, by_model, by_cli)
+        return
+    for where, text in (("API server", refused), ("model", by_model), ("CLI", by_cli)):
+        assert text is not None, f"{where} accepted {form!r}"
+        assert reason in text, f"{where}: {text}"
+        others = {NOT_A_QUANTITY, BELOW_MINIMUM, ABOVE_MAXIMUM, NOT_ALIGNED} - {reason}
+        assert not any(o in text for o in others), f"{where} gave a wrong reason too: {text}"
+
+
+def test_cli_refuses_memory_with_the_same_reason() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "operator")}
+    for form, reason in (("66Gi", ABOVE_MAXIMUM), ("1Ei", ABOVE_MAXIMUM), ("100M", NOT_ALIGNED)):
+        result = subprocess.run(
+            [sys.executable, "-m", "spanvm.cli", "run", "--memory", form, "hello"],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=env,
+            timeout=60,
+        )
+        assert result.returncode == 2 and reason in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "needle"),
+    [
+        ({"cpu": {"vcpus": 3}, "memory": "66Gi"}, "spec.memory", "at most 64Gi"),
+        ({"cpu": {"vcpus": 3}, "memory": "100Gi"}, "spec.memory", "at most 64Gi"),
+        ({"cpu": {"vcpus": MAX_VCPUS + 1}}, "spec.cpu.vcpus", f"less than or equal to {MAX_VCPUS}"),
+        (
+            {"boot": {"linux": {"kernel": "/boot/vmlinuz"}}},
+            "spec.boot.linux",
+            "boot.linux is not supported yet",
+        ),
+        ({"fabric": {"transport": "rdma"}}, "spec.fabric.transport", "rdma is not supported"),
+        (
+            {"memory": "16Mi", "cpu": {"vcpus": 128}, "boot": {"payload": {"name": "smp-sum"}}},
+            "spec.memory",
+            "payload smp-sum needs 8 bytes",
+        ),
+        (
+            {"boot": {"payload": {"name": "smp-sum", "arg": 1 << 30}}},
+            "spec.memory",
+            "payload smp-sum needs 8 bytes",
+        ),
+        ({"boot": {"payload": {"name": "hello", "arg": 1 << 41}}}, "spec.boot.payload.arg", ""),
+    ],
+    ids=["66Gi", "100Gi", "vcpus", "linux", "rdma", "smp-sum-memory", "smp-sum-arg", "arg"],
+)
+def test_vmm_and_agent_limits_are_refused_at_admission(
+    kube: Kube, spec: dict[str, Any], field: str, needle: str
+) -> None:
+    """What the VMM or the agent would refuse after placement is refused before it, naming
+    the field, by the API server and the model alike (one source: vmm.layout, the catalog)."""
+    base = {"cpu": {"vcpus": 2}, "memory": "256Mi", "boot": {"payload": {"name": "hello"}}}
+    full = {**base, **spec}
+    refused = _admit(kube, _svm("limits", full))
+    assert refused is not None and field in refused and needle in refused, refused
+    by_model = _model(full)
+    assert by_model is not None and needle in by_model, by_model
+
+
+def test_the_largest_accepted_vm_fits_the_vmm_layout() -> None:
+    """Every spec the API accepts can be laid out by the VMM: the memory ceiling, the vCPU
+    limit and the largest payload image together, and the smallest memory with most vCPUs."""
+    top = IMAGE_BASE + MAX_IMAGE_SIZE
+    GuestLayout.plan(MAX_GUEST_MEMORY_BYTES, MAX_VCPUS, top, ram_ranges(MAX_GUEST_MEMORY_BYTES))
+    GuestLayout.plan(MIN_GUEST_MEMORY_BYTES, MAX_VCPUS, top, ram_ranges(MIN_GUEST_MEMORY_BYTES))
+    assert heap_start(MAX_VCPUS) < MIN_GUEST_MEMORY_BYTES
+    for name in PAYLOAD_NAMES:
+        image = resolve_image(name)
+        assert image.end - IMAGE_BASE <= MAX_IMAGE_SIZE, f"{name} outgrew MAX_IMAGE_SIZE"
+    with pytest.raises(LayoutError, match="not supported"):
+        GuestLayout.plan(
+            MAX_GUEST_MEMORY_BYTES + MEMORY_ALIGNMENT,
+            1,
+            top,
+            ram_ranges(MAX_GUEST_MEMORY_BYTES + MEMORY_ALIGNMENT),
+        )

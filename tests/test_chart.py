@@ -14,6 +14,7 @@ import yaml
 
 from conftest import REPO, Cluster
 from k8s_sim import ensure_namespace
+from spanvm.api.constants import agent_lease_name
 from spanvm.devcluster.paths import bin_dir
 from spanvm.kube import Kube
 
@@ -107,7 +108,9 @@ def test_dockerfile_lints_clean_and_matches_the_chart() -> None:
     assert "USER 65532:65532" in dockerfile  # the operator's runAsUser
 
 
-def _agent_kubectl(cluster: Cluster, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _agent_kubectl(
+    cluster: Cluster, token: str, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """kubectl as the agent's service account with a node-bound token (what its pod gets)."""
     config = yaml.safe_load(cluster.kubeconfig.read_text())
     server = config["clusters"][0]["cluster"]["server"]
@@ -123,6 +126,7 @@ def _agent_kubectl(cluster: Cluster, token: str, *args: str) -> subprocess.Compl
             f"--token={token}",
             *args,
         ],
+        input=stdin,
         capture_output=True,
         text=True,
         check=False,
@@ -207,7 +211,36 @@ def test_agent_rbac_and_admission_policy_confine_it_to_its_node(crds: Cluster) -
     assert own_node.returncode == 0, own_node.stderr
     secrets_list = _agent_kubectl(crds, token, "-n", "rbac-test", "get", "secrets")
     assert secrets_list.returncode != 0  # get by name only, never list
-    for node in ("rbac-a", "rbac-b"):
+
+    # Leases: its own only, held by its node; a 253-character node's Lease name is hashed
+    long_node = "rbac-" + "l" * 248
+    crds.kubectl(
+        "apply", "-f", "-",
+        stdin=json.dumps({"apiVersion": "v1", "kind": "Node", "metadata": {"name": long_node}}),
+    )  # fmt: skip
+    long_token = crds.kubectl(
+        "-n", NS, "create", "token", "spanvm-agent",
+        "--bound-object-kind", "Node", "--bound-object-name", long_node,
+    ).stdout.strip()  # fmt: skip
+
+    def create_lease(token: str, name: str, holder: str) -> subprocess.CompletedProcess[str]:
+        lease = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 20},
+        }
+        return _agent_kubectl(crds, token, "create", "-f", "-", stdin=json.dumps(lease))
+
+    other = create_lease(token, agent_lease_name("rbac-b"), "rbac-a")
+    assert other.returncode != 0 and "may only renew its own Lease" in other.stderr
+    posing = create_lease(token, agent_lease_name("rbac-a"), "rbac-b")
+    assert posing.returncode != 0 and "may only renew its own Lease" in posing.stderr
+    for tok, node in ((token, "rbac-a"), (long_token, long_node)):
+        own = create_lease(tok, agent_lease_name(node), node)
+        assert own.returncode == 0, own.stderr
+        crds.kubectl("-n", NS, "delete", "lease", agent_lease_name(node))
+    for node in ("rbac-a", "rbac-b", long_node):
         crds.kubectl("delete", "node", node)
 
 

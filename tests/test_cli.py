@@ -45,8 +45,9 @@ def test_run_flat_binary_exit_code(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["run", "--memory", "lots", "hello"], "--memory: 'lots' is not a quantity"),
-        (["run", "--memory", "100M", "hello"], "--memory: '100M' is not a multiple of 2Mi"),
+        (["run", "--memory", "lots", "hello"], "--memory: memory must be a quantity"),
+        (["run", "--memory", "100M", "hello"], "--memory: memory must be a whole multiple of 2Mi"),
+        (["run", "--memory", "66Gi", "hello"], "--memory: memory must be at most 64Gi"),
         (["run", "--vcpus", "0", "hello"], "--vcpus must be between 1 and"),
         (["run", "--vcpus", "two", "hello"], "argument --vcpus: invalid int value"),
         (["run", "/no/such/file"], "no payload named '/no/such/file' and no file at that path"),

@@ -3,6 +3,8 @@ agents are stood in for by writing VMFragment status as an agent would."""
 
 import json
 import socket
+import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from conftest import Cluster
 from k8s_sim import (
+    SYSTEM_NS,
     SimNodes,
     ensure_namespace,
     force_delete_vms,
@@ -21,12 +25,25 @@ from k8s_sim import (
     vm_manifest,
     wait_for,
 )
-from spanvm.api.constants import GROUP, SPANNINGVM_PLURAL, VERSION, VM_LABEL
+from spanvm.agent.controller import Agent
+from spanvm.agent.node_publisher import NodePublisher, Offer
+from spanvm.api.constants import (
+    GROUP,
+    SPANNINGVM_PLURAL,
+    VERSION,
+    VM_LABEL,
+    agent_lease_name,
+    fabric_secret_name,
+    label_value,
+)
+from spanvm.api.spanningvm import FragmentSummary, SpanningVMSpec
+from spanvm.controller.fragments import fragment_body
 from spanvm.controller.reconcile import FAULT_EXIT_ENV
-from spanvm.kube import JsonObject, Kube
+from spanvm.kube import NOT_FOUND, JsonObject, Kube, unless_status
 
 pytestmark = pytest.mark.cluster
 NS = "op-test"
+GRACE = 8.0  # the module operator's --node-loss-grace
 
 
 def free_port() -> int:
@@ -59,7 +76,9 @@ class Env:
         return (vm or {}).get("status") or {}
 
     def fragments(self, name: str, namespace: str | None = None) -> list[JsonObject]:
-        items = self.kube.list_fragments(namespace or self.namespace, f"{VM_LABEL}={name}")
+        items = self.kube.list_fragments(
+            namespace or self.namespace, f"{VM_LABEL}={label_value(name)}"
+        )
         return sorted(items, key=lambda f: int(f["spec"]["index"]))
 
     def wait_phase(self, name: str, phase: str, timeout: float = 30) -> JsonObject:
@@ -90,6 +109,12 @@ def condition(status: JsonObject, type_: str) -> JsonObject:
     return next(c for c in status.get("conditions") or [] if c["type"] == type_)
 
 
+def reason_of(status: JsonObject, type_: str) -> str | None:
+    """The reason of a condition, None while it is not set."""
+    found = [c for c in status.get("conditions") or [] if c["type"] == type_]
+    return found[0].get("reason") if found else None
+
+
 @pytest.fixture(scope="module")
 def kube(crds: Cluster) -> Kube:
     return Kube.connect(str(crds.kubeconfig))
@@ -103,7 +128,7 @@ def running_operator(
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     port = free_port()
     with operator_process(
-        crds.kubeconfig, NS, log, lease_name="op-test", metrics_port=port
+        crds.kubeconfig, NS, log, lease_name="op-test", metrics_port=port, node_loss_grace=GRACE
     ) as process:
         yield log, port
         assert process.poll() is None, log.read_text()[-3000:]
@@ -178,9 +203,9 @@ def test_create_places_fragments_and_status_follows_them(env: Env) -> None:
     for f in frags:
         assert f["metadata"]["ownerReferences"][0]["uid"] == vm["metadata"]["uid"]
         assert f["metadata"]["labels"]["team"] == "tests"
-        assert f["spec"]["secretRef"]["name"] == "vm1-fabric"
+        assert f["spec"]["secretRef"]["name"] == f"vm1-fabric-{vm['metadata']['uid'][:8]}"
         assert f["spec"]["boot"] == {"payload": {"name": "smp-sum"}}
-    secret = env.kube.read_secret_key(NS, "vm1-fabric", "fabric-key")
+    secret = env.kube.read_secret_key(NS, f"vm1-fabric-{vm['metadata']['uid'][:8]}", "fabric-key")
     assert secret is not None and len(secret) == 64
 
     # peers are filled once all are placed; endpoints appear as fragments report them
@@ -326,6 +351,9 @@ def test_node_loss_with_run_strategy_always_reschedules(env: Env) -> None:
     env.wait_phase("vm8", "Running")
     lost = first_nodes[1]
     env.nodes.set_ready(lost, False)
+    env.wait_phase("vm8", "Degraded")
+    # the node is really gone: fragment 0's fabric loses fragment 1, as the real one does
+    env.report(frags[0], phase="Failed", message="fragment 1 lost: no message for 3.0s")
 
     def replaced() -> list[JsonObject] | None:
         frags = env.fragments("vm8")
@@ -335,7 +363,7 @@ def test_node_loss_with_run_strategy_always_reschedules(env: Env) -> None:
     frags = wait_for("fragments placed again without the lost node", replaced)
     status = env.status("vm8")
     assert status["restarts"] == 1
-    assert any(e.startswith("Restarting:") and lost in e for e in env.events("vm8"))
+    assert any(e.startswith("Restarting:") and "fragment 1 lost" in e for e in env.events("vm8"))
     run_fragments(env, "vm8")
     env.wait_phase("vm8", "Running")
 
@@ -436,8 +464,11 @@ def test_two_operators_place_once_and_the_follower_takes_over(
             assert lease is not None
             holder = lease["spec"]["holderIdentity"]
             leader, follower = (one, two) if f"-{one.pid}-" in holder else (two, one)
-            follower_log = (tmp_path / ("two.log" if follower is two else "one.log")).read_text()
-            assert "waiting for the operator Lease" in follower_log
+            follower_log = tmp_path / ("two.log" if follower is two else "one.log")
+            wait_for(  # a slow start may log after the leader placed everything
+                "the follower to wait for the Lease",
+                lambda: "waiting for the operator Lease" in follower_log.read_text(),
+            )
             leader.terminate()
             leader.wait(15)
             env.create_vm(vm_manifest("vmp-late", ns, "pp", vcpus=1, max_fragments=1))
@@ -448,3 +479,494 @@ def test_two_operators_place_once_and_the_follower_takes_over(
                 timeout=40,
             )
             assert follower.poll() is None
+
+
+# -- issue 13: faults found from outside ------------------------------------------------------
+
+
+def reconciles(env: Env) -> float:
+    """Reconcile passes the module operator has made so far (its metrics)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{env.metrics_port}/metrics").read().decode()
+    lines = [m for m in text.splitlines() if m.startswith("spanvm_reconcile_total{")]
+    return sum(float(m.split()[1]) for m in lines)
+
+
+def later_passes(env: Env, count: int = 3) -> None:
+    """Until the operator has made `count` more passes (the timer runs every second)."""
+    start = reconciles(env)
+    wait_for(f"{count} more reconcile passes", lambda: reconciles(env) >= start + count)
+
+
+def stop_requested(env: Env, name: str) -> list[JsonObject]:
+    return wait_for(
+        f"stop requests for {name}",
+        lambda: (
+            all(f["spec"]["desiredState"] == "Stopped" for f in env.fragments(name))
+            and env.fragments(name)
+        ),
+    )
+
+
+def test_names_up_to_253_characters_are_placed_run_and_deleted(env: Env) -> None:
+    """Kind 1: a 64- or 250-character VM name and 64- or 253-character node names become
+    valid label values, selectors, child and Lease names; the VM runs and is deletable."""
+    node64, node253 = "k1-" + "a" * 61, "k" * 253
+    env.nodes.add(node64, vcpus=2, labels={"pool": "k1"})
+    env.nodes.add(node253, vcpus=2, labels={"pool": "k1"})
+    names = ["v" * 64, "w" * 250]
+    for name in names:
+        env.create_vm(vm_manifest(name, NS, "k1", vcpus=2, max_fragments=1))
+    for name in names:
+        frags = wait_for(f"{name[:8]}… placed", lambda n=name: env.fragments(n))
+        labels = frags[0]["metadata"]["labels"]
+        assert all(len(v) <= 63 for v in labels.values()), labels
+        assert len(frags[0]["metadata"]["name"]) <= 253
+        secret = fabric_secret_name(name, env.vm(name)["metadata"]["uid"])  # type: ignore[index]
+        assert frags[0]["spec"]["secretRef"]["name"] == secret
+        assert env.kube.read_secret_key(NS, secret, "fabric-key") is not None
+        env.report(frags[0], phase="Running", endpoint="10.0.0.1:7000")
+        env.wait_phase(name, "Running")
+    assert {env.fragments(n)[0]["spec"]["nodeName"] for n in names} == {node64, node253}
+    for name in names:
+        env.delete_vm(name)
+        for frag in stop_requested(env, name):
+            env.report(frag, phase="Stopped")
+        wait_for(f"{name[:8]}… deleted (finalizer released)", lambda n=name: env.vm(n) is None)
+
+
+def test_an_agent_on_a_253_character_node_finds_its_fragments(env: Env, tmp_path: Path) -> None:
+    """Kind 1, agent side: its heartbeat Lease and its fragment selector are valid for the
+    longest node name; a fragment whose Secret is missing says so."""
+    node = "m" * 253
+    env.nodes.add(node, labels={"pool": "k1b"})
+    publisher = NodePublisher(
+        env.kube, node, SYSTEM_NS, kvm_device="/dev/kvm", offer=Offer(), lease_duration=6
+    )
+    publisher.renew_lease()
+    lease = env.kube.get_lease(SYSTEM_NS, agent_lease_name(node))
+    assert lease is not None and lease["spec"]["holderIdentity"] == node
+    vm = {"metadata": {"name": "x" * 250, "namespace": NS, "uid": "not-a-vm"}}
+    spec = SpanningVMSpec.model_validate(vm_manifest("x", NS, "k1b")["spec"])
+    placed = [FragmentSummary(name="x" * 248 + "-0", node_name=node, vcpu_ids=[0], memory="0")]
+    body = fragment_body(vm, spec, placed, 0)
+    del body["metadata"]["ownerReferences"]  # no VM of ours: the operator leaves it alone
+    body["spec"]["fragmentCount"] = 1
+    assert env.kube.create_fragment(NS, body)
+    agent = Agent(env.kube, node, publisher, state_dir=tmp_path, listen_host="127.0.0.1")
+    agent.sync()
+    status = env.kube.get_fragment(NS, body["metadata"]["name"])["status"]  # type: ignore[index]
+    assert status["phase"] == "Pending"
+    assert status["message"] == f"waiting for Secret {fabric_secret_name('x' * 250, 'not-a-vm')}"
+
+
+def test_a_failed_vm_releases_its_capacity(env: Env) -> None:
+    """Kind 4: a Failed (Once) VM's fragments are asked to stop and no longer counted, so the
+    next VM is placed without the failed one being deleted or its agent answering."""
+    env.nodes.add("k4-a", labels={"pool": "k4"})
+    env.nodes.add("k4-b", labels={"pool": "k4"})
+    env.create_vm(vm_manifest("vm-k4a", NS, "k4"))
+    frags = wait_for(
+        "2 fragments", lambda: len(env.fragments("vm-k4a")) == 2 and env.fragments("vm-k4a")
+    )
+    env.report(frags[1], phase="Failed", message="memory above 64Gi is not supported by this VMM")
+    env.wait_phase("vm-k4a", "Failed")
+    wait_for(
+        "the surviving fragment asked to stop",
+        lambda: env.fragments("vm-k4a")[0]["spec"]["desiredState"] == "Stopped",
+    )
+    env.create_vm(vm_manifest("vm-k4b", NS, "k4"))
+    wait_for("the new VM placed", lambda: placed_whole(env, "vm-k4b", NS))
+    assert env.status("vm-k4a")["phase"] == "Failed"
+
+
+def test_a_finished_vm_is_final_and_phases_never_go_back(env: Env) -> None:
+    """Kinds 7 and 11: fragment 0 finishing first keeps the VM Running (not Starting); once
+    Succeeded, a fragment deleted by hand is not re-created and the phase stays."""
+    frags = running_vm(env, "vm-k7", "k7")
+    env.report(frags[0], phase="Succeeded", exitCode=0, consoleTail="done\n")
+    later_passes(env)
+    assert env.status("vm-k7")["phase"] == "Running"
+    env.report(frags[1], phase="Succeeded", exitCode=0)
+    env.wait_phase("vm-k7", "Succeeded")
+    env.kube.delete_fragment(NS, frags[1]["metadata"]["name"])
+    wait_for("the fragment gone", lambda: len(env.fragments("vm-k7")) == 1)
+    later_passes(env)
+    assert [f["metadata"]["name"] for f in env.fragments("vm-k7")] == ["vm-k7-0"]
+    status = env.status("vm-k7")
+    assert status["phase"] == "Succeeded" and status["exitCode"] == 0
+    backwards = [e for e in env.events("vm-k7") if e.startswith("Starting:") and "Succeeded" in e]
+    assert backwards == [], env.events("vm-k7")
+
+
+def test_deleting_finished_vms_is_prompt(env: Env) -> None:
+    """Kind 10: deleting a finished VM is bounded (the Kopf timer of a VM being deleted is
+    polled every 0.5 s, not every 60 s). 20 VMs, one after the other; the slowest counts."""
+    env.nodes.add("k10-a", vcpus=20, memory="64Gi", labels={"pool": "k10"})
+    names = [f"vm-k10-{i}" for i in range(20)]
+    for name in names:
+        env.create_vm(vm_manifest(name, NS, "k10", vcpus=1, max_fragments=1, memory="64Mi"))
+    for name in names:
+        frag = wait_for(f"{name} placed", lambda n=name: env.fragments(n))[0]
+        env.report(frag, phase="Succeeded", exitCode=0)
+    for name in names:
+        env.wait_phase(name, "Succeeded")
+    took = []
+    for name in names:
+        started = time.monotonic()
+        env.delete_vm(name)
+        wait_for(f"{name} deleted", lambda n=name: env.vm(n) is None, timeout=90, interval=0.05)
+        took.append(time.monotonic() - started)
+    print("deletion seconds:", " ".join(f"{t:.2f}" for t in took))
+    assert max(took) < 3.0, took
+
+
+def test_a_foreign_object_holding_a_child_name_is_reported_not_adopted(env: Env) -> None:
+    """Kind 6: a VMFragment named like the VM's first fragment, made by someone else: the
+    clash is a condition and an Event naming it; the object is neither adopted nor touched."""
+    env.nodes.add("k6-a", labels={"pool": "k6"})
+    env.nodes.add("k6-b", labels={"pool": "k6"})
+    vm = {"metadata": {"name": "vm-k6", "namespace": NS, "uid": "someone-else"}}
+    spec = SpanningVMSpec.model_validate(vm_manifest("vm-k6", NS, "k6")["spec"])
+    placed = [FragmentSummary(name="vm-k6-0", node_name="elsewhere", vcpu_ids=[0], memory="0")]
+    foreign = fragment_body(vm, spec, placed, 0)
+    foreign["metadata"] = {"name": "vm-k6-0", "namespace": NS, "labels": {"made-by": "hand"}}
+    foreign["spec"]["fragmentCount"] = 1
+    assert env.kube.create_fragment(NS, foreign)
+    env.create_vm(vm_manifest("vm-k6", NS, "k6"))
+    status = wait_for(
+        "the clash reported",
+        lambda: (
+            env.status("vm-k6")
+            if reason_of(env.status("vm-k6"), "Ready") == "NameConflict"
+            else None
+        ),
+    )
+    assert "VMFragment vm-k6-0 (owner: none)" in status["message"], status["message"]
+    assert any(e.startswith("NameConflict:") and "vm-k6-0" in e for e in env.events("vm-k6"))
+    later_passes(env)
+    mine = env.kube.get_fragment(NS, "vm-k6-0")
+    assert mine is not None and not mine["metadata"].get("ownerReferences")
+    assert mine["metadata"]["labels"] == {"made-by": "hand"}
+    assert mine["spec"]["nodeName"] == "elsewhere" and mine["spec"]["desiredState"] == "Running"
+    env.kube.delete_fragment(NS, "vm-k6-0")  # its maker removes it: the VM goes on
+    wait_for("the VM placed once the name is free", lambda: placed_whole(env, "vm-k6", NS))
+
+
+def test_a_recreated_vm_never_uses_its_predecessors_children(env: Env) -> None:
+    """Kind 5: a VM deleted and re-created under the same name before the garbage collector
+    ran. Its predecessor's Secret is never reused (Secret names carry the owner's uid); its
+    predecessor's fragment, holding the name the new VM needs, is waited for and named
+    (WaitingForOldObjects), never adopted; once collected, the new VM proceeds."""
+    env.nodes.add("k5-a", labels={"pool": "k5"})
+    env.nodes.add("k5-b", labels={"pool": "k5"})
+    old_uid = "00000000-0000-0000-0000-0000000000k5"
+    owner = [
+        {"apiVersion": "spanvm.io/v1alpha1", "kind": "SpanningVM", "name": "vm-k5", "uid": old_uid}
+    ]
+    hold = ["spanvm.io/test-hold"]  # the collector's delete waits while the test holds them
+    old_secret = fabric_secret_name("vm-k5", old_uid)
+    env.kube.core.create_namespaced_secret(
+        NS,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": old_secret,
+                "namespace": NS,
+                "finalizers": hold,
+                "ownerReferences": owner,
+            },
+            "data": {"fabric-key": "b2xk"},
+        },
+    )
+    old_vm = {"metadata": {"name": "vm-k5", "namespace": NS, "uid": old_uid}}
+    spec = SpanningVMSpec.model_validate(vm_manifest("vm-k5", NS, "k5")["spec"])
+    placed = [FragmentSummary(name="vm-k5-0", node_name="k5-a", vcpu_ids=[0], memory="0")]
+    old_fragment = fragment_body(old_vm, spec, placed, 0)
+    old_fragment["metadata"]["finalizers"] = hold
+    old_fragment["spec"]["fragmentCount"] = 1
+    assert env.kube.create_fragment(NS, old_fragment)
+    env.create_vm(vm_manifest("vm-k5", NS, "k5"))
+    status = wait_for(
+        "waiting for the old fragment",
+        lambda: (
+            env.status("vm-k5")
+            if reason_of(env.status("vm-k5"), "Ready") == "WaitingForOldObjects"
+            else None
+        ),
+    )
+    assert (
+        f"VMFragment vm-k5-0 (of an earlier SpanningVM vm-k5, uid {old_uid})" in (status["message"])
+    )
+    assert any(e.startswith("WaitingForOldObjects:") for e in env.events("vm-k5"))
+    for frag in env.kube.list_fragments(NS):  # nothing started, nothing adopted
+        uids = [o["uid"] for o in frag["metadata"].get("ownerReferences") or []]
+        assert frag["metadata"]["name"] != "vm-k5-0" or uids == [old_uid]
+        assert not frag["spec"].get("peers")
+    unfinalize = {"metadata": {"finalizers": None}}
+    env.kube.patch_fragment(NS, "vm-k5-0", unfinalize)
+    env.kube.delete_fragment(NS, "vm-k5-0")
+    frags = wait_for(
+        "placed once the old fragment is gone",
+        lambda: placed_whole(env, "vm-k5", NS) and env.fragments("vm-k5"),
+    )
+    vm = env.vm("vm-k5")
+    assert vm is not None
+    new_secret = fabric_secret_name("vm-k5", vm["metadata"]["uid"])
+    assert new_secret != old_secret
+    assert {f["spec"]["secretRef"]["name"] for f in frags} == {new_secret}
+    ours = env.kube.core.read_namespaced_secret(new_secret, NS)
+    assert ours.metadata.owner_references[0].uid == vm["metadata"]["uid"]
+    theirs = env.kube.core.read_namespaced_secret(old_secret, NS)  # untouched, not adopted
+    assert [o.uid for o in theirs.metadata.owner_references] == [old_uid]
+    env.kube.core.patch_namespaced_secret(old_secret, NS, unfinalize)
+    unless_status(lambda: env.kube.core.delete_namespaced_secret(old_secret, NS), NOT_FOUND)
+
+
+def test_heartbeats_are_judged_by_the_operators_own_clock(env: Env) -> None:
+    """Kind 8: an agent 30 s behind that renews is alive; one 1 h ahead that stops renewing is
+    lost one lease duration later, and the node is named."""
+    env.nodes.add("k8-behind", labels={"pool": "k8"})
+    env.nodes.add("k8-ahead", labels={"pool": "k8b"})
+    stop = threading.Event()
+
+    def renew_behind() -> None:
+        while not stop.wait(0.5):
+            env.nodes.heartbeat("k8-behind", age=30, duration=6)
+
+    renewer = threading.Thread(target=renew_behind, daemon=True)
+    renewer.start()
+    try:
+        env.nodes.heartbeat("k8-ahead", age=-3600, duration=6)  # written once, then silence
+        env.create_vm(vm_manifest("vm-k8a", NS, "k8", vcpus=1, max_fragments=1))
+        env.create_vm(vm_manifest("vm-k8b", NS, "k8b", vcpus=1, max_fragments=1))
+        for name in ("vm-k8a", "vm-k8b"):
+            frag = wait_for(f"{name} placed", lambda n=name: env.fragments(n))[0]
+            env.report(frag, phase="Running", endpoint="10.0.0.1:7000")
+            env.wait_phase(name, "Running")
+        status = env.wait_phase("vm-k8b", "Degraded")
+        assert "the agent on node k8-ahead stopped heartbeating" in status["message"]
+        env.create_vm(vm_manifest("vm-k8c", NS, "k8b", vcpus=1, max_fragments=1))
+        pending = wait_for("vm-k8c refused", lambda: env.status("vm-k8c").get("message"))
+        assert "with a stale agent heartbeat (k8-ahead)" in pending
+        later_passes(env)
+        assert env.status("vm-k8a")["phase"] == "Running"
+    finally:
+        stop.set()
+        renewer.join()
+
+
+def test_node_loss_waits_for_the_grace_and_for_the_fabric(env: Env) -> None:
+    """Kind 9: on a node NotReady, Always VMs with a fragment there are Degraded, not
+    restarted, while the loss lasts less than --node-loss-grace. Past the grace, a VM whose
+    other fragments still run (their fabric still reaches the node) is left alone; one with
+    no fragment elsewhere is restarted, never sooner than the grace; and when the fabric
+    does lose the node, the VM restarts at once."""
+    env.nodes.add("k9-a", vcpus=2, labels={"pool": "k9"})
+    env.nodes.add("k9-b", vcpus=2, labels={"pool": "k9"})
+    env.create_vm(vm_manifest("vm-k9", NS, "k9", vcpus=3, run_strategy="Always"))
+    spread = wait_for(
+        "vm-k9 placed", lambda: len(env.fragments("vm-k9")) == 2 and env.fragments("vm-k9")
+    )
+    assert [f["spec"]["nodeName"] for f in spread] == ["k9-a", "k9-b"]
+    env.create_vm(vm_manifest("vm-k9s", NS, "k9", vcpus=1, max_fragments=1, run_strategy="Always"))
+    alone = wait_for("vm-k9s placed", lambda: env.fragments("vm-k9s"))
+    assert alone[0]["spec"]["nodeName"] == "k9-b"
+    for i, frag in enumerate([*spread, *alone]):
+        env.report(frag, phase="Running", endpoint=f"10.0.0.{i + 1}:7000")
+    env.wait_phase("vm-k9", "Running")
+    env.wait_phase("vm-k9s", "Running")
+
+    env.nodes.set_ready("k9-b", False)  # a flap
+    env.wait_phase("vm-k9", "Degraded")
+    env.wait_phase("vm-k9s", "Degraded")
+    env.nodes.set_ready("k9-b", True)
+    env.wait_phase("vm-k9", "Running")
+    env.wait_phase("vm-k9s", "Running")
+    assert not env.status("vm-k9").get("restarts") and not env.status("vm-k9s").get("restarts")
+    assert [f["metadata"]["uid"] for f in env.fragments("vm-k9")] == [
+        f["metadata"]["uid"] for f in spread
+    ]
+
+    flipped = time.monotonic()
+    env.nodes.set_ready("k9-b", False)  # a loss
+    wait_for("vm-k9s restarted", lambda: env.status("vm-k9s").get("restarts") == 1, timeout=60)
+    assert time.monotonic() - flipped >= GRACE
+    # the same node, lost as long: vm-k9's fragment on k9-a still runs, so it is left alone
+    assert not env.status("vm-k9").get("restarts")
+    assert env.status("vm-k9")["phase"] == "Degraded"
+    env.report(spread[0], phase="Failed", message="fragment 1 lost: no message for 3.0s")
+    wait_for("vm-k9 restarted", lambda: env.status("vm-k9").get("restarts") == 1)
+
+
+def test_a_vm_whose_delete_handler_keeps_failing_is_still_deletable(env: Env) -> None:
+    """Kind 1: an API server that refuses what the delete handler does (here an admission
+    policy refusing stop requests) no longer holds the finalizer forever: after
+    --deletion-grace the VM goes, with a ForcedDeletion Event saying why."""
+    policy = "k1-refuse-stop"
+    refuse = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": policy},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": ["spanvm.io"],
+                        "apiVersions": ["*"],
+                        "operations": ["UPDATE"],
+                        "resources": ["vmfragments"],
+                    }
+                ]
+            },
+            "validations": [
+                {
+                    "expression": "object.spec.desiredState != 'Stopped'",
+                    "message": "stop requests are refused here (test)",
+                }
+            ],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": policy},
+        "spec": {
+            "policyName": policy,
+            "validationActions": ["Deny"],
+            "matchResources": {"objectSelector": {"matchLabels": {"refuse-stop": "yes"}}},
+        },
+    }
+    running_vm(env, "vm-k1d", "k1d")
+    env.cluster.kubectl("label", "-n", NS, "svm", "vm-k1d", "refuse-stop=yes")
+    wait_for(
+        "the label on the fragments",
+        lambda: all(f["metadata"]["labels"].get("refuse-stop") for f in env.fragments("vm-k1d")),
+    )
+    probe = fragment_body(
+        {"metadata": {"name": "k1d-probe", "namespace": NS, "uid": "none"}},
+        SpanningVMSpec.model_validate(vm_manifest("x", NS, "k1d")["spec"]),
+        [FragmentSummary(name="k1d-probe", node_name="nowhere", vcpu_ids=[0], memory="0")],
+        0,
+    )
+    probe["metadata"] = {"name": "k1d-probe", "namespace": NS, "labels": {"refuse-stop": "yes"}}
+    probe["spec"]["fragmentCount"] = 1
+    env.kube.create_fragment(NS, probe)
+    env.cluster.kubectl("apply", "-f", "-", stdin=json.dumps(refuse))
+    env.cluster.kubectl("apply", "-f", "-", stdin=json.dumps(binding))
+    try:
+
+        def refused() -> bool:
+            patch = {"spec": {"desiredState": "Stopped"}}
+            try:
+                env.kube.patch_fragment(NS, "k1d-probe", patch)
+            except ApiException as err:
+                return err.status in (403, 422)
+            env.kube.patch_fragment(NS, "k1d-probe", {"spec": {"desiredState": "Running"}})
+            return False
+
+        wait_for("the admission policy in force", refused)
+        env.delete_vm("vm-k1d")
+        wait_for("the VM deleted despite the failing handler", lambda: env.vm("vm-k1d") is None)
+        events = env.events("vm-k1d")
+        assert any(e.startswith("ForcedDeletion:") and "deletion failed" in e for e in events)
+    finally:
+        env.cluster.kubectl("delete", "validatingadmissionpolicybinding", policy)
+        env.cluster.kubectl("delete", "validatingadmissionpolicy", policy)
+
+
+def test_a_fragment_waiting_for_a_missing_secret_is_reported_on_the_vm(
+    env: Env, tmp_path: Path
+) -> None:
+    """Kind 5, last part: the agent (in-process, real) holds a fragment whose Secret is gone
+    and says so; the VM's status names the Secret instead of failing later on a timeout."""
+    env.nodes.add("k5s-a", labels={"pool": "k5s"})
+    env.create_vm(vm_manifest("vm-k5s", NS, "k5s", vcpus=1, max_fragments=1))
+    wait_for("placed", lambda: env.fragments("vm-k5s"))
+    secret = fabric_secret_name("vm-k5s", env.vm("vm-k5s")["metadata"]["uid"])  # type: ignore[index]
+    env.kube.core.delete_namespaced_secret(secret, NS)
+    publisher = NodePublisher(
+        env.kube, "k5s-a", SYSTEM_NS, kvm_device="/dev/kvm", offer=Offer(), lease_duration=60
+    )
+    Agent(env.kube, "k5s-a", publisher, state_dir=tmp_path, listen_host="127.0.0.1").sync()
+    status = wait_for(
+        "the VM naming the missing Secret",
+        lambda: (
+            env.status("vm-k5s")
+            if f"waiting for Secret {secret}" in (env.status("vm-k5s").get("message") or "")
+            else None
+        ),
+    )
+    assert status["phase"] == "Starting"
+
+
+def test_a_fragment_deleted_under_a_running_once_vm_fails_it_not_relaunched(env: Env) -> None:
+    """Kinds 7 and 11: re-creating fragments happens only where the run strategy says so. A
+    fragment deleted by hand under a running Once guest fails the VM, naming it; nothing is
+    relaunched and the survivor is asked to stop."""
+    frags = running_vm(env, "vm-k7r", "k7r")
+    env.kube.delete_fragment(NS, frags[1]["metadata"]["name"])
+    status = env.wait_phase("vm-k7r", "Failed")
+    assert "fragment(s) vm-k7r-1 deleted after the guest started" in status["message"]
+    wait_for(
+        "the survivor asked to stop",
+        lambda: env.fragments("vm-k7r")[0]["spec"]["desiredState"] == "Stopped",
+    )
+    later_passes(env)
+    assert [f["metadata"]["name"] for f in env.fragments("vm-k7r")] == ["vm-k7r-0"]
+    assert env.status("vm-k7r")["phase"] == "Failed"
+
+
+@pytest.mark.kvm
+def test_a_vm_with_a_250_character_name_runs_on_a_real_agent(env: Env, tmp_path: Path) -> None:
+    """Kind 1, end to end on one node: the operator places a VM whose name is 250 characters;
+    the real agent code (in-process, real fragment process under KVM) launches it (its state
+    directory name stays a valid file name) and the guest finishes."""
+    node, name = "k1r-a", "r" * 250
+    env.nodes.add(node, labels={"pool": "k1r"})
+    env.create_vm(vm_manifest(name, NS, "k1r", vcpus=1, max_fragments=1, payload="hello"))
+    wait_for(
+        "placed with peers", lambda: (env.fragments(name) or [{}])[0].get("spec", {}).get("peers")
+    )
+    publisher = NodePublisher(
+        env.kube, node, SYSTEM_NS, kvm_device="/dev/kvm", offer=Offer(), lease_duration=60
+    )
+    publisher.publish_capabilities()
+    agent = Agent(env.kube, node, publisher, state_dir=tmp_path, listen_host="127.0.0.1")
+
+    def finished() -> bool:
+        agent.sync()
+        phase = (env.fragments(name)[0].get("status") or {}).get("phase")
+        return phase in ("Succeeded", "Failed")
+
+    try:
+        wait_for("the fragment to finish", finished, timeout=90, interval=0.5)
+        status = env.wait_phase(name, "Succeeded")
+        assert status["exitCode"] == 0
+    finally:
+        for proc in agent.processes.values():
+            proc.stop()
+
+
+def test_a_fragment_deleted_under_an_always_vm_restarts_it_whole(env: Env) -> None:
+    """Kind 7, the other run strategy: Always restarts the guest whole (every fragment new),
+    never relaunches the one fragment into the running guest."""
+    for n in ("k7a-a", "k7a-b"):
+        env.nodes.add(n, labels={"pool": "k7a"})
+    env.create_vm(vm_manifest("vm-k7a", NS, "k7a", run_strategy="Always"))
+    frags = run_fragments(env, "vm-k7a")
+    env.wait_phase("vm-k7a", "Running")
+    env.kube.delete_fragment(NS, frags[1]["metadata"]["name"])
+    wait_for("a restart", lambda: env.status("vm-k7a").get("restarts") == 1)
+    old = {f["metadata"]["uid"] for f in frags}
+    again = wait_for(
+        "placed anew",
+        lambda: (
+            len(env.fragments("vm-k7a")) == 2
+            and not old & {f["metadata"]["uid"] for f in env.fragments("vm-k7a")}
+            and env.fragments("vm-k7a")
+        ),
+    )
+    assert all(f["spec"]["desiredState"] == "Running" for f in again)
+    assert any("deleted after the guest started" in e for e in env.events("vm-k7a"))

@@ -118,7 +118,7 @@ def test_explains_why_it_cannot_place() -> None:
     assert isinstance(result, Unschedulable)
     assert result.message == (
         "needs 24 vCPUs and 8Gi; the best 2 nodes can take 8+8 vCPUs with their memory share;"
-        " maxFragments=2; excluded: 1 without working KVM"
+        " maxFragments=2; excluded: 1 without working KVM (d)"
     )
 
 

@@ -7,7 +7,7 @@ import threading
 from typing import NoReturn
 
 from spanvm.agent.capabilities import discover
-from spanvm.api.quantity import parse_memory
+from spanvm.api.quantity import parse_memory, parse_quantity_bytes
 from spanvm.exitstatus import (
     EXIT_TIMEOUT,
     EXIT_USAGE,
@@ -218,6 +218,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         namespaces=args.namespace or [],
         timer_interval=args.timer_interval,
         deletion_grace=args.deletion_grace,
+        node_loss_grace=args.node_loss_grace,
     )
     asyncio.run(
         run_operator(
@@ -275,6 +276,12 @@ def _add_operator_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
         default=60.0,
         help="seconds a deletion waits for fragments to stop before forcing",
     )
+    op.add_argument(
+        "--node-loss-grace",
+        type=_positive,
+        default=40.0,
+        help="seconds a node must stay NotReady or silent before an Always VM is restarted",
+    )
     op.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     op.set_defaults(func=cmd_operator)
 
@@ -290,10 +297,14 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if not args.node_name:
         raise UsageError("--node-name (or NODE_NAME) is required")
     _setup_logging(args.log_format)
+    try:  # a node's offer, not one guest's size: any whole number of bytes
+        offer_memory = parse_quantity_bytes(args.guest_memory) if args.guest_memory else None
+    except ValueError as err:
+        raise UsageError(f"--guest-memory: {err}") from None
     kube = Kube.connect(args.kubeconfig)
     offer = Offer(
         vcpus=args.guest_vcpus,
-        memory=parse_memory(args.guest_memory) if args.guest_memory else None,
+        memory=offer_memory,
     )
     publisher = NodePublisher(
         kube,

@@ -7,6 +7,7 @@ client); async callers run it in a thread.
 """
 
 import base64
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
@@ -43,6 +44,17 @@ def unless_status(call: Callable[[], T], *statuses: int) -> T | None:
         if err.status in statuses:
             return None
         raise
+
+
+def api_error_text(err: ApiException) -> str:
+    """The API server's own words for a refused request: status code and message."""
+    message = err.reason or ""
+    try:
+        body = json.loads(err.body or "{}")
+        message = str(body.get("message") or message)
+    except (ValueError, AttributeError):
+        pass
+    return f"{err.status}: {message}"
 
 
 def load_config(kubeconfig: str | None = None) -> client.ApiClient:

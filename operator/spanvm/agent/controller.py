@@ -7,6 +7,7 @@ the agent adopts those still running (no second launch) and reports those that e
 it was away. A fragment object that is deleted or asks to stop has its process stopped.
 """
 
+import hashlib
 import logging
 import threading
 from pathlib import Path
@@ -22,6 +23,7 @@ from spanvm.api.constants import (
     NODE_LABEL,
     VERSION,
     VMFRAGMENT_PLURAL,
+    label_value,
 )
 from spanvm.api.quantity import parse_memory
 from spanvm.api.vmfragment import VMFragmentSpec
@@ -32,6 +34,20 @@ from spanvm.payloads.catalog import PAYLOADS
 log = logging.getLogger("spanvm.agent")
 TERMINAL = frozenset({"Succeeded", "Failed", "Stopped"})
 STARTING_RESYNC = 0.2
+
+
+MAX_DIR_NAME_PART = 180  # namespace (63) + name part + uid prefix stay within NAME_MAX (255)
+
+
+def state_dir_name(meta: JsonObject) -> str:
+    """`<namespace>_<name>_<uid prefix>`: readable, unique, and a valid file name for any
+    legal fragment name (up to 253 characters: too long for one path component with the
+    rest, so a long name is cut and a hash of it added)."""
+    name = str(meta["name"])
+    if len(name) > MAX_DIR_NAME_PART:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+        name = f"{name[: MAX_DIR_NAME_PART - 11]}-{digest}"
+    return f"{meta['namespace']}_{name}_{str(meta['uid'])[:8]}"
 
 
 class NotReadyToStart(Exception):  # noqa: N818 - a state, not an error
@@ -118,7 +134,7 @@ class Agent:
                     GROUP,
                     VERSION,
                     VMFRAGMENT_PLURAL,
-                    label_selector=f"{NODE_LABEL}={self.node}",
+                    label_selector=f"{NODE_LABEL}={label_value(self.node)}",
                     timeout_seconds=30,
                 )
                 for _ in stream:
@@ -145,7 +161,7 @@ class Agent:
 
     def sync(self) -> None:
         """One pass: start, stop, forget and report fragments."""
-        items = self.kube.list_fragments(None, f"{NODE_LABEL}={self.node}")
+        items = self.kube.list_fragments(None, f"{NODE_LABEL}={label_value(self.node)}")
         fragments = {
             f["metadata"]["uid"]: f for f in items if f["spec"].get("nodeName") == self.node
         }
@@ -216,7 +232,7 @@ class Agent:
                 fragment, {"phase": "Failed", "message": f"KVM is not usable on {self.node}"}
             )
             return None
-        directory = self.state_dir / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
+        directory = self.state_dir / state_dir_name(meta)
         proc = FragmentProcess.launch(directory, fragment, config.model_dump_json().encode())
         self.processes[meta["uid"]] = proc
         log.info(

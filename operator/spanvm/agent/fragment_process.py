@@ -199,6 +199,10 @@ class FragmentProcess:
         if self.stop_requested():
             return {"phase": "Stopped", "message": "stopped on request"}
         log_tail = tail(self.dir / LOG, 1024).strip()
+        # The first cause first: what the fragment itself reported going wrong (a lost peer,
+        # say) comes before how the process happened to end (killed by a signal on its way
+        # out, a non-zero status).
+        error = (failed or {}).get("error") or (finished or {}).get("error")
         if ended is None:
             return {
                 "phase": "Failed",
@@ -206,13 +210,14 @@ class FragmentProcess:
                 + (f"; log: {log_tail}" if log_tail else ""),
             }
         if ended.get("signal"):
+            killed = f"fragment VMM killed by {ended['signal']}"
             return {
                 "phase": "Failed",
-                "message": f"fragment VMM killed by {ended['signal']}"
-                + (f"; log: {log_tail}" if log_tail else ""),
+                "message": f"{error} (then the {killed})"
+                if error
+                else killed + (f"; log: {log_tail}" if log_tail else ""),
             }
         code = int(ended.get("exit_code") or 0)
-        error = (finished or {}).get("error") or (failed or {}).get("error")
         if error or finished is None:
             return {
                 "phase": "Failed",

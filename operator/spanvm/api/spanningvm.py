@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from spanvm.api.base import (
     CONDITIONS_LIST_EXTRA,
@@ -15,14 +15,27 @@ from spanvm.api.base import (
     validations,
 )
 from spanvm.api.quantity import (
-    MEMORY_ALIGNMENT,
-    MIN_GUEST_MEMORY_BYTES,
+    MAX_GUEST_MEMORY,
+    MIN_GUEST_MEMORY,
     format_memory,
+    memory_cel_rules,
     parse_memory,
 )
-from spanvm.payloads.catalog import PAYLOAD_NAMES, PAYLOADS
+from spanvm.payloads.catalog import (
+    MAX_ARG,
+    MAX_IMAGE_SIZE,
+    PAYLOAD_NAMES,
+    PAYLOADS,
+    PayloadInfo,
+)
+from spanvm.vmm.layout import IMAGE_BASE, LARGE_PAGE, MAX_VCPUS, STACK_SIZE
+from spanvm.vmm.memory import LOW_RAM_LIMIT
 
-MIN_GUEST_MEMORY = format_memory(MIN_GUEST_MEMORY_BYTES)
+# What the fragment VMM and the fabric cannot do yet: refused at admission, not deep inside.
+LINUX_UNSUPPORTED = (
+    "boot.linux is not supported yet: this VMM runs built-in payloads only (use boot.payload)"
+)
+RDMA_UNSUPPORTED = "fabric.transport rdma is not supported yet: use auto or tcp"
 
 Phase = Literal[
     "Pending",
@@ -45,8 +58,11 @@ class CpuSpec(ApiModel):
 
     vcpus: int = Field(
         ge=1,
-        le=1024,
-        description="Number of virtual CPUs the guest sees; they are spread over the fragments.",
+        le=MAX_VCPUS,
+        description=(
+            "Number of virtual CPUs the guest sees; they are spread over the fragments"
+            f" (at most {MAX_VCPUS}, the VMM's limit)."
+        ),
     )
 
 
@@ -62,6 +78,7 @@ class PayloadBoot(ApiModel):
     arg: int | None = Field(
         default=None,
         ge=0,
+        le=MAX_ARG,
         description=(
             "Payload argument (iterations, rounds, array size; see name)."
             " Unset: the payload's default."
@@ -99,12 +116,23 @@ class BootSpec(ApiModel):
                 "has(self.payload) != has(self.linux)",
                 "exactly one of boot.payload or boot.linux must be set",
             ),
+            cel("!has(self.linux)", LINUX_UNSUPPORTED, field_path=".linux"),
             immutable("spec.boot"),
         )
     }
 
     payload: PayloadBoot | None = Field(default=None, description="A built-in test payload.")
-    linux: LinuxBoot | None = Field(default=None, description="A Linux kernel and initrd.")
+    linux: LinuxBoot | None = Field(
+        default=None, description="A Linux kernel and initrd (not supported yet: refused)."
+    )
+
+    @model_validator(mode="after")
+    def _one_supported_source(self) -> "BootSpec":
+        if (self.payload is None) == (self.linux is None):
+            raise ValueError("exactly one of boot.payload or boot.linux must be set")
+        if self.linux is not None:
+            raise ValueError(LINUX_UNSUPPORTED)
+        return self
 
 
 class Toleration(ApiModel):
@@ -149,11 +177,17 @@ class PlacementSpec(ApiModel):
 class FabricSpec(ApiModel):
     """The memory fabric that keeps guest memory coherent between fragments."""
 
+    model_config = {
+        "json_schema_extra": validations(
+            cel("self.transport != 'rdma'", RDMA_UNSUPPORTED, field_path=".transport")
+        )
+    }
+
     transport: Literal["auto", "tcp", "rdma"] = Field(
         default="auto",
         description=(
-            "auto (RDMA where every node has it, else TCP), tcp, or rdma"
-            " (fails where a node has none)."
+            "auto (TCP today; RDMA once the fabric has it), tcp, or rdma"
+            " (not supported yet: refused)."
         ),
     )
     page_size: Literal[4096] = Field(
@@ -165,6 +199,43 @@ class FabricSpec(ApiModel):
             "Which fragment is home for each guest page: proportional (contiguous shares sized "
             "by vCPUs) or first (fragment 0 homes all, as in GiantVM)."
         ),
+    )
+
+    @field_validator("transport")
+    @classmethod
+    def _supported_transport(cls, value: str) -> str:
+        if value == "rdma":
+            raise ValueError(RDMA_UNSUPPORTED)
+        return value
+
+
+def heap_start(vcpus: int) -> int:
+    """Where the guest heap starts at the latest: after the largest payload image and one
+    stack per vCPU, rounded up to 2 MiB (as GuestLayout.plan places it)."""
+    end = IMAGE_BASE + MAX_IMAGE_SIZE + vcpus * STACK_SIZE
+    return (end + LARGE_PAGE - 1) // LARGE_PAGE * LARGE_PAGE
+
+
+def heap_need(payload: PayloadInfo, arg: int | None, vcpus: int) -> int:
+    """Bytes of guest memory the payload needs below the 3 GiB hole for its argument."""
+    return heap_start(vcpus) + payload.arg_bytes * (payload.default_arg if arg is None else arg)
+
+
+def _heap_need_cel(p: PayloadInfo) -> str:
+    """heap_need() in CEL, over self (the spec)."""
+    start = (
+        f"((self.cpu.vcpus * {STACK_SIZE} + {IMAGE_BASE + MAX_IMAGE_SIZE + LARGE_PAGE - 1})"
+        f" / {LARGE_PAGE} * {LARGE_PAGE})"
+    )
+    arg = f"(has(self.boot.payload.arg) ? self.boot.payload.arg : {p.default_arg})"
+    return f"({start} + {p.arg_bytes} * {arg})"
+
+
+def _heap_message(p: PayloadInfo) -> str:
+    return (
+        f"payload {p.name} needs {p.arg_bytes} bytes of guest memory below 3Gi per unit of"
+        " boot.payload.arg, after the payload image and 64Ki of stack per vCPU: raise memory"
+        " or lower arg"
     )
 
 
@@ -195,6 +266,22 @@ class SpanningVMSpec(ApiModel):
                 for p in PAYLOADS.values()
                 if p.min_vcpus > 1
             ),
+            *(
+                cel(
+                    f"!has(self.boot.payload) || self.boot.payload.name != '{p.name}'"
+                    " || !isQuantity(self.memory)"
+                    f" || quantity(self.memory).compareTo(quantity('{MIN_GUEST_MEMORY}')) < 0"
+                    f" || quantity(self.memory).compareTo(quantity('{MAX_GUEST_MEMORY}')) > 0 || ("
+                    + _heap_need_cel(p)
+                    + f" <= {LOW_RAM_LIMIT} && quantity(self.memory).sub("
+                    + _heap_need_cel(p)
+                    + ").compareTo(quantity('0')) >= 0)",
+                    _heap_message(p),
+                    field_path=".memory",
+                )
+                for p in PAYLOADS.values()
+                if p.arg_bytes
+            ),
         )
     }
 
@@ -202,19 +289,12 @@ class SpanningVMSpec(ApiModel):
     memory: str = Field(
         max_length=64,
         pattern=QUANTITY_PATTERN,
-        description=f"Guest memory as a quantity (e.g. 512Mi, 8Gi); at least {MIN_GUEST_MEMORY}.",
+        description=(
+            f"Guest memory as a quantity (e.g. 512Mi, 0.5Gi, 8Gi): at least {MIN_GUEST_MEMORY},"
+            f" at most {MAX_GUEST_MEMORY}, a whole multiple of 2Mi."
+        ),
         json_schema_extra=validations(
-            cel("isQuantity(self)", "memory must be a quantity such as 256Mi or 8Gi"),
-            cel(
-                "!isQuantity(self)"
-                f" || quantity(self).compareTo(quantity('{MIN_GUEST_MEMORY}')) >= 0",
-                f"memory must be at least {MIN_GUEST_MEMORY}",
-            ),
-            cel(
-                "!isQuantity(self) || (quantity(self).isInteger()"
-                f" && quantity(self).asInteger() % {MEMORY_ALIGNMENT} == 0)",
-                "memory must be a whole multiple of 2Mi (guest memory is mapped in 2 MiB pages)",
-            ),
+            *(cel(rule, message) for rule, message in memory_cel_rules()),
             immutable("spec.memory"),
         ),
     )
@@ -225,6 +305,28 @@ class SpanningVMSpec(ApiModel):
     def _memory_quantity(cls, value: str) -> str:
         parse_memory(value)
         return value
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "SpanningVMSpec":
+        """The CEL rules above, in Python: the model refuses what the API server refuses."""
+        placement = self.placement
+        if placement and placement.max_fragments and placement.max_fragments > self.cpu.vcpus:
+            raise ValueError(
+                "placement.maxFragments must not exceed cpu.vcpus: every fragment runs at least"
+                " one vCPU"
+            )
+        if placement and placement.min_vcpus_per_fragment > self.cpu.vcpus:
+            raise ValueError("placement.minVcpusPerFragment must not exceed cpu.vcpus")
+        payload = self.boot.payload
+        if payload is None:
+            return self
+        info = PAYLOADS[payload.name]
+        if self.cpu.vcpus < info.min_vcpus:
+            raise ValueError(f"payload {info.name} needs cpu.vcpus >= {info.min_vcpus}")
+        need = heap_need(info, payload.arg, self.cpu.vcpus)
+        if info.arg_bytes and (need > LOW_RAM_LIMIT or need > parse_memory(self.memory)):
+            raise ValueError(f"{_heap_message(info)} (needs {format_memory(need)} or more)")
+        return self
 
     placement: PlacementSpec | None = Field(
         default=None, description="How the guest may be split over nodes."

@@ -6,8 +6,9 @@ objects and from placements already recorded in SpanningVM status (so a placemen
 just before an operator restart still holds its capacity). Pure functions of those objects.
 """
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any
 
 from spanvm.api.constants import (
@@ -15,12 +16,15 @@ from spanvm.api.constants import (
     ALLOCATABLE_MEMORY_ANNOTATION,
     ALLOCATABLE_VCPUS_ANNOTATION,
     KVM_LABEL,
+    agent_lease_name,
 )
 from spanvm.api.quantity import parse_quantity_bytes
-from spanvm.kube import JsonObject, parse_time
+from spanvm.kube import JsonObject
 from spanvm.scheduler.snapshot import NodeInfo, Taint, Usage
 
 TERMINAL_FRAGMENT_PHASES = frozenset({"Succeeded", "Failed", "Stopped"})
+FINISHED_VM_PHASES = frozenset({"Succeeded", "Failed"})  # the guest has ended
+STARTED_VM_PHASES = frozenset({"Starting", "Running", "Degraded"})  # every fragment was made
 
 
 @dataclass(frozen=True)
@@ -39,20 +43,50 @@ def _ready(node: JsonObject) -> bool:
     return False
 
 
-def heartbeats(leases: list[JsonObject], now: datetime) -> dict[str, bool]:
-    """Node name -> whether its agent's Lease was renewed within its duration."""
-    out = {}
-    for lease in leases:
-        name = lease["metadata"]["name"]
-        if not name.startswith(AGENT_LEASE_PREFIX):
-            continue
-        spec = lease.get("spec") or {}
-        renewed = parse_time(spec.get("renewTime"))
-        duration = spec.get("leaseDurationSeconds") or 0
-        out[name.removeprefix(AGENT_LEASE_PREFIX)] = (
-            renewed is not None and renewed + timedelta(seconds=duration) > now
-        )
-    return out
+def lease_node(lease: JsonObject) -> str | None:
+    """The node whose agent holds this heartbeat Lease (its holderIdentity: the Lease's name
+    is shortened for long node names), or None for another kind of Lease."""
+    name = str(lease["metadata"]["name"])
+    if not name.startswith(AGENT_LEASE_PREFIX):
+        return None
+    holder = (lease.get("spec") or {}).get("holderIdentity")
+    if holder and agent_lease_name(str(holder)) == name:
+        return str(holder)
+    return name.removeprefix(AGENT_LEASE_PREFIX)
+
+
+class HeartbeatObserver:
+    """Judges each agent's liveness by this process's own clock, as the node lifecycle
+    controller judges a kubelet's Lease: a renewal is a renewTime *seen to change*, and an
+    agent is alive while the last change was seen less than leaseDurationSeconds ago.
+
+    The renewTime itself is another machine's clock and is never compared with ours: an agent
+    whose clock is behind but who renews is alive; one whose clock is ahead but who stopped
+    renewing is dead once a lease duration passes. A Lease seen for the first time (operator
+    start, new node) gets one lease duration of benefit of the doubt."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._seen: dict[str, tuple[str, float]] = {}  # node -> (renewal mark, seen at)
+
+    def observe(self, leases: list[JsonObject]) -> dict[str, bool]:
+        """Node name -> whether its agent is alive, from a fresh list of Leases."""
+        now = self.clock()
+        out, seen = {}, {}
+        for lease in leases:
+            node = lease_node(lease)
+            if node is None:
+                continue
+            spec = lease.get("spec") or {}
+            mark = f"{spec.get('holderIdentity')}@{spec.get('renewTime')}"
+            last = self._seen.get(node)
+            if last is None or last[0] != mark:
+                last = (mark, now)
+            seen[node] = last
+            duration = float(spec.get("leaseDurationSeconds") or 0)
+            out[node] = bool(spec.get("renewTime")) and now - last[1] < duration
+        self._seen = seen
+        return out
 
 
 def _int_annotation(annotations: dict[str, str], key: str) -> int:
@@ -120,7 +154,14 @@ def usage_by_node(
     fragments: list[JsonObject], vms: list[JsonObject], exclude_vm: tuple[str, str] | None = None
 ) -> dict[str, Usage]:
     """vCPUs and memory taken on each node by live fragments and by recorded placements whose
-    fragments do not exist yet. `exclude_vm` (namespace, name) leaves one VM out."""
+    fragments do not exist yet. `exclude_vm` (namespace, name) leaves one VM out. A finished
+    VM (Succeeded or Failed) holds nothing: its fragments are being stopped and never run
+    again, whether or not their agent answers."""
+    finished = {
+        vm["metadata"]["uid"]
+        for vm in vms
+        if (vm.get("status") or {}).get("phase") in FINISHED_VM_PHASES
+    }
     taken: dict[tuple[str, str], tuple[str, Usage]] = {}
     for frag in fragments:
         meta, spec = frag["metadata"], frag.get("spec") or {}
@@ -128,11 +169,13 @@ def usage_by_node(
             continue
         if (frag.get("status") or {}).get("phase") in TERMINAL_FRAGMENT_PHASES:
             continue
+        if any(o.get("uid") in finished for o in meta.get("ownerReferences") or []):
+            continue
         taken[(meta["namespace"], meta["name"])] = (spec["nodeName"], _fragment_usage(spec))
     existing = {(f["metadata"]["namespace"], f["metadata"]["name"]) for f in fragments}
     for vm in vms:
         meta = vm["metadata"]
-        if (meta["namespace"], meta["name"]) == exclude_vm:
+        if (meta["namespace"], meta["name"]) == exclude_vm or meta["uid"] in finished:
             continue
         for entry in (vm.get("status") or {}).get("fragments") or []:
             key = (meta["namespace"], entry["name"])

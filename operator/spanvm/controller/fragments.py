@@ -13,10 +13,12 @@ from spanvm.api.constants import (
     VM_LABEL,
     fabric_secret_name,
     fragment_name,
+    label_value,
 )
 from spanvm.api.quantity import format_memory, parse_memory
 from spanvm.api.spanningvm import FabricSpec, FragmentSummary, SpanningVMSpec
 from spanvm.api.vmfragment import MemoryRange, Peer, SecretRef, VMFragmentSpec
+from spanvm.controller.cluster_view import NodeHealth, health_of
 from spanvm.fabric.homes import plan_homes
 from spanvm.kube import JsonObject
 from spanvm.scheduler.placement import Placement
@@ -67,6 +69,33 @@ def owner_reference(vm: JsonObject) -> dict[str, Any]:
     }
 
 
+def fabric_vouches(
+    placed: list[FragmentSummary], fragments: dict[int, JsonObject], health: dict[str, NodeHealth]
+) -> bool:
+    """Whether the memory fabric shows the guest alive in spite of lost nodes: some fragment
+    runs on a healthy node and every fragment is Running. A peer that stopped answering
+    would have failed them (the fabric's own liveness timeout), so they vouch for the rest;
+    a guest on lost nodes only has no one to vouch for it."""
+    phases = [
+        ((fragments.get(i) or {}).get("status") or {}).get("phase") for i in range(len(placed))
+    ]
+    healthy = [i for i, p in enumerate(placed) if health_of(health, p.node_name).healthy]
+    return bool(healthy) and all(p == "Running" for p in phases)
+
+
+def owned_by(obj: JsonObject, uid: str) -> bool:
+    """Whether `obj` has an owner reference to the object with this uid."""
+    return any(o.get("uid") == uid for o in obj["metadata"].get("ownerReferences") or [])
+
+
+def owner_vm_name(obj: JsonObject) -> str | None:
+    """The name of the SpanningVM controlling `obj`, from its owner reference."""
+    for owner in obj["metadata"].get("ownerReferences") or []:
+        if owner.get("kind") == "SpanningVM" and owner.get("apiVersion") == API_VERSION:
+            return str(owner["name"])
+    return None
+
+
 def user_labels(vm: JsonObject) -> dict[str, str]:
     """The VM's own labels, carried to its fragments (spanvm's and Kopf's left out)."""
     labels: dict[str, str] = vm["metadata"].get("labels") or {}
@@ -76,8 +105,8 @@ def user_labels(vm: JsonObject) -> dict[str, str]:
 def fragment_labels(vm: JsonObject, index: int, node: str) -> dict[str, str]:
     return {
         **user_labels(vm),
-        VM_LABEL: vm["metadata"]["name"],
-        NODE_LABEL: node,
+        VM_LABEL: label_value(vm["metadata"]["name"]),
+        NODE_LABEL: label_value(node),
         INDEX_LABEL: str(index),
     }
 
@@ -104,7 +133,9 @@ def fragment_body(
         ],
         boot=spec.boot,
         fabric=fabric,
-        secret_ref=SecretRef(name=fabric_secret_name(vm["metadata"]["name"])),
+        secret_ref=SecretRef(
+            name=fabric_secret_name(vm["metadata"]["name"], vm["metadata"]["uid"])
+        ),
     )
     return {
         "apiVersion": API_VERSION,
@@ -140,9 +171,9 @@ def fabric_secret(vm: JsonObject) -> JsonObject:
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {
-            "name": fabric_secret_name(name),
+            "name": fabric_secret_name(name, vm["metadata"]["uid"]),
             "namespace": vm["metadata"]["namespace"],
-            "labels": {VM_LABEL: name},
+            "labels": {VM_LABEL: label_value(name)},
             "ownerReferences": [owner_reference(vm)],
         },
         "type": "Opaque",

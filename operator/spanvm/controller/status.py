@@ -15,6 +15,7 @@ from spanvm.controller.cluster_view import TERMINAL_FRAGMENT_PHASES, NodeHealth,
 from spanvm.kube import JsonObject
 
 SCHEDULED, FABRIC_READY, READY = "Scheduled", "FabricReady", "Ready"
+STARTED_FRAGMENT_PHASES = frozenset({"Running", "Succeeded", "Stopping", "Stopped"})
 
 
 def set_condition(  # noqa: PLR0917 - the fields of a condition
@@ -107,16 +108,27 @@ def aggregate(
         )
     if all(p in ("Stopped", "Stopping") for p in phases):
         return Aggregate("Stopped", "every fragment is stopped", False, "Stopped", **result)
-    if all(p == "Running" for p in phases):
+    if "Running" in phases and all(p in STARTED_FRAGMENT_PHASES for p in phases):
+        # Every fragment got going; some may have finished first (fragment 0 ends the guest
+        # before the others hear of it): still Running, never back to Starting.
         nodes = ", ".join(p.node_name for p in placed)
+        ended = [f"{i} ({p})" for i, p in enumerate(phases) if p != "Running"]
         return Aggregate(
             "Running",
-            f"the guest runs on {len(placed)} fragment(s): {nodes}",
+            f"the guest runs on {len(placed)} fragment(s): {nodes}"
+            + (f"; finished: fragments {', '.join(ended)}" if ended else ""),
             True,
             "FabricConnected",
             **result,
         )
-    waiting = [f"{i} ({p})" for i, p in enumerate(phases) if p != "Running"]
+    waiting = []
+    for i, p in enumerate(phases):
+        if p == "Running":
+            continue
+        # A fragment held back says why (its agent's words: a missing Secret, a peer's
+        # endpoint not known yet), so the VM names what it waits for.
+        why = ((fragments.get(i) or {}).get("status") or {}).get("message")
+        waiting.append(f"{i} ({p}: {why})" if p == "Pending" and why else f"{i} ({p})")
     return Aggregate(
         "Starting",
         "waiting for fragments " + ", ".join(waiting) + " to connect their fabric",

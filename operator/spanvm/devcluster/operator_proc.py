@@ -15,6 +15,7 @@ def operator_command(
     namespaces: tuple[str, ...] = (),
     timer_interval: float = 1.0,
     deletion_grace: float = 10.0,
+    node_loss_grace: float = 3.0,
     lease_duration: int = 6,
     metrics_port: int | None = None,
 ) -> list[str]:
@@ -35,6 +36,8 @@ def operator_command(
         str(timer_interval),
         "--deletion-grace",
         str(deletion_grace),
+        "--node-loss-grace",
+        str(node_loss_grace),
     ]
     for ns in namespaces:
         command += ["--namespace", ns]

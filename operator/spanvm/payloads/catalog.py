@@ -17,6 +17,11 @@ class PayloadInfo:
     description: str
     default_arg: int
     min_vcpus: int = 1
+    arg_bytes: int = 0  # bytes of low guest heap the payload needs per unit of its argument
+
+
+MAX_ARG = 1 << 40  # the largest payload argument the API accepts
+MAX_IMAGE_SIZE = 1 << 20  # every payload image, .bss included, fits in this (a test checks)
 
 
 PAYLOADS: dict[str, PayloadInfo] = {
@@ -39,6 +44,7 @@ PAYLOADS: dict[str, PayloadInfo] = {
             "vCPUs fill an array of arg 64-bit words, each sums another vCPU's slice, then they"
             " combine; reports the sum",
             1 << 20,
+            arg_bytes=8,
         ),
         PayloadInfo(
             "mp-litmus",

@@ -8,13 +8,14 @@ same input always gives the same output. All or nothing: a VM is placed whole or
 Memory is split in proportion to vCPUs, in 2 MiB units.
 """
 
-from collections import Counter
+from collections import defaultdict
 from dataclasses import dataclass
 
 from spanvm.api.quantity import MEMORY_ALIGNMENT, format_memory
 from spanvm.scheduler.snapshot import NodeInfo, Request, Usage
 
 MAX_FRAGMENTS = 64
+NAMED_NODES = 3  # excluded nodes named in an explanation, per reason
 
 
 @dataclass(frozen=True)
@@ -54,28 +55,29 @@ class _Candidate:
 
 def _filter(
     nodes: list[NodeInfo], usage: dict[str, Usage], request: Request
-) -> tuple[list[_Candidate], Counter[str]]:
-    out, rejected = [], Counter[str]()
+) -> tuple[list[_Candidate], dict[str, list[str]]]:
+    out: list[_Candidate] = []
+    rejected: dict[str, list[str]] = defaultdict(list)
     for node in nodes:
         used = usage.get(node.name, Usage())
         if not node.kvm:
-            rejected["without working KVM"] += 1
+            rejected["without working KVM"].append(node.name)
         elif not node.ready:
-            rejected["not Ready"] += 1
+            rejected["not Ready"].append(node.name)
         elif not node.heartbeat_fresh:
-            rejected["with a stale agent heartbeat"] += 1
+            rejected["with a stale agent heartbeat"].append(node.name)
         elif any(node.labels.get(k) != v for k, v in request.node_selector.items()):
-            rejected["not matching nodeSelector"] += 1
+            rejected["not matching nodeSelector"].append(node.name)
         elif any(
             t.effect in ("NoSchedule", "NoExecute")
             and not any(tol.tolerates(t) for tol in request.tolerations)
             for t in node.taints
         ):
-            rejected["with untolerated taints"] += 1
+            rejected["with untolerated taints"].append(node.name)
         else:
             candidate = _Candidate(node, node.vcpus - used.vcpus, node.memory - used.memory)
             if candidate.capacity(request) < request.min_vcpus_per_fragment:
-                rejected["too full"] += 1
+                rejected["too full"].append(node.name)
             else:
                 out.append(candidate)
     return out, rejected
@@ -164,8 +166,15 @@ def schedule(
     return Unschedulable(_explain(by_capacity, rejected, request, limit))
 
 
+def _excluded(why: str, names: list[str]) -> str:
+    """`2 too full (a, b)`: nodes are named (a few of them), so a person knows where to look."""
+    names = sorted(names)
+    shown = ", ".join(names[:NAMED_NODES]) + (", ..." if len(names) > NAMED_NODES else "")
+    return f"{len(names)} {why} ({shown})"
+
+
 def _explain(
-    candidates: list[_Candidate], rejected: Counter[str], request: Request, limit: int
+    candidates: list[_Candidate], rejected: dict[str, list[str]], request: Request, limit: int
 ) -> str:
     need = f"needs {request.vcpus} vCPUs and {format_memory(request.memory)}"
     if request.min_vcpus_per_fragment > 1:
@@ -179,5 +188,8 @@ def _explain(
         have = "no node is eligible"
     parts = [need, have, f"maxFragments={request.max_fragments or limit}"]
     if rejected:
-        parts.append("excluded: " + ", ".join(f"{n} {why}" for why, n in sorted(rejected.items())))
+        parts.append(
+            "excluded: "
+            + "; ".join(_excluded(why, names) for why, names in sorted(rejected.items()))
+        )
     return "; ".join(parts)
