@@ -21,6 +21,7 @@ from spanvm.devcluster.paths import repo_root
 from spanvm.fabric.fragment import FragmentConfig
 from spanvm.fabric.homes import HomeMap, plan_homes
 from spanvm.fabric.launcher import LocalVm, launch, split_vcpus
+from spanvm.fabric.transport import PEER_HUNG_AFTER
 from spanvm.fabric.wire import (
     HEADER,
     AuthError,
@@ -128,6 +129,49 @@ def test_lost_fragment_stops_the_vm_naming_it(tmp_path: Path, how: str) -> None:
     assert code == 70, log
     assert "fragment 1 lost" in log, log
     assert elapsed < 15, f"fragment 0 took {elapsed:.1f}s to notice"
+
+
+def test_a_starved_peer_is_slow_not_dead(tmp_path: Path) -> None:
+    """Issue 13 kind 11: a peer that sends nothing for 5 s while its node still acknowledges
+    (stopped here; starved under load alike) is waited for, and the guest finishes. The old
+    3 s silence rule failed it ("fragment 1 lost: no message for 3.5s")."""
+    with local_vm(tmp_path, "smp-counter", 2, 2, 20_000) as (vm, _, err):
+        wait_connected(vm)
+        victim = vm.fragments[1].process
+        victim.send_signal(signal.SIGSTOP)
+        time.sleep(5.0)  # longer than the old limit, well within PEER_HUNG_AFTER
+        victim.send_signal(signal.SIGCONT)
+        code = vm.wait(timeout=120)
+    assert code == 0, err.read_text()
+    assert (
+        "smp-counter: vcpus=2 n=20000 total=40000 expected=40000 OK"
+        in (tmp_path / "console.txt").read_text()
+    )
+
+
+def _netns() -> set[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    return {line.split()[0] for line in listed.stdout.splitlines() if line.strip()}
+
+
+def test_a_dead_node_is_lost_within_seconds(tmp_path: Path) -> None:
+    """Issue 13 kind 11: a node that stops acknowledging (its link cut: no FIN, no RST, as
+    when a machine dies) is lost after NODE_DEAD_AFTER by TCP's user timeout, long before a
+    merely silent peer would be."""
+    before = _netns()
+    with local_vm(tmp_path, "smp-counter", 2, 2, 2_000_000_000, netns=True) as (vm, _, err):
+        wait_connected(vm)
+        (bridge,) = [ns for ns in _netns() - before if ns.endswith("-br")]
+        subprocess.run(["ip", "-n", bridge, "link", "set", "p1", "down"], check=True)
+        cut_at = time.monotonic()
+        code = vm.fragments[0].process.wait(timeout=60)
+        elapsed = time.monotonic() - cut_at
+        vm.kill()
+    log = err.read_text()
+    assert code == 70, log
+    assert "fragment 1 lost: its node stopped acknowledging" in log, log
+    print(f"dead node noticed after {elapsed:.1f}s")
+    assert elapsed < PEER_HUNG_AFTER, f"took {elapsed:.1f}s: the silence rule, not TCP's"
 
 
 def test_strangers_are_refused_and_the_vm_keeps_running(tmp_path: Path) -> None:

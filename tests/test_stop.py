@@ -20,6 +20,7 @@ import pytest
 
 from spanvm.devcluster.paths import repo_root
 from spanvm.fabric.launcher import STOP_GRACE
+from spanvm.fabric.transport import PEER_HUNG_AFTER
 from spanvm.procs import pid_alive
 
 pytestmark = pytest.mark.kvm
@@ -141,13 +142,13 @@ def test_timeout_stops_every_fragment_with_one_line(tmp_path: Path) -> None:
 
 
 def test_a_frozen_fragment_is_killed_and_named(tmp_path: Path) -> None:
-    """Fragment 0 notices the silent peer (3 s) and ends; the launcher then gives the frozen
-    fragment the grace period and kills it, naming it, instead of waiting for ever."""
+    """Fragment 0 notices the silent peer (PEER_HUNG_AFTER) and ends; the launcher then gives
+    the frozen fragment the grace period and kills it, naming it, instead of waiting for ever."""
     with spinning(tmp_path, "--timeout", "60") as run:
         frozen = run.fragments[1]
         os.kill(frozen, signal.SIGSTOP)
         stopped_at = time.monotonic()
-        code = run.process.wait(timeout=3 + STOP_GRACE + 2 * SLACK)
+        code = run.process.wait(timeout=PEER_HUNG_AFTER + STOP_GRACE + 2 * SLACK)
         elapsed = time.monotonic() - stopped_at
         assert_all_gone(run)
     assert code == 70, run.stderr()
@@ -156,7 +157,7 @@ def test_a_frozen_fragment_is_killed_and_named(tmp_path: Path) -> None:
         f" {STOP_GRACE:g}s after another fragment ended; killed it"
     ) in run.messages(), run.stderr()
     assert "fragment 1 lost" in run.stderr()
-    assert elapsed < 3 + STOP_GRACE + SLACK, f"took {elapsed:.1f}s"
+    assert elapsed < PEER_HUNG_AFTER + STOP_GRACE + SLACK, f"took {elapsed:.1f}s"
 
 
 def test_sigterm_with_a_frozen_fragment_kills_it_after_the_grace(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ are answered inline, requests go to a worker pool, events go to the fragment.
 """
 
 import contextlib
+import errno
 import itertools
 import logging
 import socket
@@ -36,9 +37,15 @@ from spanvm.fabric.wire import (
 log = logging.getLogger("spanvm.fabric")
 
 HEARTBEAT_INTERVAL = 0.5
-PEER_LOST_AFTER = 3.0
+# A dead peer and a slow one are told apart by whose silence it is. A dead node stops
+# acknowledging what we send (a ping every 0.5 s): TCP's user timeout (tcp(7),
+# TCP_USER_TIMEOUT) ends the connection after NODE_DEAD_AFTER. A dead process is closed by
+# its kernel at once. A peer that is alive but starved (a loaded node) or hung still has its
+# kernel acknowledge, so only its own silence counts, for the longer PEER_HUNG_AFTER.
+NODE_DEAD_AFTER = 3.0
+PEER_HUNG_AFTER = 10.0
 REQUEST_TIMEOUT = 15.0
-SEND_TIMEOUT = 2 * PEER_LOST_AFTER  # seconds a send may wait for a peer to read
+SEND_TIMEOUT = PEER_HUNG_AFTER  # seconds a send may wait for a peer to read
 CONNECT_TIMEOUT = 30.0
 # Unauthenticated connections (handshakes in flight, one thread each) per listener; more are
 # told BUSY and closed at once (connect() retries on BUSY), so idle strangers cost no threads.
@@ -211,6 +218,9 @@ class Transport:
         peer.sock.setsockopt(
             socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(SEND_TIMEOUT), 0)
         )
+        peer.sock.setsockopt(
+            socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(NODE_DEAD_AFTER * 1000)
+        )
         with self._peers_changed:
             if self._torn_down:  # close() ran while this connection was being admitted
                 peer.sock.close()
@@ -283,7 +293,11 @@ class Transport:
                     self._fail(f"fragment {peer.index} sent garbage: {err}")
                     return
                 except (OSError, ValueError) as err:  # closed, reset, or closed under us
-                    self._fail(f"fragment {peer.index} lost: {err}")
+                    if getattr(err, "errno", None) == errno.ETIMEDOUT:
+                        why = f"its node stopped acknowledging for {NODE_DEAD_AFTER:.0f}s"
+                        self._fail(f"fragment {peer.index} lost: {why} ({err})")
+                    else:
+                        self._fail(f"fragment {peer.index} lost: {err}")
                     return
                 peer.last_seen = time.monotonic()
                 with contextlib.suppress(PeerGoneError):  # read on: its last frames say why
@@ -362,10 +376,10 @@ class Transport:
             if ending:
                 return
             for peer in list(self.peers.values()):
-                if now - peer.last_seen > PEER_LOST_AFTER:
+                if now - peer.last_seen > PEER_HUNG_AFTER:
                     self._fail(
                         f"fragment {peer.index} lost: silent for {now - peer.last_seen:.1f}s"
-                        " (frozen, or the network to it is cut)"
+                        " although its node still acknowledges (frozen or hung)"
                     )
                     return
                 with contextlib.suppress(PeerGoneError):  # its reader reports how it ended
