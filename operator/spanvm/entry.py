@@ -10,7 +10,7 @@ import signal
 import sys
 from types import FrameType
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+from spanvm.stopsignals import STOP_SIGNALS  # light: signal and typing only
 
 
 def _stopped_while_starting(signum: int, _frame: FrameType | None) -> None:

@@ -236,9 +236,10 @@ class FragmentProcess:
 
 
 def stop_all(processes: list[FragmentProcess], grace: float = STOP_GRACE) -> list[FragmentProcess]:
-    """Stop every running fragment (SIGTERM, SIGKILL after `grace` seconds) and wait for their
-    runners to record how they ended: what an agent started with `--stop-fragments-on-exit`
-    does on its way out. Returns those still running `grace` + 2 s later (normally none)."""
+    """Stop every running fragment (SIGTERM at once; `FragmentProcess.stop` SIGKILLs one still
+    running STOP_GRACE seconds after its first SIGTERM) and wait for their runners to record
+    how they ended: what an agent started with `--stop-fragments-on-exit` does on its way out.
+    Gives up `grace` + 2 s from now; returns those still running then (normally none)."""
     deadline = time.monotonic() + grace + 2.0
     left = [p for p in processes if p.running()]
     while left and time.monotonic() < deadline:
