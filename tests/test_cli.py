@@ -152,11 +152,12 @@ def test_run_across_fragments_streams_fragment_0s_console() -> None:
     assert "fragment 2 on local-2" in result.stderr
 
 
-def test_more_fragments_than_vcpus_is_a_usage_error() -> None:
-    result = spanvm("run", "--fragments", "3", "--vcpus", "2", "hello")
+@pytest.mark.parametrize("fragments", ["3", "0", "-1"])
+def test_fragments_outside_one_to_vcpus_is_a_usage_error(fragments: str) -> None:
+    result = spanvm("run", "--fragments", fragments, "--vcpus", "2", "hello")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "spanvm: error: --fragments must be between 1 and --vcpus (2), got 3"
+        f"spanvm: error: --fragments must be between 1 and --vcpus (2), got {fragments}"
     ]
 
 

@@ -44,6 +44,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"--memory: {err}") from None
     if not 1 <= args.vcpus <= MAX_VCPUS:
         raise UsageError(f"--vcpus must be between 1 and {MAX_VCPUS}, got {args.vcpus}")
+    try:
+        split_vcpus(args.vcpus, args.fragments)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if args.timeout <= 0:
         raise UsageError(f"--timeout must be positive, got {args.timeout}")
     info = PAYLOADS.get(args.payload)
@@ -125,11 +129,8 @@ def _guest_status(code: int) -> int:
 def _run_fragments(
     args: argparse.Namespace, payload: str, memory: int, arg: int, stops: StopSignals
 ) -> int:
-    """The guest split over local fragment processes joined by the fabric."""
-    try:
-        split_vcpus(args.vcpus, args.fragments)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    """The guest split over local fragment processes joined by the fabric (`--fragments`
+    already checked by cmd_run)."""
     try:
         with launch(
             payload,
