@@ -181,15 +181,15 @@ class Fragment:
         elif frame.kind == Kind.STOP:
             # Forward it first: every link then carries the STOP ahead of this fragment's
             # departure, so no peer mistakes the closing connection for a lost fragment.
-            self.machine.finish(frame.page)  # first: the outcome is decided before the
-            self._end(frame)  # fault thread starts releasing pages (zeros) for the stop
+            self._end(frame)
+            self.machine.finish(frame.page)
         elif frame.kind == Kind.STARTED:
             log.info("%s", frame.payload.decode(errors="replace"))
         elif frame.kind == Kind.FAILED:
             # Relayed as it came: `page` names the fragment where the failure was seen first.
+            self._end(frame)
             reason = frame.payload.decode(errors="replace")
             self.machine.fail(f"fragment {frame.page} reports: {reason}")
-            self._end(frame)
 
     def _end(self, frame: Frame) -> None:
         """This fragment learnt or decided that the VM is over (STOP or FAILED)."""
@@ -229,6 +229,10 @@ class Fragment:
                         if not self.stopping.is_set():
                             self.machine.fail(f"page fault service failed: {err}")
                             self.stopping.set()
+                # Only once the VM's outcome is recorded (a STOP or FAILED is forwarded
+                # first, then recorded): a zeroed page may make a vCPU fault, and that
+                # error must not become the VM's.
+                self.machine.stop_requested.wait(STOP_GRACE_SECONDS)
                 self._release(fault)
 
     def _release(self, fault: Fault) -> None:
