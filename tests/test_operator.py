@@ -115,6 +115,16 @@ def reason_of(status: JsonObject, type_: str) -> str | None:
     return found[0].get("reason") if found else None
 
 
+def wait_for_ready_reason(env: Env, name: str, reason: str) -> JsonObject:
+    """The VM's status once its Ready condition gives `reason`."""
+
+    def ready() -> JsonObject | None:
+        status = env.status(name)
+        return status if reason_of(status, "Ready") == reason else None
+
+    return wait_for(f"{name} Ready={reason}", ready)
+
+
 @pytest.fixture(scope="module")
 def kube(crds: Cluster) -> Kube:
     return Kube.connect(str(crds.kubeconfig))
@@ -633,14 +643,7 @@ def test_a_foreign_object_holding_a_child_name_is_reported_not_adopted(env: Env)
     foreign["spec"]["fragmentCount"] = 1
     assert env.kube.create_fragment(NS, foreign)
     env.create_vm(vm_manifest("vm-k6", NS, "k6"))
-    status = wait_for(
-        "the clash reported",
-        lambda: (
-            env.status("vm-k6")
-            if reason_of(env.status("vm-k6"), "Ready") == "NameConflict"
-            else None
-        ),
-    )
+    status = wait_for_ready_reason(env, "vm-k6", "NameConflict")
     assert "VMFragment vm-k6-0 (owner: none)" in status["message"], status["message"]
     assert any(e.startswith("NameConflict:") and "vm-k6-0" in e for e in env.events("vm-k6"))
     later_passes(env)
@@ -687,14 +690,7 @@ def test_a_recreated_vm_never_uses_its_predecessors_children(env: Env) -> None:
     old_fragment["spec"]["fragmentCount"] = 1
     assert env.kube.create_fragment(NS, old_fragment)
     env.create_vm(vm_manifest("vm-k5", NS, "k5"))
-    status = wait_for(
-        "waiting for the old fragment",
-        lambda: (
-            env.status("vm-k5")
-            if reason_of(env.status("vm-k5"), "Ready") == "WaitingForOldObjects"
-            else None
-        ),
-    )
+    status = wait_for_ready_reason(env, "vm-k5", "WaitingForOldObjects")
     assert (
         f"VMFragment vm-k5-0 (of an earlier SpanningVM vm-k5, uid {old_uid})" in (status["message"])
     )
