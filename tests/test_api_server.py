@@ -31,7 +31,7 @@ from spanvm.kube import Kube, api_error_text
 from spanvm.payloads.build import resolve_image
 from spanvm.payloads.catalog import MAX_IMAGE_SIZE, PAYLOAD_NAMES
 from spanvm.vmm.layout import IMAGE_BASE, MAX_VCPUS, GuestLayout, LayoutError
-from spanvm.vmm.memory import ram_ranges
+from spanvm.vmm.memmap import ram_ranges
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 INVALID = sorted((REPO / "examples" / "invalid").glob("*.yaml"))

@@ -15,7 +15,7 @@ tell them apart.
 
 import signal
 
-from spanvm.vmm.machine import EXIT_VM_ERROR
+from spanvm.vmm.errors import EXIT_VM_ERROR
 
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 124

@@ -9,7 +9,7 @@ each refusal names only the rule actually broken, with the same words as the CEL
 import re
 from decimal import Decimal, InvalidOperation, localcontext
 
-from spanvm.vmm.layout import LARGE_PAGE, MAX_MEMORY
+from spanvm.vmm.memmap import LARGE_PAGE, MAX_MEMORY
 
 MEMORY_ALIGNMENT = LARGE_PAGE  # guest memory is mapped in 2 MiB pages
 MIN_GUEST_MEMORY_BYTES = 16 * 1024 * 1024

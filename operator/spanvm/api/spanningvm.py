@@ -28,8 +28,8 @@ from spanvm.payloads.catalog import (
     PAYLOADS,
     PayloadInfo,
 )
-from spanvm.vmm.layout import IMAGE_BASE, LARGE_PAGE, MAX_VCPUS, STACK_SIZE
-from spanvm.vmm.memory import LOW_RAM_LIMIT
+from spanvm.vmm.layout import IMAGE_BASE, MAX_VCPUS, STACK_SIZE
+from spanvm.vmm.memmap import LARGE_PAGE, LOW_RAM_LIMIT
 
 # What the fragment VMM and the fabric cannot do yet: refused at admission, not deep inside.
 LINUX_UNSUPPORTED = (

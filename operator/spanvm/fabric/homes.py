@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from spanvm.vmm.layout import IMAGE_BASE
-from spanvm.vmm.memory import ram_ranges
+from spanvm.vmm.memmap import ram_ranges
 
 PAGE = 4096
 

@@ -32,7 +32,7 @@ from spanvm.fabric.fragment import FragmentConfig
 from spanvm.fabric.homes import plan_homes
 from spanvm.fabric.netns import NamespaceNet
 from spanvm.procs import pid_frozen, pid_state
-from spanvm.vmm.machine import EXIT_VM_ERROR
+from spanvm.vmm.errors import EXIT_VM_ERROR
 
 START_TIMEOUT = 60.0
 # Seconds the fragments get to end by themselves once a stop was requested or any fragment

@@ -226,6 +226,64 @@ class KvmRunSystemEvent(ctypes.Structure):
     ]
 
 
+class KvmPitConfig(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32 * 15)]
+
+
+class KvmIrqLevel(ctypes.Structure):
+    _fields_ = [("irq", ctypes.c_uint32), ("level", ctypes.c_uint32)]
+
+
+class KvmTranslation(ctypes.Structure):
+    _fields_ = [
+        ("linear_address", ctypes.c_uint64),
+        ("physical_address", ctypes.c_uint64),
+        ("valid", ctypes.c_uint8),
+        ("writeable", ctypes.c_uint8),
+        ("usermode", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 5),
+    ]
+
+
+class KvmLapicState(ctypes.Structure):
+    _fields_ = [("regs", ctypes.c_uint8 * 1024)]
+
+
+class KvmMsrEntry(ctypes.Structure):
+    _fields_ = [
+        ("index", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+        ("data", ctypes.c_uint64),
+    ]
+
+
+MAX_MSR_ENTRIES = 32
+
+
+class KvmMsrs(ctypes.Structure):
+    _fields_ = [
+        ("nmsrs", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("entries", KvmMsrEntry * MAX_MSR_ENTRIES),
+    ]
+
+
+class KvmFpu(ctypes.Structure):
+    _fields_ = [
+        ("fpr", ctypes.c_uint8 * 128),
+        ("fcw", ctypes.c_uint16),
+        ("fsw", ctypes.c_uint16),
+        ("ftwx", ctypes.c_uint8),
+        ("pad1", ctypes.c_uint8),
+        ("last_opcode", ctypes.c_uint16),
+        ("last_ip", ctypes.c_uint64),
+        ("last_dp", ctypes.c_uint64),
+        ("xmm", ctypes.c_uint8 * 256),
+        ("mxcsr", ctypes.c_uint32),
+        ("pad2", ctypes.c_uint32),
+    ]
+
+
 KVM_EXIT_UNION_OFFSET = 32
 
 KVM_GET_API_VERSION = _io(0x00)
@@ -237,16 +295,26 @@ KVM_CREATE_VCPU = _io(0x41)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, ctypes.sizeof(KvmUserspaceMemoryRegion))
 KVM_SET_TSS_ADDR = _io(0x47)
 KVM_CREATE_IRQCHIP = _io(0x60)
+KVM_IRQ_LINE = _iow(0x61, ctypes.sizeof(KvmIrqLevel))
+KVM_CREATE_PIT2 = _iow(0x77, ctypes.sizeof(KvmPitConfig))
 KVM_RUN = _io(0x80)
 KVM_GET_REGS = _ior(0x81, ctypes.sizeof(KvmRegs))
 KVM_SET_REGS = _iow(0x82, ctypes.sizeof(KvmRegs))
 KVM_GET_SREGS = _ior(0x83, ctypes.sizeof(KvmSregs))
 KVM_SET_SREGS = _iow(0x84, ctypes.sizeof(KvmSregs))
+KVM_TRANSLATE = _iowr(0x85, ctypes.sizeof(KvmTranslation))
+KVM_SET_MSRS = _iow(0x89, 8)
+KVM_SET_FPU = _iow(0x8D, ctypes.sizeof(KvmFpu))
+KVM_GET_LAPIC = _ior(0x8E, ctypes.sizeof(KvmLapicState))
+KVM_SET_LAPIC = _iow(0x8F, ctypes.sizeof(KvmLapicState))
 KVM_SET_CPUID2 = _iow(0x90, 8)
 KVM_SET_MP_STATE = _iow(0x99, ctypes.sizeof(KvmMpState))
 
 KVM_API_VERSION = 12
 KVM_MP_STATE_RUNNABLE = 0
+KVM_MP_STATE_UNINITIALIZED = 1  # an application processor waiting for INIT/SIPI
+KVM_PIT_SPEAKER_DUMMY = 1
+KVM_INTERNAL_ERROR_EMULATION = 1
 
 CAPABILITIES = {
     "IRQCHIP": 0,

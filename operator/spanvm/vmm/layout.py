@@ -24,10 +24,9 @@ import struct
 from dataclasses import dataclass
 
 from spanvm.vmm import kvm_abi
-from spanvm.vmm.memory import GuestMemory, RamRange
+from spanvm.vmm.memmap import DOORBELL_BASE, DOORBELL_SIZE, LARGE_PAGE, MAX_MEMORY, PAGE, RamRange
+from spanvm.vmm.memory import GuestMemory
 
-PAGE = 0x1000
-LARGE_PAGE = 0x20_0000
 GDT_BASE = 0x1000
 TSS_BASE = 0x2000  # one 128-byte TSS per vCPU, up to 0x6000
 TSS_STRIDE = 0x80
@@ -41,9 +40,8 @@ MAX_VCPUS = (0x10_0000 - BOOTINFO_BASE) // PAGE
 SYSTEM_AREA_END = 0x20_0000
 IMAGE_BASE = 0x20_0000
 STACK_SIZE = 0x1_0000
-MMIO_BASE = 0xD000_0000
-MMIO_SIZE = LARGE_PAGE
-MAX_MEMORY = 64 << 30
+MMIO_BASE = DOORBELL_BASE
+MMIO_SIZE = DOORBELL_SIZE
 BOOTINFO_MAGIC = 0x49424D564E415053  # "SPANVMBI"
 MAX_HEAP_RANGES = 4
 

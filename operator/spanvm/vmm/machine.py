@@ -1,17 +1,21 @@
-"""A KVM virtual machine run by this process: RAM, vCPU threads, exit handling, stop.
+"""A KVM virtual machine run by this process: guest RAM, a boot source, devices on buses, vCPU
+threads, exit dispatch and stop.
 
-Each vCPU is a thread looping on KVM_RUN (through ctypes, which releases the GIL, so vCPUs
-run in parallel). Guests signal the monitor through the MMIO doorbell (see layout.py). Any
-exit the monitor does not expect stops the whole VM with an error naming the exit reason,
-the vCPU and its registers. A stop interrupts running vCPUs with SIGUSR1 plus
+The pieces live apart, as in Firecracker's `vstate/` and kvmtool: `vm.py` (KVM VM, slots,
+irqchip, PIT), `vcpu.py` (one vCPU's fd and state), `cpuid.py`, `memory.py`/`memmap.py`,
+`boot/` (what runs and the first vCPU state), `bus.py` + `devices/` + `platform.py` (port and
+MMIO devices). This module wires them and runs: each vCPU is a thread looping on KVM_RUN
+(through ctypes, which releases the GIL, so vCPUs run in parallel); port and MMIO exits go to
+the bus; any exit the monitor does not expect stops the whole VM with an error naming the exit
+reason, the vCPU and its registers. A stop interrupts running vCPUs with SIGUSR1 plus
 `immediate_exit`, so no vCPU is left in the guest.
 """
 
 import ctypes
 import errno
+import logging
 import os
 import signal
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -19,32 +23,33 @@ from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 
 from spanvm.payloads.build import PayloadImage
-from spanvm.vmm import kvm_abi, layout
+from spanvm.vmm import kvm_abi, platform
+from spanvm.vmm.boot import BootError, BootSource, GuestShape, NumaNode
+from spanvm.vmm.boot.payload import PayloadBoot
+from spanvm.vmm.bus import Bus, VcpuStopError
 from spanvm.vmm.console import Console
-from spanvm.vmm.layout import Doorbell, GuestLayout
-from spanvm.vmm.memory import GuestMemory, ram_ranges
+from spanvm.vmm.cpuid import CpuidOptions, vcpu_cpuid
+from spanvm.vmm.errors import EXIT_VM_ERROR, VmError
+from spanvm.vmm.layout import GuestLayout
+from spanvm.vmm.memory import GuestMemory
+from spanvm.vmm.vcpu import Vcpu
+from spanvm.vmm.vm import Vm
+
+__all__ = ["EXIT_VM_ERROR", "Machine", "VmConfig", "VmError", "VmResult"]
 
 KVM_DEVICE = "/dev/kvm"
 KICK_SIGNAL = signal.SIGUSR1
-TSS_ADDR = 0xFFFB_D000
-MAX_MARKS = 4096
-COM1 = 0x3F8
-
-
-EXIT_VM_ERROR = 70  # process exit status of a VM (or fragment) stopped on an error
-
-
-class VmError(RuntimeError):
-    """The VM could not be built or stopped on an error; the message says why and where."""
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class VmConfig:
-    """What to run: memory, vCPUs, the payload image and its argument."""
+    """What to run: memory (bytes), vCPUs, and the boot source; a payload `image` with its
+    `arg` is the short form of `boot=PayloadBoot(image, arg)`."""
 
     memory_size: int
     vcpu_count: int
-    image: PayloadImage
+    image: PayloadImage | None = None
     arg: int = 0
     local_vcpus: tuple[int, ...] | None = None  # vCPUs this process runs (all by default)
     # A fragment runs vCPU threads at a lower priority (this nice value, SCHED_OTHER) so that
@@ -52,6 +57,16 @@ class VmConfig:
     # cores, many threads). Not SCHED_IDLE: that starves the guest beside any busy process.
     vcpu_nice: int | None = None
     device: str = KVM_DEVICE
+    boot: BootSource | None = None
+    cpuid: CpuidOptions = field(default_factory=CpuidOptions)
+    nodes: tuple[NumaNode, ...] = ()  # the guest's NUMA nodes (fragments); one node if empty
+
+    def boot_source(self) -> BootSource:
+        if self.boot is not None:
+            return self.boot
+        if self.image is None:
+            raise VmError("nothing to boot: give a payload image or a boot source")
+        return PayloadBoot(self.image, self.arg)
 
 
 @dataclass
@@ -75,38 +90,6 @@ def _noop_handler(_signum: int, _frame: FrameType | None) -> None:
     """SIGUSR1 only needs to interrupt KVM_RUN; nothing to do in Python."""
 
 
-class Vcpu:
-    """One vCPU: its fd, its shared kvm_run page and its exit counters."""
-
-    def __init__(self, vm_fd: int, vcpu_id: int, mmap_size: int) -> None:
-        self.id = vcpu_id
-        self.fd = kvm_abi.ioctl(
-            vm_fd, kvm_abi.KVM_CREATE_VCPU, vcpu_id, f"KVM_CREATE_VCPU {vcpu_id}"
-        )
-        self.mmap_size = mmap_size
-        self.run_address = kvm_abi.mmap_fd(self.fd, mmap_size)
-        self.run = kvm_abi.KvmRunHeader.from_address(self.run_address)
-        self.exits = 0
-        self.parked = False
-        self.thread: threading.Thread | None = None
-        # Kicks are sent only while the thread is in its loop: a signal to a thread that has
-        # exited may reach another thread that reuses its pthread_t, after the handler is gone.
-        self.kick_lock = threading.RLock()  # a signal handler on this thread may kick too
-        self.looping = False
-
-    def exit_union(self, kind: type[ctypes.Structure]) -> ctypes.Structure:
-        return kind.from_address(self.run_address + kvm_abi.KVM_EXIT_UNION_OFFSET)
-
-    def regs(self) -> kvm_abi.KvmRegs:
-        regs = kvm_abi.KvmRegs()
-        kvm_abi.ioctl(self.fd, kvm_abi.KVM_GET_REGS, regs, "KVM_GET_REGS")
-        return regs
-
-    def close(self) -> None:
-        kvm_abi.munmap(self.run_address, self.mmap_size)
-        os.close(self.fd)
-
-
 class Machine:
     """One VM in this process. Use as a context manager; `run()` once."""
 
@@ -117,17 +100,21 @@ class Machine:
         exit_handler: Callable[[int], None] | None = None,
     ) -> None:
         """`exit_handler`, if given, receives the guest's exit code instead of the VM stopping
-        at once (a fragment forwards it to fragment 0, which stops every fragment)."""
+        at once (a fragment forwards it to fragment 0, which stops every fragment).
+        Raises VmError (BootError for bad boot inputs) before any vCPU runs; nothing is left
+        behind."""
         self.config = config
         self._exit_handler = exit_handler
         self.console = Console(console_sink)
         self.vcpus: dict[int, Vcpu] = {}
         self.memory: GuestMemory | None = None
-        self._kvm_fd = self._vm_fd = -1
+        self.vm: Vm | None = None
+        self.io_bus, self.mmio_bus = Bus("port"), Bus("MMIO")
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._exit_code: int | None = None
         self._error: str | None = None
+        self._unhandled_ports: set[int] = set()
         self.marks: list[tuple[int, int, float]] = []
         try:
             self._build()
@@ -138,87 +125,69 @@ class Machine:
     # -- construction --------------------------------------------------------------------------
     def _build(self) -> None:
         cfg = self.config
-        image_size = cfg.image.path.stat().st_size  # sizes first: never read what cannot fit
-        try:
-            plan = GuestLayout.plan(
-                cfg.memory_size,
-                cfg.vcpu_count,
-                max(cfg.image.end, layout.IMAGE_BASE + image_size),
-                ram_ranges(cfg.memory_size),
-                image_name=f"payload image {cfg.image.path}",
-            )
-        except layout.LayoutError as err:
-            raise VmError(str(err)) from None
-        with cfg.image.path.open("rb") as image_file:
-            image_bytes = image_file.read(image_size)
+        self.boot = cfg.boot_source()
+        nodes = cfg.nodes or (NumaNode(tuple(range(cfg.vcpu_count)), ()),)
+        self.shape = GuestShape(cfg.memory_size, cfg.vcpu_count, nodes)
+        if cfg.vcpu_count < 1:
+            raise VmError(f"vcpus must be between 1 and the VM's limit, got {cfg.vcpu_count}")
+        self.boot.check(self.shape)  # every input read and checked before KVM is touched
         local = cfg.local_vcpus if cfg.local_vcpus is not None else tuple(range(cfg.vcpu_count))
         if not local or any(not 0 <= v < cfg.vcpu_count for v in local):
             raise VmError(
                 f"local vCPUs {local} must be a non-empty subset of 0..{cfg.vcpu_count - 1}"
             )
+        self.vm = Vm(cfg.device)
+        limit = self.vm.max_vcpus()
+        if cfg.vcpu_count > limit:
+            raise BootError(f"{cfg.vcpu_count} vCPUs: this KVM allows at most {limit} per VM")
         self.memory = GuestMemory(cfg.memory_size)
-        self.layout = plan
-        try:
-            self._kvm_fd = os.open(cfg.device, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as err:
-            raise VmError(f"cannot open {cfg.device}: {err.strerror}") from None
-        version = kvm_abi.ioctl(self._kvm_fd, kvm_abi.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
-        if version != kvm_abi.KVM_API_VERSION:
-            raise VmError(
-                f"{cfg.device} speaks KVM API {version}, expected {kvm_abi.KVM_API_VERSION}"
-            )
-        self._vm_fd = kvm_abi.ioctl(self._kvm_fd, kvm_abi.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
-        kvm_abi.ioctl(self._vm_fd, kvm_abi.KVM_SET_TSS_ADDR, TSS_ADDR, "KVM_SET_TSS_ADDR")
-        kvm_abi.ioctl(self._vm_fd, kvm_abi.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
-        for slot, ram in enumerate(self.memory.ranges):
-            region = kvm_abi.KvmUserspaceMemoryRegion(
-                slot=slot,
-                flags=0,
-                guest_phys_addr=ram.gpa,
-                memory_size=ram.size,
-                userspace_addr=self.memory.host_address + ram.host_offset,
-            )
-            kvm_abi.ioctl(
-                self._vm_fd,
-                kvm_abi.KVM_SET_USER_MEMORY_REGION,
-                region,
-                "KVM_SET_USER_MEMORY_REGION",
-            )
-        self.memory.write(cfg.image.load_address, image_bytes)
-        self.loaded_end = cfg.image.load_address + len(image_bytes)
-        layout.write_system_area(self.memory, plan, cfg.arg)
-        mmap_size = kvm_abi.ioctl(
-            self._kvm_fd, kvm_abi.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE"
-        )
-        cpuid = kvm_abi.KvmCpuid2(nent=kvm_abi.MAX_CPUID_ENTRIES)
-        kvm_abi.ioctl(
-            self._kvm_fd, kvm_abi.KVM_GET_SUPPORTED_CPUID, cpuid, "KVM_GET_SUPPORTED_CPUID"
-        )
+        self.vm.map_memory(self.memory)
+        self.boot.load(self.memory, self.shape)
+        self.loaded_end = getattr(self.boot, "loaded_end", 0)
+        self.com1 = platform.attach_devices(self, self.io_bus, self.mmio_bus, self.shape)
+        supported = self.vm.supported_cpuid()
         for vcpu_id in sorted(local):
-            vcpu = Vcpu(self._vm_fd, vcpu_id, mmap_size)
+            vcpu = Vcpu(self.vm.fd, vcpu_id, self.vm.vcpu_mmap_size)
             self.vcpus[vcpu_id] = vcpu
-            self._set_cpuid(vcpu, cpuid)
-            sregs = kvm_abi.KvmSregs()
-            kvm_abi.ioctl(vcpu.fd, kvm_abi.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
-            layout.user_mode_sregs(sregs, plan.bootinfo_address(vcpu_id), vcpu_id, cfg.vcpu_count)
-            kvm_abi.ioctl(vcpu.fd, kvm_abi.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
-            regs = layout.user_mode_regs(plan, vcpu_id, cfg.image.entry)
-            kvm_abi.ioctl(vcpu.fd, kvm_abi.KVM_SET_REGS, regs, "KVM_SET_REGS")
-            # With the in-kernel irqchip, application processors wait for INIT/SIPI; start them.
-            state = kvm_abi.KvmMpState(kvm_abi.KVM_MP_STATE_RUNNABLE)
-            kvm_abi.ioctl(vcpu.fd, kvm_abi.KVM_SET_MP_STATE, state, "KVM_SET_MP_STATE")
+            vcpu.set_cpuid(vcpu_cpuid(supported, vcpu_id, cfg.vcpu_count, cfg.cpuid))
+            self.boot.setup_vcpu(vcpu, self.shape)
 
-    @staticmethod
-    def _set_cpuid(vcpu: Vcpu, supported: kvm_abi.KvmCpuid2) -> None:
-        cpuid = kvm_abi.KvmCpuid2()
-        ctypes.memmove(ctypes.addressof(cpuid), ctypes.addressof(supported), ctypes.sizeof(cpuid))
-        for i in range(cpuid.nent):
-            entry = cpuid.entries[i]
-            if entry.function == 1:
-                entry.ebx = (entry.ebx & 0x00FFFFFF) | (vcpu.id << 24)
-            elif entry.function in (0xB, 0x1F):
-                entry.edx = vcpu.id
-        kvm_abi.ioctl(vcpu.fd, kvm_abi.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
+    @property
+    def layout(self) -> GuestLayout | None:
+        """The payload layout, for payload boots."""
+        return self.boot.layout if isinstance(self.boot, PayloadBoot) else None
+
+    # -- what devices may ask (devices.DeviceHost) -------------------------------------------
+    @property
+    def guest_memory(self) -> GuestMemory:
+        assert self.memory is not None
+        return self.memory
+
+    def set_irq_line(self, irq: int, level: bool) -> None:
+        assert self.vm is not None
+        self.vm.set_irq_line(irq, level)
+
+    def symbolize(self, address: int) -> str:
+        return self.boot.symbolize(address)
+
+    def guest_exit(self, vcpu: Vcpu, code: int) -> None:
+        """The guest reported its exit code through vCPU `vcpu`."""
+        if self._exit_handler is not None:
+            vcpu.parked = True
+            self._exit_handler(code)
+        else:
+            self.finish(code)
+
+    def park(self, vcpu: Vcpu) -> None:
+        """vCPU `vcpu` has nothing more to do; if every vCPU of a whole VM parks, that is an
+        error (no exit code)."""
+        vcpu.parked = True
+        if all(v.parked for v in self.vcpus.values()) and self.config.local_vcpus is None:
+            self.fail("every vCPU parked and none reported an exit code")
+
+    def feed_console(self, data: bytes) -> None:
+        """Bytes typed at the guest's serial console (COM1)."""
+        self.com1.feed(data)
 
     # -- running ---------------------------------------------------------------------------------
     def run(self, idle_timeout: float | None = None) -> VmResult:
@@ -341,24 +310,17 @@ class Machine:
     def _handle_exit(self, vcpu: Vcpu) -> bool:
         """Act on one exit; False when this vCPU's thread should end."""
         reason = vcpu.run.exit_reason
-        if reason == kvm_abi.KVM_EXIT_MMIO:
-            mmio = vcpu.exit_union(kvm_abi.KvmRunMmio)
-            assert isinstance(mmio, kvm_abi.KvmRunMmio)
-            return self._doorbell(vcpu, mmio)
-        if reason == kvm_abi.KVM_EXIT_IO:
-            io = vcpu.exit_union(kvm_abi.KvmRunIo)
-            assert isinstance(io, kvm_abi.KvmRunIo)
-            if io.direction == 1 and io.port == COM1 and io.size == 1:
-                data = ctypes.string_at(vcpu.run_address + io.data_offset, io.count)
-                self.console.write(data)
+        try:
+            if reason == kvm_abi.KVM_EXIT_IO:
+                io = vcpu.exit_union(kvm_abi.KvmRunIo)
+                assert isinstance(io, kvm_abi.KvmRunIo)
+                self._port_io(vcpu, io)
                 return True
-            self.fail(
-                self._describe(
-                    vcpu,
-                    f"unexpected port I/O {'out' if io.direction else 'in'}"
-                    f" port {io.port:#x} size {io.size}",
-                )
-            )
+            if reason == kvm_abi.KVM_EXIT_MMIO:
+                mmio = vcpu.exit_union(kvm_abi.KvmRunMmio)
+                assert isinstance(mmio, kvm_abi.KvmRunMmio)
+                return self._mmio(vcpu, mmio)
+        except VcpuStopError:
             return False
         if reason == kvm_abi.KVM_EXIT_INTR:
             return True
@@ -374,92 +336,69 @@ class Machine:
                 f"KVM_EXIT_FAIL_ENTRY (hardware reason {fail.hardware_entry_failure_reason:#x})"
             )
         elif reason == kvm_abi.KVM_EXIT_INTERNAL_ERROR:
-            internal = vcpu.exit_union(kvm_abi.KvmRunInternal)
-            assert isinstance(internal, kvm_abi.KvmRunInternal)
-            detail = f"KVM_EXIT_INTERNAL_ERROR (suberror {internal.suberror})"
+            detail = platform.internal_error(vcpu, self.memory)
+        elif reason == kvm_abi.KVM_EXIT_SYSTEM_EVENT:
+            event = vcpu.exit_union(kvm_abi.KvmRunSystemEvent)
+            assert isinstance(event, kvm_abi.KvmRunSystemEvent)
+            kinds = {1: "shutdown", 2: "reset", 3: "crash"}
+            detail = f"the guest asked for a system {kinds.get(event.type, event.type)}"
         else:
             detail = f"unexpected exit {kvm_abi.exit_name(reason)}"
-        self.fail(self._describe(vcpu, detail))
+        self.fail(self.describe(vcpu, detail))
         return False
 
-    def _doorbell(self, vcpu: Vcpu, mmio: kvm_abi.KvmRunMmio) -> bool:
-        offset = mmio.phys_addr - layout.MMIO_BASE
-        if not mmio.is_write or not 0 <= offset < layout.MMIO_SIZE:
+    def _port_io(self, vcpu: Vcpu, io: kvm_abi.KvmRunIo) -> None:
+        """Port I/O (`count` repetitions for string I/O) to the device on the port bus.
+        Ports with no device read as all ones and ignore writes, as on a PC's ISA bus; the
+        first access to each is logged."""
+        mapping = self.io_bus.find(io.port)
+        data = vcpu.run_address + io.data_offset
+        for i in range(io.count):
+            at = data + i * io.size
+            if mapping is None:
+                if io.port not in self._unhandled_ports:
+                    self._unhandled_ports.add(io.port)
+                    log.info("vCPU %d: port %#x has no device (ignored)", vcpu.id, io.port)
+                if not io.direction:
+                    ctypes.memset(at, 0xFF, io.size)
+                continue
+            offset = io.port - mapping.base
+            if io.direction:  # out
+                value = int.from_bytes(ctypes.string_at(at, io.size), "little")
+                mapping.device.write(vcpu, offset, io.size, value)
+            else:
+                value = mapping.device.read(vcpu, offset, io.size)
+                ctypes.memmove(at, value.to_bytes(io.size, "little"), io.size)
+
+    def _mmio(self, vcpu: Vcpu, mmio: kvm_abi.KvmRunMmio) -> bool:
+        mapping = self.mmio_bus.find(mmio.phys_addr)
+        if mapping is None:
             kind = "write to" if mmio.is_write else "read from"
             self.fail(
-                self._describe(
+                self.describe(
                     vcpu,
                     f"guest {kind} unmapped guest-physical address {mmio.phys_addr:#x}"
                     f" ({mmio.len} bytes)",
                 )
             )
             return False
-        value = int.from_bytes(bytes(mmio.data)[: mmio.len], "little")
-        if offset == Doorbell.WRITE:
-            length, address = value >> 48, value & ((1 << 48) - 1)
-            try:
-                assert self.memory is not None
-                self.console.write(self.memory.read(address, length))
-            except ValueError:
-                self.fail(
-                    self._describe(
-                        vcpu,
-                        f"console write of {length} bytes at {address:#x} is outside guest RAM",
-                    )
-                )
-                return False
-        elif offset == Doorbell.PUTC:
-            self.console.write(bytes([value & 0xFF]))
-        elif offset == Doorbell.FAULT:
-            self.fail(f"vCPU {vcpu.id}: {self._describe_exception(vcpu, value)}")
-            return False
-        elif offset == Doorbell.NOP:
-            if len(self.marks) < MAX_MARKS:
-                self.marks.append((vcpu.id, value, time.monotonic()))
-        elif offset == Doorbell.EXIT:
-            if self._exit_handler is not None:
-                vcpu.parked = True
-                self._exit_handler(value & 0xFFFFFFFF)
-            else:
-                self.finish(value & 0xFFFFFFFF)
-            return False
-        elif offset == Doorbell.PARK:
-            vcpu.parked = True
-            if all(v.parked for v in self.vcpus.values()) and self.config.local_vcpus is None:
-                self.fail("every vCPU parked and none reported an exit code")
-            return False
+        offset = mmio.phys_addr - mapping.base
+        if mmio.is_write:
+            value = int.from_bytes(bytes(mmio.data)[: mmio.len], "little")
+            mapping.device.write(vcpu, offset, mmio.len, value)
         else:
-            self.fail(self._describe(vcpu, f"write to unknown doorbell register {offset:#x}"))
-            return False
+            value = mapping.device.read(vcpu, offset, mmio.len)
+            for i, byte in enumerate(value.to_bytes(mmio.len, "little")):
+                mmio.data[i] = byte
         return True
 
-    def _describe_exception(self, vcpu: Vcpu, frame_address: int) -> str:
-        """The guest's exception, from the frame its ring-0 stub reported: vector, error code,
-        where it happened (symbolised), and CR2 for a page fault."""
-        assert self.memory is not None
-        try:
-            frame = struct.unpack("<7Q", self.memory.read(frame_address, 56))
-        except ValueError:
-            return f"guest exception with an unreadable frame at {frame_address:#x}"
-        vector, error, rip, _cs, rflags, rsp, _ss = frame
-        name = layout.EXCEPTIONS.get(vector, f"vector {vector}")
-        where = self.config.image.symbolize(rip)
-        text = f"guest exception {name} (error code {error:#x}) at rip={rip:#x}"
-        text += f" ({where})" if where else ""
-        text += f" rsp={rsp:#x} rflags={rflags:#x}"
-        if vector == 14:
-            sregs = kvm_abi.KvmSregs()
-            kvm_abi.ioctl(vcpu.fd, kvm_abi.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
-            access = "write" if error & 2 else "read"
-            text += f" cr2={sregs.cr2:#x} ({access}{', not present' if not error & 1 else ''})"
-        return text
-
-    def _describe(self, vcpu: Vcpu, what: str) -> str:
+    def describe(self, vcpu: Vcpu, what: str) -> str:
+        """`vCPU n: what; registers` for error messages."""
         return f"vCPU {vcpu.id}: {what}; {self._registers(vcpu)}"
 
     def _registers(self, vcpu: Vcpu) -> str:
         regs = vcpu.regs()
-        where = self.config.image.symbolize(regs.rip)
+        where = self.boot.symbolize(regs.rip)
         names = ("rip", "rsp", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rflags")
         text = " ".join(f"{n}={getattr(regs, n):#x}" for n in names)
         return f"{text}{f' ({where})' if where else ''}"
@@ -482,11 +421,9 @@ class Machine:
         for vcpu in self.vcpus.values():
             vcpu.close()
         self.vcpus.clear()
-        for attr in ("_vm_fd", "_kvm_fd"):
-            fd = getattr(self, attr)
-            if fd >= 0:
-                os.close(fd)
-                setattr(self, attr, -1)
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
         if self.memory is not None:
             self.memory.close()
             self.memory = None

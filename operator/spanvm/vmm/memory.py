@@ -1,38 +1,12 @@
-"""Guest RAM: one private anonymous host mapping exposed to KVM as one or two memory slots.
-
-RAM below 3 GiB sits at guest-physical 0; anything above continues at 4 GiB, leaving the
-32-bit hole for the MMIO doorbell and the in-kernel irqchip's APIC/IOAPIC windows.
-"""
+"""Guest RAM: one private anonymous host mapping exposed to KVM as one or two memory slots
+(where each range sits in the guest: `memmap`)."""
 
 import ctypes
-from dataclasses import dataclass
 
 from spanvm.vmm import kvm_abi
+from spanvm.vmm.memmap import RamRange, ram_ranges
 
-LOW_RAM_LIMIT = 0xC000_0000
-HIGH_RAM_BASE = 0x1_0000_0000
-
-
-@dataclass(frozen=True)
-class RamRange:
-    """A contiguous run of guest RAM: where it is in the guest and in the host mapping."""
-
-    gpa: int
-    size: int
-    host_offset: int
-
-    @property
-    def end(self) -> int:
-        return self.gpa + self.size
-
-
-def ram_ranges(size: int) -> tuple[RamRange, ...]:
-    """Guest-physical ranges of `size` bytes of RAM."""
-    low = min(size, LOW_RAM_LIMIT)
-    ranges = [RamRange(0, low, 0)]
-    if size > low:
-        ranges.append(RamRange(HIGH_RAM_BASE, size - low, low))
-    return tuple(ranges)
+__all__ = ["GuestMemory", "RamRange"]
 
 
 class GuestMemory:

@@ -1,0 +1,90 @@
+"""The KVM virtual machine: the /dev/kvm and VM fds, memory slots, the in-kernel irqchip and
+PIT, interrupt lines, and what KVM supports (CPUID, vCPU limit).
+
+Source: the kernel's Documentation/virt/kvm/api.rst (KVM_CREATE_VM, KVM_SET_TSS_ADDR,
+KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2, KVM_IRQ_LINE, KVM_SET_USER_MEMORY_REGION,
+KVM_GET_SUPPORTED_CPUID, KVM_CAP_MAX_VCPUS).
+"""
+
+import os
+
+from spanvm.vmm import kvm_abi
+from spanvm.vmm.errors import VmError
+from spanvm.vmm.memmap import KVM_TSS_ADDR
+from spanvm.vmm.memory import GuestMemory
+
+
+class Vm:
+    """One KVM VM with the in-kernel irqchip (PIC, IOAPIC, a LAPIC per vCPU) and PIT.
+
+    Raises VmError naming the device when /dev/kvm cannot be opened or speaks another API.
+    Call `close()` (idempotent) to release the fds."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.kvm_fd = self.fd = -1
+        try:
+            self.kvm_fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as err:
+            raise VmError(f"cannot open {device}: {err.strerror}") from None
+        try:
+            version = kvm_abi.ioctl(
+                self.kvm_fd, kvm_abi.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION"
+            )
+            if version != kvm_abi.KVM_API_VERSION:
+                raise VmError(
+                    f"{device} speaks KVM API {version}, expected {kvm_abi.KVM_API_VERSION}"
+                )
+            self.fd = kvm_abi.ioctl(self.kvm_fd, kvm_abi.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
+            kvm_abi.ioctl(self.fd, kvm_abi.KVM_SET_TSS_ADDR, KVM_TSS_ADDR, "KVM_SET_TSS_ADDR")
+            kvm_abi.ioctl(self.fd, kvm_abi.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
+            pit = kvm_abi.KvmPitConfig(flags=kvm_abi.KVM_PIT_SPEAKER_DUMMY)
+            kvm_abi.ioctl(self.fd, kvm_abi.KVM_CREATE_PIT2, pit, "KVM_CREATE_PIT2")
+            self.vcpu_mmap_size = kvm_abi.ioctl(
+                self.kvm_fd, kvm_abi.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE"
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def max_vcpus(self) -> int:
+        """KVM_CAP_MAX_VCPUS (falling back to KVM_CAP_NR_VCPUS, then 4, as api.rst says)."""
+        for cap in ("MAX_VCPUS", "NR_VCPUS"):
+            n = kvm_abi.ioctl(self.kvm_fd, kvm_abi.KVM_CHECK_EXTENSION, kvm_abi.CAPABILITIES[cap])
+            if n > 0:
+                return n
+        return 4
+
+    def supported_cpuid(self) -> kvm_abi.KvmCpuid2:
+        """KVM_GET_SUPPORTED_CPUID: every leaf this KVM can present to a guest."""
+        cpuid = kvm_abi.KvmCpuid2(nent=kvm_abi.MAX_CPUID_ENTRIES)
+        kvm_abi.ioctl(
+            self.kvm_fd, kvm_abi.KVM_GET_SUPPORTED_CPUID, cpuid, "KVM_GET_SUPPORTED_CPUID"
+        )
+        return cpuid
+
+    def map_memory(self, memory: GuestMemory) -> None:
+        """One memory slot per RAM range of `memory`."""
+        for slot, ram in enumerate(memory.ranges):
+            region = kvm_abi.KvmUserspaceMemoryRegion(
+                slot=slot,
+                flags=0,
+                guest_phys_addr=ram.gpa,
+                memory_size=ram.size,
+                userspace_addr=memory.host_address + ram.host_offset,
+            )
+            kvm_abi.ioctl(
+                self.fd, kvm_abi.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION"
+            )
+
+    def set_irq_line(self, irq: int, level: bool) -> None:
+        """Drive GSI `irq` (ISA IRQs 0-15 reach both the PIC and the IOAPIC) high or low."""
+        line = kvm_abi.KvmIrqLevel(irq=irq, level=int(level))
+        kvm_abi.ioctl(self.fd, kvm_abi.KVM_IRQ_LINE, line, f"KVM_IRQ_LINE {irq}")
+
+    def close(self) -> None:
+        for attr in ("fd", "kvm_fd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, attr, -1)
