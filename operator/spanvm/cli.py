@@ -4,6 +4,7 @@ import argparse
 import os
 import sys
 import threading
+from pathlib import Path
 from typing import NoReturn
 
 from spanvm.agent.capabilities import discover
@@ -18,10 +19,12 @@ from spanvm.exitstatus import (
 )
 from spanvm.fabric.fragment import main as fragment_main
 from spanvm.fabric.launcher import STOP_GRACE, LaunchError, LocalVm, launch, split_vcpus
-from spanvm.payloads.build import PayloadBuildError, PayloadImage, resolve_image
+from spanvm.payloads.build import PayloadBuildError, resolve_image
 from spanvm.payloads.catalog import PAYLOAD_NAMES, PAYLOADS
 from spanvm.procs import die_with_parent
 from spanvm.stopsignals import Interrupted, StopSignals
+from spanvm.vmm.boot import BootSource
+from spanvm.vmm.boot.multiboot import MultibootBoot
 from spanvm.vmm.layout import MAX_VCPUS
 from spanvm.vmm.machine import Machine, VmConfig, VmError
 
@@ -55,6 +58,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"payload {info.name} needs --vcpus >= {info.min_vcpus}")
     if args.arg is not None and args.arg < 0:
         raise UsageError(f"--arg must be >= 0, got {args.arg}")
+    boot = _boot_source(args)
+    if boot is not None:
+        if args.fragments > 1 or args.netns:
+            raise UsageError(
+                f"{boot.description} runs in one process for now (--fragments 1, no --netns)"
+            )
+        with StopSignals() as stops:
+            return _run_here(args, VmConfig(memory, args.vcpus, boot=boot), stops)
     try:
         image = resolve_image(args.payload)
     except ValueError as err:
@@ -65,15 +76,27 @@ def cmd_run(args: argparse.Namespace) -> int:
             if args.fragments > 1 or args.netns:
                 payload = args.payload if info else str(image.path)
                 return _run_fragments(args, payload, memory, arg, stops)
-            return _run_here(args, image, memory, arg, stops)
+            return _run_here(args, VmConfig(memory, args.vcpus, image, arg), stops)
         except Interrupted as stop:
             print(f"spanvm: {stop} while starting; nothing left running", file=sys.stderr)
             return signal_status(stop.signal)
 
 
-def _run_here(
-    args: argparse.Namespace, image: PayloadImage, memory: int, arg: int, stops: StopSignals
-) -> int:
+def _boot_source(args: argparse.Namespace) -> BootSource | None:
+    """The boot source the options name, or None for a payload (exactly one must be given)."""
+    if args.multiboot:
+        if args.payload:
+            raise UsageError(f"give a payload or --multiboot, not both (got {args.payload!r})")
+        modules = tuple(Path(m) for m in args.module)
+        return MultibootBoot(Path(args.multiboot), args.cmdline, modules)
+    if args.module or args.cmdline:
+        raise UsageError("--module and --cmdline need a kernel (--multiboot)")
+    if not args.payload:
+        raise UsageError("give a payload name or file, or --multiboot KERNEL")
+    return None
+
+
+def _run_here(args: argparse.Namespace, config: VmConfig, stops: StopSignals) -> int:
     """The guest in this process. A stop signal stops the vCPUs; if they have not stopped
     within STOP_GRACE seconds (a console write blocked on a full pipe, say), the process
     exits anyway."""
@@ -82,7 +105,7 @@ def _run_here(
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
 
-    with Machine(VmConfig(memory, args.vcpus, image, arg), console_sink=sink) as machine:
+    with Machine(config, console_sink=sink) as machine:
         bound = threading.Thread(target=_exit_unless_stopped, args=(stops,), daemon=True)
 
         def stop(reason: str) -> bool:
@@ -407,8 +430,23 @@ def build_parser() -> argparse.ArgumentParser:
         " within 6 s).",
     )
     run.add_argument(
-        "payload", help=f"payload name ({', '.join(PAYLOAD_NAMES)}) or path of a flat binary"
+        "payload",
+        nargs="?",
+        help=f"payload name ({', '.join(PAYLOAD_NAMES)}) or path of a flat binary",
     )
+    run.add_argument(
+        "--multiboot",
+        metavar="KERNEL",
+        help="boot a Multiboot kernel (ELF, e.g. a kvm-unit-tests .flat) instead of a payload",
+    )
+    run.add_argument(
+        "--module",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a Multiboot module (repeatable; kvm-unit-tests: its environment file)",
+    )
+    run.add_argument("--cmdline", default="", help="the kernel command line")
     run.add_argument("--vcpus", type=int, default=1, help="virtual CPUs (default 1)")
     run.add_argument("--memory", default="256Mi", help="guest memory quantity (default 256Mi)")
     run.add_argument(
