@@ -7,8 +7,10 @@ vCPU id) and its memory is the fragment's home guest-physical ranges.
 
 Interrupt wiring is that of a PC with KVM's in-kernel irqchip (PIC + IOAPIC) and PIT, as QEMU
 presents it: one IOAPIC with 24 pins at GSI 0, the ISA timer IRQ 0 on pin 2 (MP spec 1.4
-table 5-2; the VMM routes GSI 2 to the PIT accordingly), and the ACPI SCI on IRQ 9, level
-triggered, active high (ACPI 6.5 section 5.2.12.5).
+table 5-2), and the ACPI SCI on IRQ 9, level triggered, active high (ACPI 6.5 section
+5.2.12.5). KVM's default GSI routing sends GSI n to IOAPIC pin n, and its in-kernel PIT
+raises GSI 0: with the default overrides the VMM must install a routing (KVM_SET_GSI_ROUTING)
+that sends GSI 0 to IOAPIC pin 2 (and PIC pin 0), as QEMU's kvm_pc_setup_irq_routing does.
 """
 
 from collections.abc import Sequence
