@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from spanvm.devcluster import kvm_unit_tests
 from spanvm.devcluster.controlplane import ControlPlane, ensure_tools
 from spanvm.devcluster.paths import kubectl, repo_root
 
@@ -60,3 +61,14 @@ def crds(cluster: Cluster) -> Cluster:
     cluster.kubectl("apply", "-f", str(REPO / "crds"))
     cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
     return cluster
+
+
+@pytest.fixture(scope="session")
+def kut_build() -> Path:
+    """kvm-unit-tests built from ../shared/kvm-unit-tests (once per machine, cached)."""
+    return kvm_unit_tests.build(log=False)
+
+
+@pytest.fixture(scope="session")
+def kut_dummy(kut_build: Path) -> Path:
+    return kut_build / "x86" / "dummy.flat"

@@ -10,6 +10,7 @@ VMM's message (an emulation failure names the instruction), an idle guest TIMEOU
 """
 
 import configparser
+import hashlib
 import re
 import shlex
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 from spanvm.devcluster.paths import cache_dir, repo_root
 from spanvm.exitstatus import EXIT_TIMEOUT, EXIT_VM_ERROR
 
+STAMP = ".spanvm-built"
 SKIP_CODE = 38  # kvm-unit-tests' report_summary() exits 77 >> 1 when every check skipped
 DEFAULT_MEMORY = "256Mi"
 PASS_LINE = re.compile(r"^(PASS|FAIL|SKIP|XFAIL|XPASS): (.*)$", re.M)
@@ -36,6 +38,14 @@ def build_dir() -> Path:
     return cache_dir() / "kvm-unit-tests" / "build"
 
 
+def _shared_dir(source: Path) -> Path:
+    """The machine-wide copy of a build, keyed by the snapshot's build inputs."""
+    digest = hashlib.sha256()
+    for name in ("configure", "Makefile", "x86/unittests.cfg", "x86/Makefile.common"):
+        digest.update((source / name).read_bytes())
+    return Path.home() / ".cache" / "spanvm" / f"kvm-unit-tests-{digest.hexdigest()[:12]}"
+
+
 def build(source: Path | None = None, log: bool = True) -> Path:
     """The x86_64 build of the suite (49 `x86/*.flat`), built once into the cache (about 25 s
     on 2 cores): a copy of the read-only source with its flattened symlinks restored, then
@@ -43,13 +53,17 @@ def build(source: Path | None = None, log: bool = True) -> Path:
     with make's last lines when the build fails, FileNotFoundError when the source is absent."""
     source = source or source_dir()
     out = build_dir()
-    stamp = out / ".spanvm-built"
+    stamp = out / STAMP
     if stamp.exists():
         return out
     if not (source / "configure").exists():
         raise FileNotFoundError(f"kvm-unit-tests source not found at {source}")
     if out.exists():
         shutil.rmtree(out)
+    shared = _shared_dir(source)
+    if (shared / STAMP).exists():
+        shutil.copytree(shared, out, symlinks=True)
+        return out
     shutil.copytree(source, out, symlinks=True)
     _restore_symlinks(out)
     if log:
@@ -61,6 +75,8 @@ def build(source: Path | None = None, log: bool = True) -> Path:
             tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
             raise RuntimeError(f"kvm-unit-tests: {' '.join(cmd)} failed:\n{tail}")
     stamp.write_text(f"built in {time.monotonic() - started:.1f}s\n")
+    if not shared.exists():
+        shutil.copytree(out, shared, symlinks=True)
     if log:
         print(f"kvm-unit-tests: built in {time.monotonic() - started:.0f}s", file=sys.stderr)
     return out
@@ -103,6 +119,8 @@ def test_cases(build: Path) -> dict[str, TestCase]:
         args = shlex.split(section.get("extra_params", ""))
         cmdline = args[args.index("-append") + 1] if "-append" in args[:-1] else ""
         cases[name] = TestCase(name, section["file"], int(smp) if smp.isdigit() else 1, cmdline)
+    for flat in (build / "x86").glob("*.flat"):  # tests x86/run starts by file, e.g. dummy
+        cases.setdefault(flat.stem, TestCase(flat.stem, flat.name, 1, ""))
     return cases
 
 

@@ -284,6 +284,35 @@ class KvmFpu(ctypes.Structure):
     ]
 
 
+class KvmIrqRoutingIrqchip(ctypes.Structure):
+    _fields_ = [
+        ("irqchip", ctypes.c_uint32),
+        ("pin", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32 * 6),
+    ]
+
+
+class KvmIrqRoutingEntry(ctypes.Structure):
+    _fields_ = [
+        ("gsi", ctypes.c_uint32),
+        ("type", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("u", KvmIrqRoutingIrqchip),
+    ]
+
+
+MAX_IRQ_ROUTES = 64
+
+
+class KvmIrqRouting(ctypes.Structure):
+    _fields_ = [
+        ("nr", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("entries", KvmIrqRoutingEntry * MAX_IRQ_ROUTES),
+    ]
+
+
 KVM_EXIT_UNION_OFFSET = 32
 
 KVM_GET_API_VERSION = _io(0x00)
@@ -296,6 +325,7 @@ KVM_SET_USER_MEMORY_REGION = _iow(0x46, ctypes.sizeof(KvmUserspaceMemoryRegion))
 KVM_SET_TSS_ADDR = _io(0x47)
 KVM_CREATE_IRQCHIP = _io(0x60)
 KVM_IRQ_LINE = _iow(0x61, ctypes.sizeof(KvmIrqLevel))
+KVM_SET_GSI_ROUTING = _iow(0x6A, 8)
 KVM_CREATE_PIT2 = _iow(0x77, ctypes.sizeof(KvmPitConfig))
 KVM_RUN = _io(0x80)
 KVM_GET_REGS = _ior(0x81, ctypes.sizeof(KvmRegs))
@@ -315,6 +345,8 @@ KVM_MP_STATE_RUNNABLE = 0
 KVM_MP_STATE_UNINITIALIZED = 1  # an application processor waiting for INIT/SIPI
 KVM_PIT_SPEAKER_DUMMY = 1
 KVM_INTERNAL_ERROR_EMULATION = 1
+KVM_IRQ_ROUTING_IRQCHIP = 1
+KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC = 0, 1, 2
 
 CAPABILITIES = {
     "IRQCHIP": 0,

@@ -24,14 +24,16 @@ from types import FrameType, TracebackType
 
 from spanvm.payloads.build import PayloadImage
 from spanvm.vmm import kvm_abi, platform
-from spanvm.vmm.boot import BootError, BootSource, GuestShape, NumaNode
+from spanvm.vmm.boot import BootError, BootSource, GuestShape
 from spanvm.vmm.boot.payload import PayloadBoot
 from spanvm.vmm.bus import Bus, VcpuStopError
 from spanvm.vmm.console import Console
 from spanvm.vmm.cpuid import CpuidOptions, vcpu_cpuid
 from spanvm.vmm.errors import EXIT_VM_ERROR, VmError
 from spanvm.vmm.layout import GuestLayout
+from spanvm.vmm.memmap import ram_ranges
 from spanvm.vmm.memory import GuestMemory
+from spanvm.vmm.platform_shape import NumaNode
 from spanvm.vmm.vcpu import Vcpu
 from spanvm.vmm.vm import Vm
 
@@ -126,7 +128,13 @@ class Machine:
     def _build(self) -> None:
         cfg = self.config
         self.boot = cfg.boot_source()
-        nodes = cfg.nodes or (NumaNode(tuple(range(cfg.vcpu_count)), ()),)
+        nodes = cfg.nodes or (
+            NumaNode(
+                0,
+                tuple(range(cfg.vcpu_count)),
+                tuple((r.gpa, r.end) for r in ram_ranges(cfg.memory_size)),
+            ),
+        )
         self.shape = GuestShape(cfg.memory_size, cfg.vcpu_count, nodes)
         if cfg.vcpu_count < 1:
             raise VmError(f"vcpus must be between 1 and the VM's limit, got {cfg.vcpu_count}")
@@ -140,8 +148,12 @@ class Machine:
         limit = self.vm.max_vcpus()
         if cfg.vcpu_count > limit:
             raise BootError(f"{cfg.vcpu_count} vCPUs: this KVM allows at most {limit} per VM")
+        tables = platform.platform_shape(self.shape)
+        platform.route_interrupts(self.vm, tables)
         self.memory = GuestMemory(cfg.memory_size)
         self.vm.map_memory(self.memory)
+        if self.boot.platform:
+            platform.write_firmware_tables(self.memory, tables)
         self.boot.load(self.memory, self.shape)
         self.loaded_end = getattr(self.boot, "loaded_end", 0)
         self.com1 = platform.attach_devices(self, self.io_bus, self.mmio_bus, self.shape)

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 
-LAPIC_ADDRESS = 0xFEE0_0000
-IOAPIC_ADDRESS = 0xFEC0_0000
+from spanvm.vmm.memmap import IOAPIC_BASE as IOAPIC_ADDRESS
+from spanvm.vmm.memmap import LAPIC_BASE as LAPIC_ADDRESS
+
 IOAPIC_PINS = 24
 ISA_IRQS = 16
 OEM_ID = "SPANVM"

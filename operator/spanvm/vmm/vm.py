@@ -47,6 +47,27 @@ class Vm:
             self.close()
             raise
 
+    def route_gsis(self, isa_pins: dict[int, int], pins: int) -> None:
+        """KVM_SET_GSI_ROUTING as the firmware tables describe the wiring: GSI i < 16 (ISA IRQ
+        i) reaches PIC pin i and IOAPIC pin `isa_pins[i]` (the PIT's IRQ 0 on pin 2); an
+        IOAPIC pin taken by another ISA IRQ's override gets no identity route (GSI 2, the
+        cascade); GSIs 16 and up reach their own pin. Replaces KVM's identity routing, as
+        QEMU's kvm_pc_setup_irq_routing does for the same tables."""
+        routes = []
+        for gsi in range(16):
+            chip = kvm_abi.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else kvm_abi.KVM_IRQCHIP_PIC_SLAVE
+            routes.append((gsi, chip, gsi % 8))
+        taken = {pin for irq, pin in isa_pins.items() if pin != irq}
+        for gsi in range(pins):
+            pin = isa_pins.get(gsi, gsi)
+            if gsi not in taken or pin != gsi:
+                routes.append((gsi, kvm_abi.KVM_IRQCHIP_IOAPIC, pin))
+        table = kvm_abi.KvmIrqRouting(nr=len(routes))
+        for entry, (gsi, chip, pin) in zip(table.entries, routes, strict=False):
+            entry.gsi, entry.type = gsi, kvm_abi.KVM_IRQ_ROUTING_IRQCHIP
+            entry.u.irqchip, entry.u.pin = chip, pin
+        kvm_abi.ioctl(self.fd, kvm_abi.KVM_SET_GSI_ROUTING, table, "KVM_SET_GSI_ROUTING")
+
     def max_vcpus(self) -> int:
         """KVM_CAP_MAX_VCPUS (falling back to KVM_CAP_NR_VCPUS, then 4, as api.rst says)."""
         for cap in ("MAX_VCPUS", "NR_VCPUS"):

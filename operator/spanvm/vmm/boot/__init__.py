@@ -13,6 +13,7 @@ from typing import Protocol
 
 from spanvm.vmm.errors import VmError
 from spanvm.vmm.memory import GuestMemory
+from spanvm.vmm.platform_shape import NumaNode
 from spanvm.vmm.vcpu import Vcpu
 
 
@@ -21,18 +22,9 @@ class BootError(VmError):
 
 
 @dataclass(frozen=True)
-class NumaNode:
-    """One fragment as the guest sees it: a NUMA node with these vCPUs (= APIC ids) and the
-    guest-physical [start, end) ranges whose home it is."""
-
-    vcpus: tuple[int, ...]
-    memory: tuple[tuple[int, int], ...]
-
-
-@dataclass(frozen=True)
 class GuestShape:
-    """The whole VM: RAM in bytes, vCPUs, and its NUMA nodes (one per fragment; one node
-    holding everything for a single-process VM)."""
+    """The whole VM: RAM in bytes, vCPUs, and its NUMA nodes (one per fragment, proximity
+    domain = fragment index; one node holding everything for a single-process VM)."""
 
     memory_size: int
     vcpu_count: int
