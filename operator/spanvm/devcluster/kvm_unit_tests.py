@@ -26,6 +26,7 @@ from spanvm.exitstatus import EXIT_TIMEOUT, EXIT_VM_ERROR
 STAMP = ".spanvm-built"
 SKIP_CODE = 38  # kvm-unit-tests' report_summary() exits 77 >> 1 when every check skipped
 DEFAULT_MEMORY = "256Mi"
+REGISTER_DUMP = re.compile(r" rsp=0x[0-9a-f]+( r[a-z]+=0x[0-9a-f]+)*")
 PASS_LINE = re.compile(r"^(PASS|FAIL|SKIP|XFAIL|XPASS): (.*)$", re.M)
 
 
@@ -186,7 +187,10 @@ def run_test(
     else:
         verdict = "FAIL"
         first_fail = next((c for c in checks if c.startswith("FAIL")), "")
-        detail = detail or first_fail
+        last_line = next((ln for ln in reversed(done.stdout.splitlines()) if ln.strip()), "")
+        detail = detail or first_fail or last_line
+    detail = detail.replace(f"{build}/", "").split("; rip=")[0]  # the VMM's register dump:
+    detail = REGISTER_DUMP.sub("", detail)  # keep rip and its symbol only
     return Outcome(verdict, checks, seconds, detail[:300], done.stdout)
 
 

@@ -155,7 +155,6 @@ class Machine:
         if self.boot.platform:
             platform.write_firmware_tables(self.memory, tables)
         self.boot.load(self.memory, self.shape)
-        self.loaded_end = getattr(self.boot, "loaded_end", 0)
         self.com1 = platform.attach_devices(self, self.io_bus, self.mmio_bus, self.shape)
         supported = self.vm.supported_cpuid()
         for vcpu_id in sorted(local):
@@ -163,6 +162,12 @@ class Machine:
             self.vcpus[vcpu_id] = vcpu
             vcpu.set_cpuid(vcpu_cpuid(supported, vcpu_id, cfg.vcpu_count, cfg.cpuid))
             self.boot.setup_vcpu(vcpu, self.shape)
+
+    @property
+    def loaded_end(self) -> int:
+        """For a payload boot, the first guest-physical byte after the image (the fabric
+        adopts the pages below it as initial contents); 0 for other boot sources."""
+        return self.boot.loaded_end if isinstance(self.boot, PayloadBoot) else 0
 
     @property
     def layout(self) -> GuestLayout | None:
