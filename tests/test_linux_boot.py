@@ -76,13 +76,14 @@ def test_probe_kernel_reads_the_zero_page_the_vmm_wrote(initrd: tuple[Path, byte
     assert source.initrd_address == address
     assert facts["initrd"] == [f"{address:#x} {len(data):#x} fnv1a {fnv1a(data):#x}"]
     assert facts["acpi_rsdp"] == [f"{ACPI_BASE:#x}"]
+    assert facts["acpi_rsdp_signature"] == ["RSD PTR "]  # the VMM wrote its tables there
 
 
 def test_probe_kernel_without_initrd_or_acpi() -> None:
     facts = boot(LinuxBoot(kernel_path("zeropage-probe"), None, "", acpi=False))
     assert facts["cmdline"] == [""]
     assert facts["initrd"] == ["0x0 0x0 fnv1a 0x811c9dc5"]  # FNV-1a of nothing
-    assert facts["acpi_rsdp"] == ["0x0"]
+    assert facts["acpi_rsdp"] == ["0x0"] and "acpi_rsdp_signature" not in facts
 
 
 # -- bzImages made around the probe kernel ------------------------------------------------------

@@ -10,7 +10,7 @@
  *   e820 <index> <start> <size> <type>
  *   initrd <address> <size> fnv1a <FNV-1a 32 of its bytes>
  *   acpi_rsdp 0xe0000                 then the ACPI tables (report_acpi: the place to parse
- *                                     RSDP -> XSDT -> MADT/SRAT once the VMM writes them)
+ *   acpi_rsdp_signature RSD PTR       RSDP -> XSDT -> MADT/SRAT)
  *   done
  */
 
@@ -121,7 +121,15 @@ static void report_initrd(const u8 *bp)
  * here (one line per MADT local APIC, per SRAT affinity entry) once the VMM writes them. */
 static void report_acpi(const u8 *bp)
 {
-    fact("acpi_rsdp", get(bp + BP_ACPI_RSDP_ADDR, 8));
+    u64 rsdp = get(bp + BP_ACPI_RSDP_ADDR, 8);
+    fact("acpi_rsdp", rsdp);
+    if (rsdp) {
+        const char *signature = (const char *)rsdp; /* "RSD PTR " (ACPI 6.5 5.2.5.3) */
+        put_str("acpi_rsdp_signature ");
+        for (int i = 0; i < 8; i++)
+            put_char(signature[i]);
+        put_char('\n');
+    }
 }
 
 int kernel_main(const u8 *bp, u64 cs, u64 rflags)
