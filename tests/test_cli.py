@@ -11,6 +11,7 @@ import pytest
 
 from guest_code import EXIT_7, HLT, NOP_LOOP, SPIN, exit_with
 from spanvm.devcluster.paths import repo_root
+from spanvm.payloads.kernels import kernel_path
 
 pytestmark = pytest.mark.kvm
 
@@ -54,6 +55,13 @@ def test_run_flat_binary_exit_code(tmp_path: Path) -> None:
         (["run", "--vcpus", "1", "mp-litmus"], "payload mp-litmus needs --vcpus >= 2"),
         (["run", "--timeout", "0", "hello"], "--timeout must be positive"),
         (["run", "--arg", "-1", "smp-counter"], "--arg must be >= 0"),
+        (["run"], "give a payload name or file, --kernel KERNEL or --multiboot KERNEL"),
+        (["run", "--initrd", "i.cpio", "hello"], "--initrd needs --kernel"),
+        (["run", "--kernel", "vmlinux", "hello"], "--kernel boots Linux alone"),
+        (
+            ["run", "--kernel", "vmlinux", "--vcpus", "2", "--fragments", "2"],
+            "Linux kernel vmlinux runs in one process for now",
+        ),
     ],
 )
 def test_bad_arguments_give_one_clear_line(args: list[str], needle: str) -> None:
@@ -221,3 +229,25 @@ def test_an_exit_code_above_255_does_not_look_like_success(tmp_path: Path, fragm
         path.write_bytes(exit_with(255))
         result = spanvm("run", "--memory", "16Mi", str(path))
         assert result.returncode == 255 and result.stderr == "", result.stderr
+
+
+def test_run_kernel_boots_linux_protocol_with_initrd_and_cmdline(tmp_path: Path) -> None:
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"spanvm")
+    kernel = kernel_path("zeropage-probe")
+    result = spanvm(
+        "run", "--kernel", str(kernel), "--initrd", str(initrd), "--cmdline", "a=1 b", "--no-cx16"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "cmdline a=1 b\n" in result.stdout and " 0x6 fnv1a " in result.stdout
+
+
+def test_run_kernel_refuses_a_file_that_is_no_kernel(tmp_path: Path) -> None:
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"MZ" + bytes(1000))
+    result = spanvm("run", "--kernel", str(junk))
+    assert result.returncode == 70 and result.stdout == ""
+    assert result.stderr == (
+        f"spanvm: error: Linux kernel {junk}: neither an ELF vmlinux nor a bzImage (no ELF"
+        " magic, no 'HdrS' setup header at 0x202)\n"
+    )

@@ -24,7 +24,9 @@ from spanvm.payloads.catalog import PAYLOAD_NAMES, PAYLOADS
 from spanvm.procs import die_with_parent
 from spanvm.stopsignals import Interrupted, StopSignals
 from spanvm.vmm.boot import BootSource
+from spanvm.vmm.boot.linux import LinuxBoot
 from spanvm.vmm.boot.multiboot import MultibootBoot
+from spanvm.vmm.cpuid import CpuidOptions
 from spanvm.vmm.layout import MAX_VCPUS
 from spanvm.vmm.machine import Machine, VmConfig, VmError
 
@@ -65,7 +67,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"{boot.description} runs in one process for now (--fragments 1, no --netns)"
             )
         with StopSignals() as stops:
-            return _run_here(args, VmConfig(memory, args.vcpus, boot=boot), stops)
+            return _run_here(
+                args, VmConfig(memory, args.vcpus, boot=boot, cpuid=_cpuid(args)), stops
+            )
     try:
         image = resolve_image(args.payload)
     except ValueError as err:
@@ -76,7 +80,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             if args.fragments > 1 or args.netns:
                 payload = args.payload if info else str(image.path)
                 return _run_fragments(args, payload, memory, arg, stops)
-            return _run_here(args, VmConfig(memory, args.vcpus, image, arg), stops)
+            config = VmConfig(memory, args.vcpus, image, arg, cpuid=_cpuid(args))
+            return _run_here(args, config, stops)
         except Interrupted as stop:
             print(f"spanvm: {stop} while starting; nothing left running", file=sys.stderr)
             return signal_status(stop.signal)
@@ -84,16 +89,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _boot_source(args: argparse.Namespace) -> BootSource | None:
     """The boot source the options name, or None for a payload (exactly one must be given)."""
+    if args.kernel:
+        if args.payload or args.multiboot or args.module:
+            raise UsageError("--kernel boots Linux alone: no payload, --multiboot or --module")
+        initrd = Path(args.initrd) if args.initrd else None
+        return LinuxBoot(Path(args.kernel), initrd, args.cmdline)
+    if args.initrd:
+        raise UsageError("--initrd needs --kernel")
     if args.multiboot:
         if args.payload:
             raise UsageError(f"give a payload or --multiboot, not both (got {args.payload!r})")
         modules = tuple(Path(m) for m in args.module)
         return MultibootBoot(Path(args.multiboot), args.cmdline, modules)
     if args.module or args.cmdline:
-        raise UsageError("--module and --cmdline need a kernel (--multiboot)")
+        raise UsageError("--module and --cmdline need a kernel (--kernel or --multiboot)")
     if not args.payload:
-        raise UsageError("give a payload name or file, or --multiboot KERNEL")
+        raise UsageError("give a payload name or file, --kernel KERNEL or --multiboot KERNEL")
     return None
+
+
+def _cpuid(args: argparse.Namespace) -> CpuidOptions:
+    return CpuidOptions(cx16=not args.no_cx16)
 
 
 def _run_here(args: argparse.Namespace, config: VmConfig, stops: StopSignals) -> int:
@@ -446,7 +462,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="a Multiboot module (repeatable; kvm-unit-tests: its environment file)",
     )
+    run.add_argument("--kernel", help="boot this Linux kernel (vmlinux or bzImage) instead")
+    run.add_argument("--initrd", help="with --kernel: the initrd (e.g. a cpio archive)")
     run.add_argument("--cmdline", default="", help="the kernel command line")
+    run.add_argument(
+        "--no-cx16",
+        action="store_true",
+        help="hide CMPXCHG16B in CPUID (this machine's KVM cannot emulate it at CPL0)",
+    )
     run.add_argument("--vcpus", type=int, default=1, help="virtual CPUs (default 1)")
     run.add_argument("--memory", default="256Mi", help="guest memory quantity (default 256Mi)")
     run.add_argument(
