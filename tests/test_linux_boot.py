@@ -15,7 +15,8 @@ from spanvm.payloads.kernels import kernel_path
 from spanvm.vmm.boot import BootError
 from spanvm.vmm.boot.linux import COMMAND_LINE, ZERO_PAGE, LinuxBoot, identity_page_tables
 from spanvm.vmm.machine import Machine, VmConfig
-from spanvm.vmm.memmap import ACPI_BASE, e820_map
+from spanvm.vmm.memmap import ACPI_BASE, LARGE_PAGE, e820_map
+from spanvm.vmm.platform_shape import NumaNode
 
 pytestmark = pytest.mark.kvm
 MiB = 1 << 20
@@ -263,3 +264,39 @@ def test_identity_page_tables_map_the_first_4_gib() -> None:
     last = struct.unpack_from("<Q", tables, len(tables) - 8)[0]
     assert last == (4 << 30) - (2 << 20) | 0x83
     assert COMMAND_LINE + 4096 < 0x9_FC00  # the command line stays below the EBDA
+
+
+def test_probe_kernel_sees_every_vcpu_in_the_madt_and_each_fragment_as_a_numa_node() -> None:
+    """Three fragments' worth of NUMA nodes (vCPUs 0 | 1-2 | 3, memory split in three), as
+    the fabric would hand them; the guest walks RSDP -> XSDT -> MADT/SRAT/SLIT itself."""
+    third = MEMORY // 3 // LARGE_PAGE * LARGE_PAGE
+    nodes = (
+        NumaNode(0, (0,), ((0, third),)),
+        NumaNode(1, (1, 2), ((third, 2 * third),)),
+        NumaNode(2, (3,), ((2 * third, MEMORY),)),
+    )
+    source = LinuxBoot(kernel_path("zeropage-probe"), None, "")
+    with Machine(VmConfig(MEMORY, 4, boot=source, nodes=nodes)) as machine:
+        result = machine.run(idle_timeout=60)
+    assert result.ok, (result.error, result.console)
+    lines = result.console.splitlines()
+    tables = [line.split()[1] for line in lines if line.startswith("acpi_table ")]
+    assert set(tables) >= {"FACP", "APIC", "SRAT", "SLIT"}
+    assert [ln for ln in lines if ln.startswith("madt lapic")] == [
+        f"madt lapic {apic:#x} 0x1"
+        for apic in range(4)  # every vCPU, enabled
+    ]
+    assert "madt ioapic 0x0 0xfec00000 0x0" in lines
+    assert "madt override 0x0 0x2 0x0" in lines  # the PIT's IRQ 0 on GSI 2
+    assert [ln for ln in lines if ln.startswith("srat cpu")] == [
+        f"srat cpu {apic:#x} {node:#x} 0x1" for apic, node in ((0, 0), (1, 1), (2, 1), (3, 2))
+    ]
+    assert [ln for ln in lines if ln.startswith("srat memory")] == [
+        f"srat memory {n:#x} {start:#x} {end - start:#x} 0x1"
+        for n, start, end in ((0, 0, third), (1, third, 2 * third), (2, 2 * third, MEMORY))
+    ]
+    assert [ln for ln in lines if ln.startswith("slit")] == [
+        "slit 0xa 0x14 0x14",
+        "slit 0x14 0xa 0x14",
+        "slit 0x14 0x14 0xa",
+    ]

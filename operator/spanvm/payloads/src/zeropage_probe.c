@@ -9,8 +9,14 @@
  *   cmdline <the command line>
  *   e820 <index> <start> <size> <type>
  *   initrd <address> <size> fnv1a <FNV-1a 32 of its bytes>
- *   acpi_rsdp 0xe0000                 then the ACPI tables (report_acpi: the place to parse
- *   acpi_rsdp_signature RSD PTR       RSDP -> XSDT -> MADT/SRAT)
+ *   acpi_rsdp 0xe0000                 then the ACPI tables: RSDP -> XSDT -> each table,
+ *   acpi_rsdp_signature RSD PTR       its MADT, SRAT and SLIT entries:
+ *   acpi_table <signature>
+ *   madt lapic <APIC id> <flags>      (x2apic, ioapic <id> <address> <GSI base>,
+ *                                      override <irq> <GSI> <flags>)
+ *   srat cpu <APIC id> <domain> <flags>
+ *   srat memory <domain> <base> <length> <flags>
+ *   slit <distance to node 0> <to node 1> ...
  *   done
  */
 
@@ -117,18 +123,106 @@ static void report_initrd(const u8 *bp)
     put_char('\n');
 }
 
-/* The hook for the ACPI tables: today the RSDP's address; parse RSDP -> XSDT -> MADT/SRAT
- * here (one line per MADT local APIC, per SRAT affinity entry) once the VMM writes them. */
+static void put_fields(const char *what, u64 a, u64 b, u64 c, u64 d, int n)
+{
+    u64 values[4] = {a, b, c, d};
+    put_str(what);
+    for (int i = 0; i < n; i++) {
+        put_char(' ');
+        put_hex(values[i]);
+    }
+    put_char('\n');
+}
+
+static int signature_is(const u8 *table, const char *sig)
+{
+    for (int i = 0; i < 4; i++)
+        if (table[i] != (u8)sig[i])
+            return 0;
+    return 1;
+}
+
+/* MADT (ACPI 6.5 5.2.12): interrupt controller structures after the 44-byte header. */
+static void report_madt(const u8 *t)
+{
+    u64 length = get(t + 4, 4);
+    for (u64 at = 44; at + 2 <= length;) {
+        const u8 *e = t + at;
+        u64 type = e[0], size = e[1];
+        if (size < 2)
+            break;
+        if (type == 0) /* Processor Local APIC: uid, APIC id, flags */
+            put_fields("madt lapic", e[3], get(e + 4, 4), 0, 0, 2);
+        else if (type == 9) /* Processor Local x2APIC: x2APIC id, flags */
+            put_fields("madt x2apic", get(e + 4, 4), get(e + 8, 4), 0, 0, 2);
+        else if (type == 1) /* I/O APIC: id, address, GSI base */
+            put_fields("madt ioapic", e[2], get(e + 4, 4), get(e + 8, 4), 0, 3);
+        else if (type == 2) /* Interrupt Source Override: bus irq, GSI, flags */
+            put_fields("madt override", e[3], get(e + 4, 4), get(e + 8, 2), 0, 3);
+        at += size;
+    }
+}
+
+/* SRAT (5.2.16): affinity structures after the 48-byte header. */
+static void report_srat(const u8 *t)
+{
+    u64 length = get(t + 4, 4);
+    for (u64 at = 48; at + 2 <= length;) {
+        const u8 *e = t + at;
+        u64 type = e[0], size = e[1];
+        if (size < 2)
+            break;
+        if (type == 0) /* Processor Local APIC affinity: domain (split), APIC id, flags */
+            put_fields("srat cpu", e[3], e[2] | get(e + 9, 3) << 8, get(e + 4, 4), 0, 3);
+        else if (type == 2) /* Processor Local x2APIC affinity */
+            put_fields("srat cpu", get(e + 8, 4), get(e + 4, 4), get(e + 12, 4), 0, 3);
+        else if (type == 1) /* Memory affinity: domain, base, length, flags */
+            put_fields("srat memory", get(e + 2, 4), get(e + 8, 8), get(e + 16, 8),
+                       get(e + 28, 4), 4);
+        at += size;
+    }
+}
+
+/* SLIT (5.2.17): the locality count, then the distance matrix row by row. */
+static void report_slit(const u8 *t)
+{
+    u64 n = get(t + 36, 8);
+    for (u64 i = 0; i < n; i++) {
+        put_str("slit");
+        for (u64 j = 0; j < n; j++) {
+            put_char(' ');
+            put_hex(t[44 + i * n + j]);
+        }
+        put_char('\n');
+    }
+}
+
+/* The ACPI tables the VMM wrote: RSDP (5.2.5.3) -> XSDT (5.2.8) -> MADT, SRAT, SLIT. */
 static void report_acpi(const u8 *bp)
 {
     u64 rsdp = get(bp + BP_ACPI_RSDP_ADDR, 8);
     fact("acpi_rsdp", rsdp);
-    if (rsdp) {
-        const char *signature = (const char *)rsdp; /* "RSD PTR " (ACPI 6.5 5.2.5.3) */
-        put_str("acpi_rsdp_signature ");
-        for (int i = 0; i < 8; i++)
-            put_char(signature[i]);
+    if (!rsdp)
+        return;
+    const u8 *r = (const u8 *)rsdp;
+    put_str("acpi_rsdp_signature ");
+    for (int i = 0; i < 8; i++)
+        put_char((char)r[i]);
+    put_char('\n');
+    const u8 *xsdt = (const u8 *)get(r + 24, 8);
+    u64 entries = (get(xsdt + 4, 4) - 36) / 8;
+    for (u64 i = 0; i < entries; i++) {
+        const u8 *table = (const u8 *)get(xsdt + 36 + i * 8, 8);
+        put_str("acpi_table ");
+        for (int k = 0; k < 4; k++)
+            put_char((char)table[k]);
         put_char('\n');
+        if (signature_is(table, "APIC"))
+            report_madt(table);
+        else if (signature_is(table, "SRAT"))
+            report_srat(table);
+        else if (signature_is(table, "SLIT"))
+            report_slit(table);
     }
 }
 
