@@ -28,20 +28,14 @@ initrd          page-aligned at the top of low RAM, below initrd_addr_max
 Application processors are left waiting for INIT/SIPI, as the kernel's SMP bring-up expects.
 """
 
-import bisect
-import io
 import struct
-from dataclasses import dataclass
 from pathlib import Path
-
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
 
 from spanvm.vmm import kvm_abi
 from spanvm.vmm.boot import BootError, GuestShape, read_file
 from spanvm.vmm.boot import bzimage as bz
 from spanvm.vmm.boot.cpu_state import long_mode_flat, regs_at
+from spanvm.vmm.boot.elf import ElfImage, Segment, read_elf
 from spanvm.vmm.memmap import (
     ACPI_BASE,
     HIGH_MEMORY_START,
@@ -84,19 +78,6 @@ E820_MAX_ENTRIES = 128
 E820_ENTRY = struct.Struct("<QQI")  # addr, size, type (struct boot_e820_entry)
 
 
-@dataclass(frozen=True)
-class Segment:
-    """Kernel bytes `data` at guest-physical `address`, zeros after them up to `memsz`."""
-
-    address: int
-    data: bytes
-    memsz: int
-
-    @property
-    def end(self) -> int:
-        return self.address + self.memsz
-
-
 class LinuxBoot:
     """Boot the Linux `kernel` (vmlinux ELF or bzImage) with `initrd` and `cmdline`.
 
@@ -121,9 +102,7 @@ class LinuxBoot:
         self.unpack = unpack
         self.acpi = acpi
         self._header = b""
-        self._segments: list[Segment] = []
-        self._entry = 0
-        self._symbols: list[tuple[int, int, str]] = []
+        self._image = ElfImage((), 0, ())
         self._initrd = b""
         self.initrd_address = 0
         self.loaded_end = 0
@@ -150,8 +129,8 @@ class LinuxBoot:
             else:
                 load = bzimage.load_address
                 memsz = max(len(bzimage.kernel), bzimage.init_size)
-                self._segments = [Segment(load, bzimage.kernel, memsz)]
-                self._entry = load + ENTRY_64_OFFSET
+                segment = Segment(load, bzimage.kernel, memsz)
+                self._image = ElfImage((segment,), load + ENTRY_64_OFFSET, ())
         else:
             raise BootError(
                 f"Linux kernel {self.kernel}: neither an ELF vmlinux nor a bzImage (no ELF"
@@ -164,36 +143,10 @@ class LinuxBoot:
 
     def _read_elf(self, image: bytes, what: str) -> None:
         name = f"Linux kernel {self.kernel}{what}"
-        try:
-            elf = ELFFile(io.BytesIO(image))
-            if elf.elfclass != 64 or elf["e_machine"] != "EM_X86_64":
-                raise BootError(
-                    f"{name}: ELF{elf.elfclass} for {elf['e_machine']}, not an x86-64 kernel"
-                )
-            segments = []
-            for seg in elf.iter_segments():
-                if seg["p_type"] != "PT_LOAD" or seg["p_memsz"] == 0:
-                    continue
-                if seg["p_filesz"] > seg["p_memsz"]:
-                    raise BootError(f"{name}: a segment's file size exceeds its memory size")
-                segments.append(Segment(seg["p_paddr"], seg.data(), seg["p_memsz"]))
-            symtab = elf.get_section_by_name(".symtab")
-            symbols = []
-            if isinstance(symtab, SymbolTableSection):
-                for sym in symtab.iter_symbols():
-                    if sym["st_info"]["type"] == "STT_FUNC" and sym.name:
-                        symbols.append((sym["st_value"], sym["st_size"], sym.name))
-            entry = elf["e_entry"]
-        except ELFError as err:
-            raise BootError(f"{name}: not a valid ELF file ({err})") from None
-        if not segments:
-            raise BootError(f"{name}: no loadable segments")
-        if not any(s.address <= entry < s.end for s in segments):
-            raise BootError(f"{name}: entry {entry:#x} lies in no loadable segment")
-        self._segments, self._entry, self._symbols = segments, entry, sorted(symbols)
+        self._image = read_elf(image, name, ("EM_X86_64",), 64, "an x86-64 kernel")
 
     def _check_segments(self, low_end: int) -> None:
-        for seg in self._segments:
+        for seg in self._image.segments:
             if seg.address < HIGH_MEMORY_START:
                 raise BootError(
                     f"Linux kernel {self.kernel}: loads at {seg.address:#x}, below 1 MiB, over"
@@ -204,7 +157,7 @@ class LinuxBoot:
                     f"Linux kernel {self.kernel}: {seg.memsz} bytes at {seg.address:#x} lie"
                     f" beyond guest RAM below the 32-bit hole ({low_end:#x})"
                 )
-        self.loaded_end = max(s.end for s in self._segments)
+        self.loaded_end = max(s.end for s in self._image.segments)
 
     def _check_cmdline(self) -> None:
         encoded = self.cmdline.encode()
@@ -240,7 +193,7 @@ class LinuxBoot:
 
     # -- load: guest memory ---------------------------------------------------------------------
     def load(self, memory: GuestMemory, shape: GuestShape) -> None:
-        for seg in self._segments:
+        for seg in self._image.segments:
             memory.write(seg.address, seg.data + bytes(seg.memsz - len(seg.data)))
         memory.write(GDT_BASE, GDT)
         memory.write(PML4, identity_page_tables(PML4))
@@ -266,16 +219,11 @@ class LinuxBoot:
         sregs = vcpu.sregs()
         long_mode_flat(sregs, BOOT_CS, BOOT_DS, PML4, (GDT_BASE, len(GDT) - 1))
         vcpu.set_sregs(sregs)
-        vcpu.set_regs(regs_at(self._entry, rsi=ZERO_PAGE, rsp=BOOT_STACK_TOP))
+        vcpu.set_regs(regs_at(self._image.entry, rsi=ZERO_PAGE, rsp=BOOT_STACK_TOP))
         vcpu.set_mp_state(kvm_abi.KVM_MP_STATE_RUNNABLE)
 
     def symbolize(self, address: int) -> str:
-        i = bisect.bisect_right(self._symbols, (address, 1 << 64, "")) - 1
-        if i >= 0:
-            start, size, name = self._symbols[i]
-            if address < start + max(size, 1):
-                return f"{name}+{address - start:#x}"
-        return ""
+        return self._image.symbolize(address)
 
 
 def identity_page_tables(base: int) -> bytes:

@@ -9,18 +9,13 @@ size/base/length/type). ELF parsing by pyelftools. Application processors are le
 for INIT/SIPI (KVM's reset state for vCPUs other than 0 with the in-kernel LAPIC).
 """
 
-import io
 import struct
-from dataclasses import dataclass
 from pathlib import Path
-
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
 
 from spanvm.vmm import kvm_abi
 from spanvm.vmm.boot import BootError, GuestShape, read_file
 from spanvm.vmm.boot.cpu_state import protected_mode_flat, regs_at
+from spanvm.vmm.boot.elf import ElfImage, Segment, read_elf
 from spanvm.vmm.memmap import EBDA_START, HIGH_MEMORY_START, PAGE, e820_map, ram_ranges
 from spanvm.vmm.memory import GuestMemory
 from spanvm.vmm.vcpu import Vcpu
@@ -38,15 +33,6 @@ CODE_SELECTOR, DATA_SELECTOR = 0x10, 0x18
 LOADER_NAME = b"spanvm\0"
 
 
-@dataclass(frozen=True)
-class Segment:
-    """A PT_LOAD program header: `data` at guest-physical `address`, zeros up to `memsz`."""
-
-    address: int
-    data: bytes
-    memsz: int
-
-
 class MultibootBoot:
     """Boot `kernel` with `cmdline` and `modules` (each loaded page-aligned after the kernel,
     with its file name as the module string). Raises BootError naming the file."""
@@ -55,9 +41,7 @@ class MultibootBoot:
         self.kernel = kernel
         self.cmdline = cmdline
         self.modules = modules
-        self._segments: list[Segment] = []
-        self._entry = 0
-        self._symbols: list[tuple[int, int, str]] = []
+        self._image = ElfImage((), 0, ())
         self._module_bytes: list[bytes] = []
 
     @property
@@ -72,7 +56,7 @@ class MultibootBoot:
         image = read_file(self.kernel, "multiboot kernel", shape.memory_size)
         self._parse(image)
         low_end = ram_ranges(shape.memory_size)[0].end
-        for seg in self._segments:
+        for seg in self._image.segments:
             if seg.address < HIGH_MEMORY_START and seg.address + seg.memsz > INFO_BASE:
                 raise BootError(
                     f"multiboot kernel {self.kernel}: segment at {seg.address:#x} overlaps the"
@@ -131,45 +115,17 @@ class MultibootBoot:
         end = len(image) if load_end == 0 else start + (load_end - load_addr)
         data = image[start:end]
         memsz = max(len(data), (bss_end - load_addr) if bss_end else 0)
-        self._segments = [Segment(load_addr, data, memsz)]
-        self._entry = entry
+        self._image = ElfImage((Segment(load_addr, data, memsz),), entry, ())
 
     def _parse_elf(self, image: bytes) -> None:
-        try:
-            elf = ELFFile(io.BytesIO(image))
-            if elf["e_machine"] not in ("EM_386", "EM_X86_64"):
-                raise BootError(
-                    f"multiboot kernel {self.kernel}: ELF for {elf['e_machine']}, not x86"
-                )
-            segments = []
-            for seg in elf.iter_segments():
-                if seg["p_type"] != "PT_LOAD" or seg["p_memsz"] == 0:
-                    continue
-                if seg["p_filesz"] > seg["p_memsz"]:
-                    raise BootError(
-                        f"multiboot kernel {self.kernel}: a segment's file size exceeds"
-                        " its memory size"
-                    )
-                segments.append(Segment(seg["p_paddr"], seg.data(), seg["p_memsz"]))
-            symtab = elf.get_section_by_name(".symtab")
-            if isinstance(symtab, SymbolTableSection):
-                for sym in symtab.iter_symbols():
-                    if sym["st_info"]["type"] == "STT_FUNC" and sym.name:
-                        self._symbols.append((sym["st_value"], sym["st_size"], sym.name))
-            self._entry = elf["e_entry"]
-        except ELFError as err:
-            raise BootError(
-                f"multiboot kernel {self.kernel}: not a valid ELF file ({err})"
-            ) from None
-        if not segments:
-            raise BootError(f"multiboot kernel {self.kernel}: no loadable segments")
-        self._segments = segments
+        name = f"multiboot kernel {self.kernel}"
+        self._image = read_elf(image, name, ("EM_386", "EM_X86_64"), None, "an x86 kernel")
 
     def _modules_start(self) -> int:
-        return max(HIGH_MEMORY_START, *(s.address + s.memsz for s in self._segments))
+        return max(HIGH_MEMORY_START, *(s.end for s in self._image.segments))
 
     def load(self, memory: GuestMemory, shape: GuestShape) -> None:
-        for seg in self._segments:
+        for seg in self._image.segments:
             memory.write(seg.address, seg.data + bytes(seg.memsz - len(seg.data)))
         strings = INFO_BASE + INFO_SIZE
         blob = bytearray()
@@ -223,14 +179,11 @@ class MultibootBoot:
         sregs = vcpu.sregs()
         protected_mode_flat(sregs, CODE_SELECTOR, DATA_SELECTOR)
         vcpu.set_sregs(sregs)
-        vcpu.set_regs(regs_at(self._entry, rax=BOOTLOADER_MAGIC, rbx=INFO_BASE))
+        vcpu.set_regs(regs_at(self._image.entry, rax=BOOTLOADER_MAGIC, rbx=INFO_BASE))
         vcpu.set_mp_state(kvm_abi.KVM_MP_STATE_RUNNABLE)
 
     def symbolize(self, address: int) -> str:
-        for start, size, name in self._symbols:
-            if start <= address < start + max(size, 1):
-                return f"{name}+{address - start:#x}"
-        return ""
+        return self._image.symbolize(address)
 
 
 def _find_header(image: bytes) -> int | None:
