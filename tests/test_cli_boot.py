@@ -24,7 +24,10 @@ def test_multiboot_kernel_runs_with_its_module_and_exit_code(
     ("args", "needle"),
     [
         (["hello", "--multiboot", "K"], "give a payload or --multiboot, not both"),
-        (["--module", "M", "hello"], "--module and --cmdline need a kernel (--kernel or --multiboot)"),
+        (
+            ["--module", "M", "hello"],
+            "--module and --cmdline need a kernel (--kernel or --multiboot)",
+        ),
         ([], "give a payload name or file, --kernel KERNEL or --multiboot KERNEL"),
         (["--multiboot", "K", "--fragments", "2", "--vcpus", "2"], "runs in one process"),
     ],
