@@ -267,6 +267,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
             lease_name=args.lease_name,
             lease_duration=args.lease_duration,
             metrics_port=args.metrics_port,
+            health_port=args.health_port,
         )
     )
     return 0
@@ -323,6 +324,11 @@ def _add_operator_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
         help="seconds a node must stay NotReady or silent before an Always VM is restarted",
     )
     op.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    op.add_argument(
+        "--health-port",
+        type=int,
+        help="serve /healthz on this port (Kopf's liveness endpoint while leading)",
+    )
     op.set_defaults(func=cmd_operator)
 
 
@@ -362,6 +368,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         renew_interval=args.renew_interval,
         capability_interval=args.capability_interval,
         stop_fragments_on_exit=args.stop_fragments_on_exit,
+        metrics_port=args.metrics_port,
     )
     return 0
 
@@ -396,6 +403,9 @@ def _add_agent_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
         type=_positive,
         default=60.0,
         help="seconds between capability re-checks",
+    )
+    agent.add_argument(
+        "--metrics-port", type=int, help="serve /metrics (per fragment) and /healthz on this port"
     )
     agent.add_argument(
         "--stop-fragments-on-exit",

@@ -10,6 +10,7 @@ it was away. A fragment object that is deleted or asks to stop has its process s
 import hashlib
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,11 @@ class Agent:
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self._starting = False
+        # What metrics and /healthz read: this node's VMFragments at the last pass, the status
+        # last reported for each (by uid), and when a pass last completed.
+        self.fragments_seen: dict[str, JsonObject] = {}
+        self.reported: dict[str, JsonObject] = {}
+        self.last_pass = time.monotonic()
 
     # -- start-up ----------------------------------------------------------------------------
     def adopt(self) -> None:
@@ -152,6 +158,7 @@ class Agent:
         while not self.stopping.is_set():
             try:
                 self.sync()
+                self.last_pass = time.monotonic()
             except Exception:
                 log.exception("sync failed; retrying")
             # While a fragment starts, its endpoint and "connected" appear in its status file
@@ -165,6 +172,8 @@ class Agent:
         fragments = {
             f["metadata"]["uid"]: f for f in items if f["spec"].get("nodeName") == self.node
         }
+        self.fragments_seen = fragments
+        self.reported = {uid: s for uid, s in self.reported.items() if uid in fragments}
         for uid, proc in list(self.processes.items()):
             if uid not in fragments:
                 self._forget(uid, proc)
@@ -244,6 +253,7 @@ class Agent:
         meta = fragment["metadata"]
         current = fragment.get("status") or {}
         status = {**status, "observedGeneration": meta.get("generation")}
+        self.reported[meta["uid"]] = status
         if all(current.get(k) == v for k, v in status.items()):
             return
         if status.get("phase") != current.get("phase"):
