@@ -7,6 +7,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -20,6 +21,7 @@ from k8s_sim import ensure_namespace, wait_for
 from spanvm.api.crd import CRDS, crd_filename
 from spanvm.api.crd import render as render_crd
 from spanvm.devcluster.operator_proc import operator_command, start, stop
+from spanvm.devcluster.paths import bin_dir
 from spanvm.kube import Kube
 from test_chart import CHART, NS, RELEASE, helm
 
@@ -228,7 +230,8 @@ def test_helm_upgrade_upgrades_a_changed_crd_and_uninstall_keeps_them(
         names = [c["name"] for c in live["spec"]["versions"][0]["additionalPrinterColumns"]]
         assert "Upgraded" not in names
     finally:
-        uninstall = helm("uninstall", RELEASE, "-n", NS, "--wait", *env_kubeconfig)
+        # no kubelet runs the pre-delete hook's Job here: the next test plays it
+        uninstall = helm("uninstall", RELEASE, "-n", NS, "--no-hooks", *env_kubeconfig)
     assert "kept due to the resource policy" in uninstall.stdout + uninstall.stderr
     for crd in CRDS:
         kept = _crd(crds, f"{crd.plural}.spanvm.io")
@@ -345,3 +348,102 @@ def test_operator_with_the_charts_rbac_lists_crds_and_serves_metrics_and_health(
     assert families["spanvm_reconcile"].type == "counter"
     all_samples = [s.name for f in families.values() for s in f.samples]
     assert not [n for n in all_samples if n.endswith("_created")]
+
+
+def _vm(name: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "spanvm.io/v1alpha1",
+        "kind": "SpanningVM",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "cpu": {"vcpus": 2},
+            "memory": "256Mi",
+            "boot": {"payload": {"name": "smp-sum"}},
+            "placement": {"nodeSelector": {"pool": "nowhere-18"}},
+        },
+    }
+
+
+def test_helm_uninstall_runs_the_hook_and_leaves_no_vm_on_its_finalizer(
+    crds: Cluster, tmp_path: Path
+) -> None:
+    """The pre-delete hook runs while the operator still does. There is no kubelet here, so
+    the test runs the hook Job's container as its pod would (its args, its service account's
+    token), then deletes the Job, which lets Helm go on."""
+    kube = Kube.connect(str(crds.kubeconfig))
+    ensure_namespace(kube, NS)
+    watched = "prod-uninstall"
+    ensure_namespace(kube, watched)
+    kubeconfig = ("--kubeconfig", str(crds.kubeconfig))
+    helm(
+        "install", RELEASE, str(CHART), "-n", NS, "--take-ownership",
+        "--set", f"operator.watchNamespaces={{{watched}}}", *kubeconfig,
+    )  # fmt: skip
+    crds.kubectl("apply", "-f", "-", stdin=json.dumps(_vm("left-behind", watched)))
+    log = tmp_path / "operator.log"
+    operator = start(
+        operator_command(crds.kubeconfig, system_namespace=NS, namespaces=(watched,)), log
+    )
+    uninstall: subprocess.Popen[str] | None = None
+    try:
+        wait_for(
+            "the operator's finalizer on the VM",
+            lambda: (
+                "spanvm.io/finalizer"
+                in ((kube.get_vm(watched, "left-behind") or {}).get("metadata") or {}).get(
+                    "finalizers", []
+                )
+            ),
+        )
+        uninstall = subprocess.Popen(
+            [str(bin_dir() / "helm"), "uninstall", RELEASE, "-n", NS, "--timeout", "120s",
+             *kubeconfig],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        job = wait_for(
+            "the pre-delete hook Job",
+            lambda: json.loads(
+                crds.kubectl(
+                    "get", "job", "-n", NS, f"{RELEASE}-uninstall", "-o", "json", check=False
+                ).stdout
+                or "null"
+            ),
+        )
+        pod = job["spec"]["template"]["spec"]
+        args = pod["containers"][0]["args"]
+        assert args[0] == "uninstall" and f"--namespace={watched}" in args
+        token_config = _token_kubeconfig(crds, pod["serviceAccountName"], tmp_path / "hook.kc")
+        hook = subprocess.run(
+            [sys.executable, "-m", "spanvm.cli", *args, "--kubeconfig", str(token_config)],
+            capture_output=True, text=True, check=False, timeout=150,
+        )  # fmt: skip
+        assert hook.returncode == 0, hook.stdout + hook.stderr
+        assert "0 had their finalizer removed" in hook.stdout  # the operator released them
+        crds.kubectl("delete", "job", "-n", NS, f"{RELEASE}-uninstall", "--wait=false")
+        out, _ = uninstall.communicate(timeout=120)
+        assert uninstall.returncode == 0, out
+    finally:
+        stop(operator)
+        if uninstall is not None and uninstall.poll() is None:
+            uninstall.kill()
+    assert kube.get_vm(watched, "left-behind") is None
+    assert crds.kubectl("get", "deployment", "-n", NS, "spanvm-operator", check=False).returncode
+    assert "spanningvms.spanvm.io" in crds.kubectl("get", "crd").stdout  # kept
+
+
+def test_the_uninstall_hook_without_an_operator_drops_the_finalizer(crds: Cluster) -> None:
+    kube = Kube.connect(str(crds.kubeconfig))
+    watched = "prod-orphan"
+    ensure_namespace(kube, watched)
+    vm = _vm("orphan", watched)
+    vm["metadata"]["finalizers"] = ["spanvm.io/finalizer"]
+    crds.kubectl("apply", "-f", "-", stdin=json.dumps(vm))
+    hook = subprocess.run(
+        [sys.executable, "-m", "spanvm.cli", "uninstall", "--timeout", "2",
+         "--namespace", watched, "--kubeconfig", str(crds.kubeconfig)],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert hook.returncode == 0, hook.stderr
+    assert "1 had their finalizer removed" in hook.stdout
+    assert "still there after 2s (no operator?)" in hook.stderr
+    wait_for("the VM to go", lambda: kube.get_vm(watched, "orphan") is None)

@@ -417,6 +417,36 @@ def _add_agent_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
     agent.set_defaults(func=cmd_agent)
 
 
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    """Delete every SpanningVM before the operator goes (the chart's pre-delete hook)."""
+    from spanvm.controller.uninstall import delete_all  # noqa: PLC0415
+    from spanvm.kube import Kube  # noqa: PLC0415
+
+    _setup_logging(args.log_format)
+    kube = Kube.connect(args.kubeconfig)
+    forced = delete_all(kube, args.namespace or [], timeout=args.timeout)
+    print(f"every SpanningVM deleted; {len(forced)} had their finalizer removed")
+    return 0
+
+
+def _add_uninstall_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
+    hook = sub.add_parser(
+        "uninstall", help="delete every SpanningVM so none is stuck once the operator is gone"
+    )
+    hook.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube)")
+    hook.add_argument("--log-format", choices=("plain", "json"), default="plain")
+    hook.add_argument(
+        "--namespace", action="append", help="only this namespace (repeatable; default: all)"
+    )
+    hook.add_argument(
+        "--timeout",
+        type=_positive,
+        default=90.0,
+        help="seconds to wait for the operator before removing finalizers itself",
+    )
+    hook.set_defaults(func=cmd_uninstall)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Print a SpanningVM's phase, conditions and placement (or its console tail)."""
     from spanvm.kube import Kube  # noqa: PLC0415
@@ -521,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_operator_parser(sub)
     _add_agent_parser(sub)
     _add_status_parsers(sub)
+    _add_uninstall_parser(sub)
     return parser
 
 
