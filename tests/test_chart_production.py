@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -23,6 +24,14 @@ from spanvm.api.crd import render as render_crd
 from spanvm.devcluster.operator_proc import operator_command, start, stop
 from spanvm.devcluster.paths import bin_dir
 from spanvm.kube import Kube
+from spanvm.sealing import (
+    SealedForAnotherKey,
+    load_or_create,
+    open_sealed,
+    public_text,
+    seal,
+    sealed_to,
+)
 from test_chart import CHART, NS, RELEASE, helm
 
 KEEP = "helm.sh/resource-policy"
@@ -447,3 +456,17 @@ def test_the_uninstall_hook_without_an_operator_drops_the_finalizer(crds: Cluste
     assert "1 had their finalizer removed" in hook.stdout
     assert "still there after 2s (no operator?)" in hook.stderr
     wait_for("the VM to go", lambda: kube.get_vm(watched, "orphan") is None)
+
+
+def test_a_fabric_key_sealed_to_one_node_opens_only_there(tmp_path: Path) -> None:
+    node_a = load_or_create(tmp_path / "a.key")
+    node_b = load_or_create(tmp_path / "b.key")
+    assert bytes(load_or_create(tmp_path / "a.key")) == bytes(node_a)  # kept across restarts
+    assert (tmp_path / "a.key").stat().st_mode & 0o777 == 0o600
+    sealed = seal(b"the VM's fabric key", public_text(node_a))
+    assert open_sealed(sealed, node_a) == b"the VM's fabric key"
+    with pytest.raises(SealedForAnotherKey):
+        open_sealed(sealed, node_b)
+    forged = f"{sealed_to(seal(b'x', public_text(node_b)))}:{sealed.split(':', 1)[1]}"
+    with pytest.raises(SealedForAnotherKey):  # right fingerprint, box for another key
+        open_sealed(forged, node_b)

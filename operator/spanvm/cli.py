@@ -339,6 +339,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from spanvm.agent.main import run as run_agent  # noqa: PLC0415
     from spanvm.agent.node_publisher import NodePublisher, Offer  # noqa: PLC0415
     from spanvm.kube import Kube  # noqa: PLC0415
+    from spanvm.sealing import load_or_create  # noqa: PLC0415
 
     if not args.node_name:
         raise UsageError("--node-name (or NODE_NAME) is required")
@@ -359,6 +360,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         kvm_device=args.kvm_device,
         offer=offer,
         lease_duration=args.lease_duration,
+        # beside the node's fragment directory (which holds only fragments' directories)
+        node_key=load_or_create(Path(args.state_dir) / f"{args.node_name}.fabric.key"),
     )
     run_agent(
         kube,

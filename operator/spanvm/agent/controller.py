@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes import watch
+from nacl.public import PrivateKey
 
 from spanvm.agent.fragment_process import FragmentProcess
 from spanvm.agent.node_publisher import NodePublisher
 from spanvm.api.constants import (
-    FABRIC_SECRET_KEY,
     GROUP,
     NODE_LABEL,
+    SEALED_FABRIC_KEY_ANNOTATION,
     VERSION,
     VMFRAGMENT_PLURAL,
     label_value,
@@ -31,6 +32,7 @@ from spanvm.api.vmfragment import VMFragmentSpec
 from spanvm.fabric.fragment import FragmentConfig
 from spanvm.kube import JsonObject, Kube
 from spanvm.payloads.catalog import PAYLOADS
+from spanvm.sealing import SealedForAnotherKey, open_sealed
 
 log = logging.getLogger("spanvm.agent")
 TERMINAL = frozenset({"Succeeded", "Failed", "Stopped"})
@@ -91,6 +93,21 @@ def fragment_config(
         secret=secret.decode(),
         node_name=node,
     )
+
+
+def fabric_key(fragment: JsonObject, node_key: PrivateKey | None) -> bytes:
+    """The VM's fabric key, sealed by the operator to this node's key (the agent reads no
+    Secrets: see spanvm.sealing)."""
+    annotations = fragment["metadata"].get("annotations") or {}
+    sealed = annotations.get(SEALED_FABRIC_KEY_ANNOTATION)
+    if node_key is None or not sealed:
+        raise NotReadyToStart("waiting for the operator to seal the fabric key to this node")
+    try:
+        return open_sealed(sealed, node_key)
+    except SealedForAnotherKey as err:
+        raise NotReadyToStart(
+            f"waiting for the operator to reseal the fabric key ({err})"
+        ) from None
 
 
 class Agent:
@@ -222,13 +239,8 @@ class Agent:
 
     def _start(self, fragment: JsonObject) -> FragmentProcess | None:
         meta, spec = fragment["metadata"], fragment["spec"]
-        ref = spec.get("secretRef") or {}
         try:
-            secret = self.kube.read_secret_key(
-                meta["namespace"], ref.get("name", ""), ref.get("key", FABRIC_SECRET_KEY)
-            )
-            if secret is None:
-                raise NotReadyToStart(f"waiting for Secret {ref.get('name')}")
+            secret = fabric_key(fragment, self.publisher.node_key)
             config = fragment_config(fragment, secret, self.listen_host, self.node)
         except NotReadyToStart as wait:
             self._report(fragment, {"phase": "Pending", "message": str(wait)})
