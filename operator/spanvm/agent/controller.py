@@ -101,7 +101,10 @@ def fabric_key(fragment: JsonObject, node_key: PrivateKey | None) -> bytes:
     annotations = fragment["metadata"].get("annotations") or {}
     sealed = annotations.get(SEALED_FABRIC_KEY_ANNOTATION)
     if node_key is None or not sealed:
-        raise NotReadyToStart("waiting for the operator to seal the fabric key to this node")
+        secret = (fragment["spec"].get("secretRef") or {}).get("name")
+        raise NotReadyToStart(
+            f"waiting for the operator to seal the fabric key of Secret {secret} to this node"
+        )
     try:
         return open_sealed(sealed, node_key)
     except SealedForAnotherKey as err:
