@@ -5,7 +5,6 @@ endpoints, and the alert rules checked by promtool."""
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Cluster
-from k8s_sim import ensure_namespace, wait_for
+from k8s_sim import ensure_namespace, free_port, wait_for
 from spanvm.api.crd import CRDS, crd_filename
 from spanvm.api.crd import render as render_crd
 from spanvm.devcluster.operator_proc import operator_command, start, stop
@@ -47,12 +46,6 @@ def plain_render(*sets: str, chart: Path = CHART) -> list[dict[str, Any]]:
 
 def by_kind(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
     return {(d["kind"], d["metadata"]["name"]): d for d in docs}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_plain_helm_template_works_and_lint_strict_passes() -> None:

@@ -13,13 +13,12 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO, Cluster
-from k8s_sim import ensure_namespace, wait_for
+from k8s_sim import ensure_namespace, free_port, wait_for
 from spanvm.api.constants import SYSTEM_NAMESPACE
 from spanvm.devcluster.nodes import SimulatedNodes
 from spanvm.devcluster.operator_proc import operator_command, start, stop
 from spanvm.kube import Kube
 from spanvm.vmm.expected import smp_sum
-from test_chart_production import free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.kvm]
 EXAMPLE = REPO / "examples" / "spanningvm-2node.yaml"
