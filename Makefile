@@ -29,10 +29,10 @@ payloads: venv
 	$(PYTHON) -m spanvm.payloads.build
 
 crds: venv
-	$(PYTHON) -m spanvm.api.crd crds charts/spanvm/crds
+	$(PYTHON) -m spanvm.api.crd crds charts/spanvm/files/crds
 
 check-crds: venv
-	$(PYTHON) -m spanvm.api.crd --check crds charts/spanvm/crds
+	$(PYTHON) -m spanvm.api.crd --check crds charts/spanvm/files/crds
 
 test: deps venv tools payloads
 	$(PYTHON) -m pytest

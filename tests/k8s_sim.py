@@ -2,6 +2,7 @@
 kubelets and agents, operator processes, and polling with a message that says what was
 awaited."""
 
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,13 @@ def wait_for(
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def ensure_namespace(kube: Kube, name: str) -> None:

@@ -26,6 +26,7 @@ from spanvm.api.constants import (
 )
 from spanvm.api.spanningvm import FragmentSummary, SpanningVMSpec
 from spanvm.controller.fragments import fabric_secret, fragment_body, peers_of
+from spanvm.controller.key_courier import sealed_key_patch
 from spanvm.devcluster.nodes import SimulatedNodes
 from spanvm.kube import JsonObject, Kube, parse_time
 from spanvm.procs import pid_alive
@@ -97,6 +98,11 @@ def place(kube: Kube, name: str, spec: JsonObject, nodes: list[str]) -> list[str
     bodies = [fragment_body(vm, parsed, placed, i) for i in range(len(placed))]
     for body in bodies:
         kube.create_fragment(NS, body)
+        created = kube.get_fragment(NS, body["metadata"]["name"])
+        assert created is not None
+        sealed = sealed_key_patch(kube, created)  # the operator's key courier, played here
+        assert sealed is not None
+        kube.patch_fragment(NS, body["metadata"]["name"], sealed)
     share_peers(kube, name, placed)
     return [p.name for p in placed]
 

@@ -30,7 +30,7 @@ LABEL_MAX = 63
 
 @pytest.mark.parametrize("crd", CRDS, ids=lambda c: c.kind)
 def test_committed_crds_match_the_models(crd) -> None:  # type: ignore[no-untyped-def]
-    for directory in ("crds", "charts/spanvm/crds"):
+    for directory in ("crds", "charts/spanvm/files/crds"):
         committed = (REPO / directory / crd_filename(crd)).read_text()
         assert committed == render(crd), f"{directory}/ is stale: run `make crds`"
 

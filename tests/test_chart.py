@@ -210,7 +210,14 @@ def test_agent_rbac_and_admission_policy_confine_it_to_its_node(crds: Cluster) -
     own_node = _agent_kubectl(crds, token, "label", "node", "rbac-a", "spanvm.io/kvm=true")
     assert own_node.returncode == 0, own_node.stderr
     secrets_list = _agent_kubectl(crds, token, "-n", "rbac-test", "get", "secrets")
-    assert secrets_list.returncode != 0  # get by name only, never list
+    assert secrets_list.returncode != 0
+    crds.kubectl(
+        "-n", "rbac-test", "apply", "-f", "-",
+        stdin=json.dumps({"apiVersion": "v1", "kind": "Secret",
+                          "metadata": {"name": "fabric-of-a-vm"}, "data": {"fabric-key": "aw=="}}),
+    )  # fmt: skip
+    by_name = _agent_kubectl(crds, token, "-n", "rbac-test", "get", "secret", "fabric-of-a-vm")
+    assert by_name.returncode != 0 and "forbidden" in by_name.stderr.lower()  # keys come sealed
 
     # Leases: its own only, held by its node; a 253-character node's Lease name is hashed
     long_node = "rbac-" + "l" * 248

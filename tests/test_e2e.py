@@ -3,13 +3,17 @@ nodes (agents in their own network namespaces) and the operator; the guest spans
 and gives the right answer; deletion leaves nothing behind."""
 
 import subprocess
+import sys
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO, Cluster
-from k8s_sim import ensure_namespace, wait_for
+from k8s_sim import ensure_namespace, free_port, wait_for
 from spanvm.api.constants import SYSTEM_NAMESPACE
 from spanvm.devcluster.nodes import SimulatedNodes
 from spanvm.devcluster.operator_proc import operator_command, start, stop
@@ -19,6 +23,7 @@ from spanvm.vmm.expected import smp_sum
 pytestmark = [pytest.mark.cluster, pytest.mark.kvm]
 EXAMPLE = REPO / "examples" / "spanningvm-2node.yaml"
 NS = "e2e"
+AGENT_METRICS_PORT = 9641  # each agent in its own network namespace: one port for all
 
 
 def netns_names() -> set[str]:
@@ -38,6 +43,91 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def families(text: str) -> dict[str, Any]:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def agent_endpoint(nodes: SimulatedNodes, node: str, path: str) -> str:
+    """GET an agent's endpoint from inside its node's network namespace."""
+    fetch = (
+        "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+        f"'http://127.0.0.1:{AGENT_METRICS_PORT}{path}', timeout=10).read().decode())"
+    )
+    return subprocess.run(
+        ["ip", "netns", "exec", nodes.namespace_of(node), sys.executable, "-c", fetch],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def one(family: Any, suffix: str = "", **labels: str) -> float:
+    """The value of the one sample of `family` (name ending in `suffix`) with these labels."""
+    found = [
+        s.value
+        for s in family.samples
+        if s.name.endswith(suffix) and labels.items() <= s.labels.items()
+    ]
+    assert len(found) == 1, (family.name, labels, family.samples)
+    return float(found[0])
+
+
+def check_agent_metrics(nodes: SimulatedNodes, name: str, placed: list[str]) -> None:
+    """Each agent running a fragment of the VM reports it: phase, vCPUs, fabric counters and
+    the remote fault latency histogram, with the types Prometheus expects."""
+    assert agent_endpoint(nodes, placed[0], "/healthz").startswith("agent on")
+    pages_in = remote = 0.0
+    for index, node in enumerate(placed):
+        found = families(agent_endpoint(nodes, node, "/metrics"))
+        assert not [s for f in found.values() for s in f.samples if s.name.endswith("_created")]
+        assert found["spanvm_build_info"].samples[0].value == 1
+        assert found["spanvm_agent_kvm_usable"].samples[0].value == 1
+        mine = {"vm": name, "fragment": str(index)}
+        phase = found["spanvm_fragment_phase"]
+        assert phase.type == "gauge"
+        assert one(phase, **mine, phase="Succeeded") == 1
+        assert one(phase, **mine) == 1  # no other phase reported for it
+        assert one(found["spanvm_fragment_vcpus"], **mine) == 1
+        faults = found["spanvm_fragment_page_faults"]
+        assert faults.type == "counter"
+        assert one(faults, **mine) > 0
+        moved = found["spanvm_fragment_fabric_pages"]
+        bytes_moved = found["spanvm_fragment_fabric_bytes"]
+        for direction in ("in", "out"):
+            count = one(moved, **mine, direction=direction)
+            assert one(bytes_moved, **mine, direction=direction) == count * 4096
+        pages_in += one(moved, **mine, direction="in")
+        assert found["spanvm_fragment_invalidations"].type == "counter"
+        latency = found["spanvm_fragment_remote_fault_seconds"]
+        assert latency.type == "histogram"
+        buckets = [
+            s.value
+            for s in latency.samples
+            if s.name.endswith("_bucket") and mine.items() <= s.labels.items()
+        ]
+        assert buckets == sorted(buckets) and len(buckets) == 11  # cumulative, +Inf last
+        count = one(latency, "_count", **mine)
+        assert count == buckets[-1]
+        remote += count
+    assert pages_in > 0 and remote > 0  # the guest's memory crossed the fabric
+
+
+def check_operator_metrics(port: int, name: str, nodes: list[str]) -> None:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    found = families(text)
+    assert not [s for f in found.values() for s in f.samples if s.name.endswith("_created")]
+    assert found["spanvm_operator_leader"].samples[0].value == 1
+    by_phase = {s.labels["phase"]: s.value for s in found["spanvm_vms"].samples}
+    assert by_phase["Succeeded"] == 1 and by_phase["Running"] == 0, by_phase
+    vm = [s for s in found["spanvm_vm_phase"].samples if s.labels["vm"] == name]
+    assert [s.labels["phase"] for s in vm] == ["Succeeded"]
+    assert found["spanvm_vms_pending"].samples[0].value == 0
+    assert found["spanvm_nodes_kvm"].samples[0].value >= len(nodes)
+    fresh = {s.labels["node"]: s.value for s in found["spanvm_agent_heartbeat_fresh"].samples}
+    assert all(fresh[n] == 1 for n in nodes), fresh
+    assert found["spanvm_placements"].type == "counter"
+
+
 def test_apply_runs_a_guest_spanning_two_nodes_and_delete_cleans_up(
     crds: Cluster, tmp_path: Path
 ) -> None:
@@ -52,7 +142,9 @@ def test_apply_runs_a_guest_spanning_two_nodes_and_delete_cleans_up(
         ["e2e-1", "e2e-2", "e2e-3"],
         tmp_path,
         system_namespace=SYSTEM_NAMESPACE,
+        agent_args=("--metrics-port", str(AGENT_METRICS_PORT)),
     )
+    metrics_port = free_port()
     manifest = yaml.safe_load(EXAMPLE.read_text())
     name, arg = manifest["metadata"]["name"], manifest["spec"]["boot"]["payload"]["arg"]
     operator = None
@@ -64,6 +156,7 @@ def test_apply_runs_a_guest_spanning_two_nodes_and_delete_cleans_up(
                 system_namespace=SYSTEM_NAMESPACE,
                 lease_name="e2e-operator",
                 namespaces=(NS,),
+                metrics_port=metrics_port,
             ),
             tmp_path / "operator.log",
         )
@@ -94,6 +187,10 @@ def test_apply_runs_a_guest_spanning_two_nodes_and_delete_cleans_up(
         header, row = crds.kubectl("get", "svm", "-n", NS, name).stdout.splitlines()
         columns = dict(zip(header.split(), row.split(), strict=True))
         assert columns["PHASE"] == "Succeeded" and columns["NODES"] == ",".join(placed)
+
+        # Prometheus's view of the same run: both endpoints, names, types and values
+        check_agent_metrics(nodes, name, placed)
+        check_operator_metrics(metrics_port, name, nodes.names)
 
         # GitOps: with the operator's finalizer, annotations and status in place, the same
         # manifest applies as a no-op and shows no diff (no defaulting drift)

@@ -40,6 +40,7 @@ from spanvm.api.spanningvm import FragmentSummary, SpanningVMSpec
 from spanvm.controller.fragments import fragment_body
 from spanvm.controller.reconcile import FAULT_EXIT_ENV
 from spanvm.kube import NOT_FOUND, JsonObject, Kube, unless_status
+from spanvm.sealing import load_or_create
 
 pytestmark = pytest.mark.cluster
 NS = "op-test"
@@ -566,7 +567,10 @@ def test_an_agent_on_a_253_character_node_finds_its_fragments(env: Env, tmp_path
     agent.sync()
     status = env.kube.get_fragment(NS, body["metadata"]["name"])["status"]  # type: ignore[index]
     assert status["phase"] == "Pending"
-    assert status["message"] == f"waiting for Secret {fabric_secret_name('x' * 250, 'not-a-vm')}"
+    secret = fabric_secret_name("x" * 250, "not-a-vm")
+    assert status["message"] == (
+        f"waiting for the operator to seal the fabric key of Secret {secret} to this node"
+    )
 
 
 def test_a_failed_vm_releases_its_capacity(env: Env) -> None:
@@ -890,7 +894,8 @@ def test_a_fragment_waiting_for_a_missing_secret_is_reported_on_the_vm(
         "the VM naming the missing Secret",
         lambda: (
             env.status("vm-k5s")
-            if f"waiting for Secret {secret}" in (env.status("vm-k5s").get("message") or "")
+            if f"fabric key of Secret {secret} to this node"
+            in (env.status("vm-k5s").get("message") or "")
             else None
         ),
     )
@@ -926,9 +931,10 @@ def test_a_vm_with_a_250_character_name_runs_on_a_real_agent(env: Env, tmp_path:
         "placed with peers", lambda: (env.fragments(name) or [{}])[0].get("spec", {}).get("peers")
     )
     publisher = NodePublisher(
-        env.kube, node, SYSTEM_NS, kvm_device="/dev/kvm", offer=Offer(), lease_duration=60
-    )
-    publisher.publish_capabilities()
+        env.kube, node, SYSTEM_NS, kvm_device="/dev/kvm", offer=Offer(), lease_duration=60,
+        node_key=load_or_create(tmp_path / "node.key"),
+    )  # fmt: skip
+    publisher.publish_capabilities()  # with the public key the operator seals the key to
     agent = Agent(env.kube, node, publisher, state_dir=tmp_path, listen_host="127.0.0.1")
 
     def finished() -> bool:

@@ -267,6 +267,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
             lease_name=args.lease_name,
             lease_duration=args.lease_duration,
             metrics_port=args.metrics_port,
+            health_port=args.health_port,
         )
     )
     return 0
@@ -323,6 +324,11 @@ def _add_operator_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
         help="seconds a node must stay NotReady or silent before an Always VM is restarted",
     )
     op.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    op.add_argument(
+        "--health-port",
+        type=int,
+        help="serve /healthz on this port (Kopf's liveness endpoint while leading)",
+    )
     op.set_defaults(func=cmd_operator)
 
 
@@ -333,6 +339,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from spanvm.agent.main import run as run_agent  # noqa: PLC0415
     from spanvm.agent.node_publisher import NodePublisher, Offer  # noqa: PLC0415
     from spanvm.kube import Kube  # noqa: PLC0415
+    from spanvm.sealing import load_or_create  # noqa: PLC0415
 
     if not args.node_name:
         raise UsageError("--node-name (or NODE_NAME) is required")
@@ -353,6 +360,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         kvm_device=args.kvm_device,
         offer=offer,
         lease_duration=args.lease_duration,
+        # beside the node's fragment directory (which holds only fragments' directories)
+        node_key=load_or_create(Path(args.state_dir) / f"{args.node_name}.fabric.key"),
     )
     run_agent(
         kube,
@@ -362,6 +371,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         renew_interval=args.renew_interval,
         capability_interval=args.capability_interval,
         stop_fragments_on_exit=args.stop_fragments_on_exit,
+        metrics_port=args.metrics_port,
     )
     return 0
 
@@ -398,6 +408,9 @@ def _add_agent_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
         help="seconds between capability re-checks",
     )
     agent.add_argument(
+        "--metrics-port", type=int, help="serve /metrics (per fragment) and /healthz on this port"
+    )
+    agent.add_argument(
         "--stop-fragments-on-exit",
         action="store_true",
         default=os.environ.get("SPANVM_STOP_FRAGMENTS_ON_EXIT", "") not in ("", "0", "false"),
@@ -405,6 +418,36 @@ def _add_agent_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
         " instead of leaving them for the next agent to adopt (env SPANVM_STOP_FRAGMENTS_ON_EXIT)",
     )
     agent.set_defaults(func=cmd_agent)
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    """Delete every SpanningVM before the operator goes (the chart's pre-delete hook)."""
+    from spanvm.controller.uninstall import delete_all  # noqa: PLC0415
+    from spanvm.kube import Kube  # noqa: PLC0415
+
+    _setup_logging(args.log_format)
+    kube = Kube.connect(args.kubeconfig)
+    forced = delete_all(kube, args.namespace or [], timeout=args.timeout)
+    print(f"every SpanningVM deleted; {len(forced)} had their finalizer removed")
+    return 0
+
+
+def _add_uninstall_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
+    hook = sub.add_parser(
+        "uninstall", help="delete every SpanningVM so none is stuck once the operator is gone"
+    )
+    hook.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube)")
+    hook.add_argument("--log-format", choices=("plain", "json"), default="plain")
+    hook.add_argument(
+        "--namespace", action="append", help="only this namespace (repeatable; default: all)"
+    )
+    hook.add_argument(
+        "--timeout",
+        type=_positive,
+        default=90.0,
+        help="seconds to wait for the operator before removing finalizers itself",
+    )
+    hook.set_defaults(func=cmd_uninstall)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -511,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_operator_parser(sub)
     _add_agent_parser(sub)
     _add_status_parsers(sub)
+    _add_uninstall_parser(sub)
     return parser
 
 

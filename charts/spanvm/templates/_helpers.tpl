@@ -12,3 +12,9 @@ helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
 
 {{- define "spanvm.operatorName" -}}{{ .Release.Name }}-operator{{- end -}}
 {{- define "spanvm.agentName" -}}{{ .Release.Name }}-agent{{- end -}}
+
+{{- define "spanvm.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}

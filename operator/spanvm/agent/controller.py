@@ -10,17 +10,19 @@ it was away. A fragment object that is deleted or asks to stop has its process s
 import hashlib
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from kubernetes import watch
+from nacl.public import PrivateKey
 
 from spanvm.agent.fragment_process import FragmentProcess
 from spanvm.agent.node_publisher import NodePublisher
 from spanvm.api.constants import (
-    FABRIC_SECRET_KEY,
     GROUP,
     NODE_LABEL,
+    SEALED_FABRIC_KEY_ANNOTATION,
     VERSION,
     VMFRAGMENT_PLURAL,
     label_value,
@@ -30,6 +32,7 @@ from spanvm.api.vmfragment import VMFragmentSpec
 from spanvm.fabric.fragment import FragmentConfig
 from spanvm.kube import JsonObject, Kube
 from spanvm.payloads.catalog import PAYLOADS
+from spanvm.sealing import SealedForAnotherKey, open_sealed
 
 log = logging.getLogger("spanvm.agent")
 TERMINAL = frozenset({"Succeeded", "Failed", "Stopped"})
@@ -92,6 +95,24 @@ def fragment_config(
     )
 
 
+def fabric_key(fragment: JsonObject, node_key: PrivateKey | None) -> bytes:
+    """The VM's fabric key, sealed by the operator to this node's key (the agent reads no
+    Secrets: see spanvm.sealing)."""
+    annotations = fragment["metadata"].get("annotations") or {}
+    sealed = annotations.get(SEALED_FABRIC_KEY_ANNOTATION)
+    if node_key is None or not sealed:
+        secret = (fragment["spec"].get("secretRef") or {}).get("name")
+        raise NotReadyToStart(
+            f"waiting for the operator to seal the fabric key of Secret {secret} to this node"
+        )
+    try:
+        return open_sealed(sealed, node_key)
+    except SealedForAnotherKey as err:
+        raise NotReadyToStart(
+            f"waiting for the operator to reseal the fabric key ({err})"
+        ) from None
+
+
 class Agent:
     """Runs the fragments of one node."""
 
@@ -111,6 +132,11 @@ class Agent:
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self._starting = False
+        # What metrics and /healthz read: this node's VMFragments at the last pass, the status
+        # last reported for each (by uid), and when a pass last completed.
+        self.fragments_seen: dict[str, JsonObject] = {}
+        self.reported: dict[str, JsonObject] = {}
+        self.last_pass = time.monotonic()
 
     # -- start-up ----------------------------------------------------------------------------
     def adopt(self) -> None:
@@ -152,6 +178,7 @@ class Agent:
         while not self.stopping.is_set():
             try:
                 self.sync()
+                self.last_pass = time.monotonic()
             except Exception:
                 log.exception("sync failed; retrying")
             # While a fragment starts, its endpoint and "connected" appear in its status file
@@ -165,6 +192,8 @@ class Agent:
         fragments = {
             f["metadata"]["uid"]: f for f in items if f["spec"].get("nodeName") == self.node
         }
+        self.fragments_seen = fragments
+        self.reported = {uid: s for uid, s in self.reported.items() if uid in fragments}
         for uid, proc in list(self.processes.items()):
             if uid not in fragments:
                 self._forget(uid, proc)
@@ -213,13 +242,8 @@ class Agent:
 
     def _start(self, fragment: JsonObject) -> FragmentProcess | None:
         meta, spec = fragment["metadata"], fragment["spec"]
-        ref = spec.get("secretRef") or {}
         try:
-            secret = self.kube.read_secret_key(
-                meta["namespace"], ref.get("name", ""), ref.get("key", FABRIC_SECRET_KEY)
-            )
-            if secret is None:
-                raise NotReadyToStart(f"waiting for Secret {ref.get('name')}")
+            secret = fabric_key(fragment, self.publisher.node_key)
             config = fragment_config(fragment, secret, self.listen_host, self.node)
         except NotReadyToStart as wait:
             self._report(fragment, {"phase": "Pending", "message": str(wait)})
@@ -244,6 +268,7 @@ class Agent:
         meta = fragment["metadata"]
         current = fragment.get("status") or {}
         status = {**status, "observedGeneration": meta.get("generation")}
+        self.reported[meta["uid"]] = status
         if all(current.get(k) == v for k, v in status.items()):
             return
         if status.get("phase") != current.get("phase"):

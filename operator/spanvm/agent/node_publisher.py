@@ -5,14 +5,18 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from nacl.public import PrivateKey
+
 from spanvm.agent.capabilities import DETAILS_ANNOTATION, NodeCapabilities, discover
 from spanvm.api.constants import (
     ALLOCATABLE_MEMORY_ANNOTATION,
     ALLOCATABLE_VCPUS_ANNOTATION,
+    FABRIC_PUBLIC_KEY_ANNOTATION,
     agent_lease_name,
 )
 from spanvm.api.quantity import format_memory
 from spanvm.kube import Kube, micro_time
+from spanvm.sealing import public_text
 
 log = logging.getLogger("spanvm.agent")
 
@@ -52,9 +56,11 @@ class NodePublisher:
         kvm_device: str,
         offer: Offer,
         lease_duration: int,
+        node_key: PrivateKey | None = None,
     ) -> None:
         self.kube, self.node, self.namespace = kube, node, system_namespace
         self.kvm_device, self.offer, self.lease_duration = kvm_device, offer, lease_duration
+        self.node_key = node_key  # fabric keys are sealed to its public half
         self._published: tuple[dict[str, str], dict[str, str]] | None = None
         self.kvm_usable = False
 
@@ -62,6 +68,8 @@ class NodePublisher:
         caps = discover(self.kvm_device)
         self.kvm_usable = caps.kvm.usable
         labels, annotations = node_metadata(caps, self.offer)
+        if self.node_key is not None:
+            annotations[FABRIC_PUBLIC_KEY_ANNOTATION] = public_text(self.node_key)
         if (labels, annotations) == self._published:
             return
         self.kube.patch_node_metadata(self.node, labels, annotations)

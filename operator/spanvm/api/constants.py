@@ -25,6 +25,10 @@ KVM_LABEL = "spanvm.io/kvm"  # on Nodes: "true" when the agent found a working /
 ALLOCATABLE_VCPUS_ANNOTATION = "spanvm.io/allocatable-vcpus"  # on Nodes, set by the agent
 ALLOCATABLE_MEMORY_ANNOTATION = "spanvm.io/allocatable-memory"  # on Nodes (quantity)
 FINALIZER = "spanvm.io/finalizer"
+# On Nodes, by the agent: its public key for sealing fabric keys (see spanvm.sealing).
+FABRIC_PUBLIC_KEY_ANNOTATION = "spanvm.io/fabric-public-key"
+# On VMFragments, by the operator: the VM's fabric key sealed to the fragment's node.
+SEALED_FABRIC_KEY_ANNOTATION = "spanvm.io/sealed-fabric-key"
 FABRIC_SECRET_KEY = "fabric-key"
 
 # Where the agents' heartbeat Leases and the operator's leader Lease live.

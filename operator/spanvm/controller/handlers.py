@@ -13,6 +13,7 @@ from spanvm.api.constants import (
     VERSION,
     VMFRAGMENT_PLURAL,
 )
+from spanvm.controller import key_courier
 from spanvm.controller.fragments import owner_vm_name
 from spanvm.controller.reconcile import OperatorConfig, Reconciler, WaitForStop
 from spanvm.kube import JsonObject
@@ -73,6 +74,8 @@ def build_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Opera
         vm = owner_vm_name(cast(JsonObject, body))
         if vm and body.metadata.namespace:
             await reconciler.reconcile(body.metadata.namespace, vm)
+
+    key_courier.register(registry, reconciler.kube)
 
     @kopf.on.delete(*vms, registry=registry)
     async def deleting(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:

@@ -2,6 +2,10 @@
 
 A replica that loses the Lease (cannot renew it for a whole lease duration) stops its
 handlers and exits non-zero, so its Deployment restarts it as a follower.
+
+Metrics are served from the start (the cluster gauges only while leading); the health port
+answers /healthz for the standby's election loop, then is handed to Kopf's own liveness
+endpoint once this replica leads.
 """
 
 import asyncio
@@ -12,13 +16,15 @@ import time
 import uuid
 
 import kopf
-from prometheus_client import start_http_server
+from prometheus_client.registry import REGISTRY
 
 from spanvm.controller import metrics
 from spanvm.controller.handlers import build_registry, post_event
+from spanvm.controller.health import StandbyHealth
 from spanvm.controller.leader import LeaderLease
 from spanvm.controller.reconcile import OperatorConfig, Reconciler
 from spanvm.kube import Kube
+from spanvm.observability import exposition
 
 log = logging.getLogger("spanvm.operator")
 EXIT_LOST_LEADERSHIP = 4
@@ -56,11 +62,13 @@ async def run(
     lease_duration: int = 15,
     identity: str | None = None,
     metrics_port: int | None = None,
+    health_port: int | None = None,
 ) -> None:
     """The operator's main coroutine."""
     if metrics_port is not None:
-        start_http_server(metrics_port)
+        exposition.serve(metrics_port, lambda: (True, "serving metrics"))
         log.info("metrics on :%d/metrics", metrics_port)
+    standby = StandbyHealth(health_port, lease_duration) if health_port is not None else None
     identity = identity or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     lease = LeaderLease(
         kube, config.system_namespace, lease_name, identity, duration=lease_duration
@@ -68,6 +76,8 @@ async def run(
     renew = max(1.0, lease_duration / 3)
     seen_holder: str | None = None
     while not await asyncio.to_thread(lease.try_acquire):
+        if standby is not None:
+            standby.beat()
         if lease.holder != seen_holder:
             log.info("waiting for the operator Lease (held by %s)", lease.holder)
             seen_holder = lease.holder
@@ -76,6 +86,12 @@ async def run(
         "holding the operator Lease %s/%s as %s", config.system_namespace, lease_name, identity
     )
     metrics.LEADER.set(1)
+    cluster_gauges = metrics.ClusterCollector(kube, config.namespaces, config.system_namespace)
+    REGISTRY.register(cluster_gauges)
+    liveness = None
+    if standby is not None:
+        standby.close()  # Kopf's liveness endpoint takes the port over
+        liveness = f"http://0.0.0.0:{health_port}/healthz"
     stop = asyncio.Event()
     keeper = asyncio.create_task(_keep_lease(lease, stop, renew))
     reconciler = Reconciler(kube, config, post_event)
@@ -86,8 +102,10 @@ async def run(
             clusterwide=not config.namespaces,
             namespaces=config.namespaces,
             stop_flag=stop,
+            liveness_endpoint=liveness,
         )
     finally:
+        REGISTRY.unregister(cluster_gauges)
         stop.set()
         if keeper.done() and keeper.exception() is not None:
             raise keeper.exception()  # type: ignore[misc]

@@ -83,8 +83,10 @@ class SimulatedNodes:
         system_namespace: str = "spanvm-system",
         guest_vcpus: int = 1,
         labels: dict[str, str] | None = None,
+        agent_args: tuple[str, ...] = (),
     ) -> None:
         self.kube, self.kubeconfig, self.names = kube, kubeconfig, names
+        self.agent_args = agent_args  # extra `spanvm agent` options for every node
         self.work_dir, self.system_namespace = work_dir, system_namespace
         self.guest_vcpus, self.labels = guest_vcpus, labels or {}
         self.net = NamespaceNet(len(names))
@@ -107,7 +109,7 @@ class SimulatedNodes:
         for node in self.names:
             self.relay.add(self.namespace_of(node))
             register_node(self.kube, node, self.labels)
-            self.start_agent(node)
+            self.start_agent(node, *self.agent_args)
 
     def wait_kvm_labelled(self, timeout: float = 60.0) -> None:
         """Until every agent has found KVM and labelled its node (RuntimeError otherwise)."""

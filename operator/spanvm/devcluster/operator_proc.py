@@ -18,6 +18,7 @@ def operator_command(
     node_loss_grace: float = 3.0,
     lease_duration: int = 6,
     metrics_port: int | None = None,
+    health_port: int | None = None,
 ) -> list[str]:
     command = [
         sys.executable,
@@ -43,6 +44,8 @@ def operator_command(
         command += ["--namespace", ns]
     if metrics_port is not None:
         command += ["--metrics-port", str(metrics_port)]
+    if health_port is not None:
+        command += ["--health-port", str(health_port)]
     return command
 
 

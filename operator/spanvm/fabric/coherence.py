@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from spanvm.fabric.homes import PAGE, HomeMap
 from spanvm.fabric.uffd import Fault, Userfault
@@ -30,6 +31,11 @@ LOCK_STRIPES = 1024
 READAHEAD = 64  # pages a remote fault on a missing page asks for (home sends the cheap ones)
 BATCH_HEADER = struct.Struct("<QQQ")  # included, exclusive, zero-filled bitmaps of a batch
 NO_OWNER = -1
+
+
+# Upper bounds (seconds) of the remote fault latency histogram: 50 us (a local-ish fault) to
+# 100 ms (a peer that is struggling).
+REMOTE_FAULT_BUCKETS = (50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 0.1)
 
 
 class CoherenceError(RuntimeError):
@@ -60,6 +66,18 @@ class Counters:
             "remote_fault_p50_us": pick(0.5),
             "remote_fault_p99_us": pick(0.99),
             "remote_faults": len(samples),
+        }
+
+    def fault_histogram(self) -> dict[str, Any]:
+        """Remote fault service times as a cumulative histogram (Prometheus buckets, seconds),
+        over every sample kept; the agent exports it per fragment."""
+        samples = self.remote_fault_seconds
+        return {
+            "remote_fault_buckets": [
+                [bound, sum(s <= bound for s in samples)] for bound in REMOTE_FAULT_BUCKETS
+            ],
+            "remote_fault_seconds_sum": sum(samples),
+            "remote_fault_samples": len(samples),
         }
 
 

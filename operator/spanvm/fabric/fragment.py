@@ -357,6 +357,9 @@ def _run(
                 "pages_in": counters.pages_in,
                 "pages_out": counters.pages_out,
                 **counters.fault_percentiles(),
+                **counters.fault_histogram(),
+                "remote_faults": counters.remote_faults,
+                "invalidations": counters.invalidations,
                 "marks": [[v, value, t] for v, value, t in result.marks],
             }
         )
