@@ -22,7 +22,8 @@ from spanvm.api.constants import (
 )
 from spanvm.devcluster.nodes import delete_node, register_node, set_node_ready
 from spanvm.devcluster.operator_proc import operator_command, start, stop
-from spanvm.kube import CONFLICT, NOT_FOUND, JsonObject, Kube, micro_time, unless_status
+from spanvm.kube import CONFLICT, NOT_FOUND, JsonObject, Kube, unless_status
+from spanvm.rfc3339 import micro_time
 
 T = TypeVar("T")
 SYSTEM_NS = "spanvm-system"

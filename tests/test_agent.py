@@ -25,11 +25,13 @@ from spanvm.api.constants import (
     agent_lease_name,
 )
 from spanvm.api.spanningvm import FragmentSummary, SpanningVMSpec
+from spanvm.contract import Connected, Failed, Listening
 from spanvm.controller.fragments import fabric_secret, fragment_body, peers_of
 from spanvm.controller.key_courier import sealed_key_patch
 from spanvm.devcluster.nodes import SimulatedNodes
-from spanvm.kube import JsonObject, Kube, parse_time
+from spanvm.kube import JsonObject, Kube
 from spanvm.procs import pid_alive
+from spanvm.rfc3339 import parse_time
 from spanvm.vmm.expected import smp_sum
 
 pytestmark = [pytest.mark.cluster, pytest.mark.kvm]
@@ -335,16 +337,16 @@ def test_the_first_cause_is_reported_not_how_the_process_ended(tmp_path: Path) -
     state = tmp_path / "frag"
     state.mkdir()
     lines = [
-        {"event": "listening", "endpoint": "10.0.0.2:7000"},
-        {"event": "connected"},
-        {"event": "failed", "error": "fragment 0 lost: no message for 3.5s"},
+        Listening(index=1, endpoint="10.0.0.2:7000"),
+        Connected(index=1),
+        Failed(error="fragment 0 lost: no message for 3.5s"),
     ]
-    (state / STATUS).write_text("".join(json.dumps(e) + "\n" for e in lines))
+    (state / STATUS).write_text("".join(e.model_dump_json() + "\n" for e in lines))
     (state / EXIT).write_text(json.dumps({"exit_code": None, "signal": "SIGUSR1"}))
     status = FragmentProcess(state).status(1)
-    assert status["phase"] == "Failed"
-    assert status["message"] == (
+    assert status.phase == "Failed"
+    assert status.message == (
         "fragment 0 lost: no message for 3.5s (then the fragment VMM killed by SIGUSR1)"
     )
-    (state / STATUS).write_text(json.dumps(lines[0]) + "\n")  # nothing recorded: the signal
-    assert FragmentProcess(state).status(1)["message"] == "fragment VMM killed by SIGUSR1"
+    (state / STATUS).write_text(lines[0].model_dump_json() + "\n")  # nothing recorded: the signal
+    assert FragmentProcess(state).status(1).message == "fragment VMM killed by SIGUSR1"

@@ -8,7 +8,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,8 +16,8 @@ from typing import IO
 
 import pytest
 
+from spanvm.contract import Connected, FragmentConfig, fragment_command
 from spanvm.devcluster.paths import repo_root
-from spanvm.fabric.fragment import FragmentConfig
 from spanvm.fabric.homes import HomeMap, plan_homes
 from spanvm.fabric.launcher import LocalVm, launch, split_vcpus
 from spanvm.fabric.transport import PEER_HUNG_AFTER
@@ -69,7 +68,7 @@ def run_local(
 
 def wait_connected(vm: LocalVm, timeout: float = 30) -> None:
     for f in vm.fragments:
-        while not any(e.get("event") == "connected" for e in f.events):
+        while not any(isinstance(e, Connected) for e in f.events):
             f.read_status(timeout)
 
 
@@ -243,7 +242,7 @@ def start_fragment(config: FragmentConfig, log: Path) -> tuple[subprocess.Popen[
     env = {**os.environ, "PYTHONPATH": str(repo_root() / "operator")}
     with log.open("wb") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "spanvm.cli", "fragment", "--status-fd", str(write_fd)],
+            fragment_command(write_fd),
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
@@ -252,7 +251,7 @@ def start_fragment(config: FragmentConfig, log: Path) -> tuple[subprocess.Popen[
         )
     os.close(write_fd)
     assert process.stdin is not None
-    process.stdin.write(config.model_dump_json().encode())
+    process.stdin.write(config.to_json())
     process.stdin.close()
     return process, os.fdopen(read_fd)
 

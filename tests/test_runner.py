@@ -12,7 +12,7 @@ import pytest
 
 from spanvm.agent.fragment_process import STOP_GRACE, FragmentProcess, stop_all
 from spanvm.agent.runner import CONSOLE
-from spanvm.fabric.fragment import FragmentConfig
+from spanvm.contract import FragmentConfig
 from spanvm.procs import pid_alive
 
 pytestmark = pytest.mark.kvm
@@ -33,7 +33,7 @@ def start_spin(directory: Path, name: str) -> FragmentProcess:
         node_name="test",
     )
     meta = {"metadata": {"uid": f"uid-{name}", "namespace": "test", "name": name}}
-    proc = FragmentProcess.launch(directory / name, meta, config.model_dump_json().encode())
+    proc = FragmentProcess.launch(directory / name, meta, config.to_json())
     deadline = time.monotonic() + 60
     while b"vCPUs spinning" not in _read(proc.dir / CONSOLE):
         assert time.monotonic() < deadline, f"{name} never spun: {proc.events()}"
@@ -80,7 +80,7 @@ def test_stop_all_stops_every_fragment_and_records_it(tmp_path: Path) -> None:
         for proc, pid in zip(procs, fragment_pids, strict=True):
             assert not pid_alive(pid)
             assert proc.exit_status() == {"exit_code": 143}, proc.exit_status()
-            assert proc.status(0)["phase"] == "Stopped"
+            assert proc.status(0).phase == "Stopped"
     finally:
         for pid in fragment_pids:
             if pid_alive(pid):

@@ -28,7 +28,8 @@ from spanvm.devcluster.controlplane import ControlPlane
 from spanvm.devcluster.nodes import delete_node, register_node
 from spanvm.devcluster.operator_proc import operator_command, start, stop
 from spanvm.devcluster.paths import cache_dir, kubectl, repo_root
-from spanvm.kube import Kube, micro_time
+from spanvm.kube import Kube
+from spanvm.rfc3339 import micro_time
 
 NS, ROUNDS = "bench-apply", 20
 NODES = [f"bench-node-{i}" for i in range(4)]

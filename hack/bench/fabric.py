@@ -20,8 +20,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
+from spanvm.contract import Finished, FragmentEvent, last_of
 from spanvm.fabric.coherence import READAHEAD
 from spanvm.fabric.launcher import launch
 from spanvm.fabric.uffd import PAGE_SIZE, Userfault
@@ -110,7 +112,7 @@ def fragment_run(  # noqa: PLR0917 - mirrors launch()
     arg: int,
     policy: str,
     readahead: int = READAHEAD,
-) -> tuple[list[dict[str, Any]], str]:
+) -> tuple[list[Finished], str]:
     """Finished events of every fragment, and the console."""
     with (
         tempfile.TemporaryFile() as out,
@@ -130,12 +132,16 @@ def fragment_run(  # noqa: PLR0917 - mirrors launch()
         assert code == 0, f"{payload} on {fragments} fragments exited {code}"
         out.seek(0)
         console = out.read().decode()
-    return [
-        next(e for e in f.events if e.get("event") == "finished") for f in vm.fragments
-    ], console
+    return [finished_of(f.events) for f in vm.fragments], console
 
 
-def marks_seconds(marks: list[list[float]], first: int = 0) -> float:
+def finished_of(events: list[FragmentEvent]) -> Finished:
+    finished = last_of(events, Finished)
+    assert finished is not None, f"no finished event in {events}"
+    return finished
+
+
+def marks_seconds(marks: Sequence[Sequence[float]], first: int = 0) -> float:
     """Seconds between doorbell marks `first` and `first + 1`."""
     by_value = {int(value): t for _, value, t in marks}
     return by_value[first + 1] - by_value[first]
@@ -163,20 +169,20 @@ def main() -> int:
     # vCPU 0 (fragment 0) writes every heap page, then vCPU 1 (fragment 1) reads them all:
     # every page crosses the fabric (home policy `first`: all homed on fragment 0).
     single = fragment_run("stream", 2, 2, memory, 0, "first", readahead=1)[0][1]
-    single_rate = single["remote_faults"] / marks_seconds(single["marks"], 2)
+    single_rate = single.fault_percentiles["remote_faults"] / marks_seconds(single.marks, 2)
     events, console = fragment_run("stream", 2, 2, memory, 0, "first")
     remote = events[1]
     pages = int(console.split("pages=")[1].split()[0])
-    remote_rate = pages / marks_seconds(remote["marks"], 2)
+    remote_rate = pages / marks_seconds(remote.marks, 2)
     span = marks_seconds(
-        fragment_run("smp-sum", 2, 2, 256 * MiB, args.words, "proportional")[0][0]["marks"]
+        fragment_run("smp-sum", 2, 2, 256 * MiB, args.words, "proportional")[0][0].marks
     )
     one_fragment = smp_sum_local(args.words)
 
     raw50, raw99 = pct(raw, 0.5) * 1e6, pct(raw, 0.99) * 1e6
     loc50, loc99 = pct(local, 0.5) * 1e6, pct(local, 0.99) * 1e6
-    rem50, rem99 = single["remote_fault_p50_us"], single["remote_fault_p99_us"]
-    batch50, batch99 = remote["remote_fault_p50_us"], remote["remote_fault_p99_us"]
+    rem50, rem99 = (single.fault_percentiles[f"remote_fault_p{q}_us"] for q in (50, 99))
+    batch50, batch99 = (remote.fault_percentiles[f"remote_fault_p{q}_us"] for q in (50, 99))
     one_per_rtt = 1e6 / raw50
     rows = [
         ("raw 4 KiB TCP round trip", f"{raw50:.1f}", f"{raw99:.1f}", ""),
@@ -196,7 +202,7 @@ def main() -> int:
             f"remote fault, read-ahead {READAHEAD}",
             f"{batch50:.1f}",
             f"{batch99:.1f}",
-            f"{remote['remote_faults']} faults for {pages} pages",
+            f"{remote.counters.remote_faults} faults for {pages} pages",
         ),
         (
             "remote / (local + raw)",

@@ -9,6 +9,7 @@ from typing import NoReturn
 
 from spanvm.agent.capabilities import discover
 from spanvm.api.quantity import parse_memory, parse_quantity_bytes
+from spanvm.contract import Finished, last_of
 from spanvm.exitstatus import (
     EXIT_TIMEOUT,
     EXIT_USAGE,
@@ -194,11 +195,11 @@ def _run_fragments(
 def _fragments_status(vm: LocalVm, code: int) -> int:
     """Fragment 0 exits with guest_status() of the guest's code: say the full code if it
     did not fit (fragment 0's `finished` event carries it)."""
-    for event in vm.fragments[0].events:
-        if event.get("event") == "finished" and event.get("exit_code") is not None:
-            message = too_large_message(int(event["exit_code"]))
-            if message and not event.get("error"):
-                print(message, file=sys.stderr)
+    finished = last_of(vm.fragments[0].events, Finished)
+    if finished is not None and finished.exit_code is not None and not finished.error:
+        message = too_large_message(finished.exit_code)
+        if message:
+            print(message, file=sys.stderr)
     return code
 
 

@@ -9,7 +9,6 @@ client); async callers run it in a thread.
 import base64
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 from kubernetes import client, config
@@ -21,18 +20,6 @@ JsonObject = dict[str, Any]
 T = TypeVar("T")
 NOT_FOUND = 404
 CONFLICT = 409
-
-
-def micro_time(moment: datetime | None = None) -> str:
-    """A Kubernetes MicroTime (Lease renewTime) string."""
-    return (moment or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_time(value: str | None) -> datetime | None:
-    """Time or MicroTime from the API (RFC 3339, Z suffix)."""
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def unless_status(call: Callable[[], T], *statuses: int) -> T | None:

@@ -12,11 +12,11 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from kubernetes import watch
 from nacl.public import PrivateKey
 
+from spanvm import contract
 from spanvm.agent.fragment_process import FragmentProcess
 from spanvm.agent.node_publisher import NodePublisher
 from spanvm.api.constants import (
@@ -27,16 +27,16 @@ from spanvm.api.constants import (
     VMFRAGMENT_PLURAL,
     label_value,
 )
+from spanvm.api.phases import TERMINAL_FRAGMENT_PHASES, DesiredState, FragmentPhase
 from spanvm.api.quantity import parse_memory
-from spanvm.api.vmfragment import VMFragmentSpec
-from spanvm.fabric.fragment import FragmentConfig
+from spanvm.api.vmfragment import VMFragmentSpec, VMFragmentStatus
 from spanvm.kube import JsonObject, Kube
 from spanvm.payloads.catalog import PAYLOADS
 from spanvm.sealing import SealedForAnotherKey, open_sealed
 
 log = logging.getLogger("spanvm.agent")
-TERMINAL = frozenset({"Succeeded", "Failed", "Stopped"})
 STARTING_RESYNC = 0.2
+LIVE_PHASES = frozenset({FragmentPhase.STARTING, FragmentPhase.RUNNING, FragmentPhase.STOPPING})
 
 
 MAX_DIR_NAME_PART = 180  # namespace (63) + name part + uid prefix stay within NAME_MAX (255)
@@ -63,7 +63,7 @@ class FragmentConfigError(Exception):
 
 def fragment_config(
     fragment: JsonObject, secret: bytes, listen_host: str, node: str
-) -> FragmentConfig:
+) -> contract.FragmentConfig:
     """The fragment process's configuration from its VMFragment."""
     spec = VMFragmentSpec.model_validate(fragment["spec"])
     if spec.boot.payload is None:
@@ -78,19 +78,18 @@ def fragment_config(
     missing = [i for i, e in peers.items() if not e]
     if missing:
         raise NotReadyToStart(f"waiting for the fabric endpoints of fragments {missing}")
-    homes = [(r.start, r.start + r.size, p.index) for p in spec.peers for r in p.home_memory]
-    return FragmentConfig(
+    return contract.fragment_config(
         index=spec.index,
-        fragment_count=spec.fragment_count,
-        vcpu_count=spec.vcpu_count,
         vcpu_ids=spec.vcpu_ids,
+        vcpu_count=spec.vcpu_count,
+        fragment_count=spec.fragment_count,
         memory=parse_memory(spec.memory),
         payload=payload.name,
         arg=arg,
-        homes=sorted(homes),
-        listen_host=listen_host,
+        homes=[(r.start, r.start + r.size, p.index) for p in spec.peers for r in p.home_memory],
         peers={i: str(e) for i, e in peers.items()},
         secret=secret.decode(),
+        listen_host=listen_host,
         node_name=node,
     )
 
@@ -111,6 +110,10 @@ def fabric_key(fragment: JsonObject, node_key: PrivateKey | None) -> bytes:
         raise NotReadyToStart(
             f"waiting for the operator to reseal the fabric key ({err})"
         ) from None
+
+
+def _said(phase: FragmentPhase, message: str) -> VMFragmentStatus:
+    return VMFragmentStatus(phase=phase, message=message)
 
 
 class Agent:
@@ -214,30 +217,24 @@ class Agent:
         spec = fragment["spec"]
         status = fragment.get("status") or {}
         proc = self.processes.get(uid)
-        if spec.get("desiredState") == "Stopped":
+        if spec.get("desiredState") == DesiredState.STOPPED:
             if proc is not None:
                 proc.stop()
-            elif status.get("phase") not in TERMINAL:
-                self._report(fragment, {"phase": "Stopped", "message": "stopped before it started"})
+            elif status.get("phase") not in TERMINAL_FRAGMENT_PHASES:
+                self._report(fragment, _said(FragmentPhase.STOPPED, "stopped before it started"))
                 return
         if proc is None:
-            if status.get("phase") in ("Starting", "Running", "Stopping"):
-                self._report(
-                    fragment,
-                    {
-                        "phase": "Failed",
-                        "message": f"the agent on {self.node} has no process for this fragment"
-                        " (its state was lost)",
-                    },
-                )
+            if status.get("phase") in LIVE_PHASES:
+                lost = f"the agent on {self.node} has no process for this fragment"
+                self._report(fragment, _said(FragmentPhase.FAILED, lost + " (its state was lost)"))
                 return
-            if status.get("phase") in TERMINAL:
+            if status.get("phase") in TERMINAL_FRAGMENT_PHASES:
                 return
             proc = self._start(fragment)
             if proc is None:
                 return
         new_status = proc.status(int(spec["index"]))
-        self._starting |= new_status.get("phase") == "Starting"
+        self._starting |= new_status.phase == FragmentPhase.STARTING
         self._report(fragment, new_status)
 
     def _start(self, fragment: JsonObject) -> FragmentProcess | None:
@@ -246,28 +243,27 @@ class Agent:
             secret = fabric_key(fragment, self.publisher.node_key)
             config = fragment_config(fragment, secret, self.listen_host, self.node)
         except NotReadyToStart as wait:
-            self._report(fragment, {"phase": "Pending", "message": str(wait)})
+            self._report(fragment, _said(FragmentPhase.PENDING, str(wait)))
             return None
         except (FragmentConfigError, ValueError) as err:
-            self._report(fragment, {"phase": "Failed", "message": str(err)})
+            self._report(fragment, _said(FragmentPhase.FAILED, str(err)))
             return None
         if not self.publisher.kvm_usable:
-            self._report(
-                fragment, {"phase": "Failed", "message": f"KVM is not usable on {self.node}"}
-            )
+            self._report(fragment, _said(FragmentPhase.FAILED, f"KVM is not usable on {self.node}"))
             return None
         directory = self.state_dir / state_dir_name(meta)
-        proc = FragmentProcess.launch(directory, fragment, config.model_dump_json().encode())
+        proc = FragmentProcess.launch(directory, fragment, config.to_json())
         self.processes[meta["uid"]] = proc
         log.info(
             "started fragment %s/%s (vCPUs %s)", meta["namespace"], meta["name"], spec["vcpuIds"]
         )
         return proc
 
-    def _report(self, fragment: JsonObject, status: dict[str, Any]) -> None:
+    def _report(self, fragment: JsonObject, new: VMFragmentStatus) -> None:
         meta = fragment["metadata"]
         current = fragment.get("status") or {}
-        status = {**status, "observedGeneration": meta.get("generation")}
+        new.observed_generation = meta.get("generation")
+        status = new.to_api()
         self.reported[meta["uid"]] = status
         if all(current.get(k) == v for k, v in status.items()):
             return

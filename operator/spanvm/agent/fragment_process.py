@@ -10,13 +10,24 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from spanvm.agent.runner import CONSOLE, EXIT, LOG, PIDS, STATUS
+from spanvm.api.phases import FragmentPhase
+from spanvm.api.vmfragment import FabricCounters, VMFragmentStatus
+from spanvm.contract import (
+    Connected,
+    Failed,
+    Finished,
+    FragmentEvent,
+    Listening,
+    last_of,
+    parse_events,
+)
 from spanvm.kube import JsonObject
 from spanvm.procs import pid_alive
+from spanvm.rfc3339 import format_time
 
 STOP_REQUESTED = "stop-requested"
 META = "fragment.json"  # which VMFragment this directory belongs to
@@ -71,7 +82,7 @@ class FragmentProcess:
                     "uid": meta["uid"],
                     "namespace": meta["namespace"],
                     "name": meta["name"],
-                    "startedAt": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    "startedAt": format_time(),
                 }
             )
         )
@@ -98,18 +109,11 @@ class FragmentProcess:
             return {}
         return data
 
-    def events(self) -> list[dict[str, Any]]:
+    def events(self) -> list[FragmentEvent]:
         try:
-            lines = (self.dir / STATUS).read_text().splitlines()
+            return parse_events((self.dir / STATUS).read_text())
         except FileNotFoundError:
             return []
-        out = []
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line being written
-        return out
 
     def exit_status(self) -> dict[str, Any] | None:
         try:
@@ -153,86 +157,68 @@ class FragmentProcess:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- reporting ---------------------------------------------------------------------------
-    def status(self, index: int) -> JsonObject:
+    def status(self, index: int) -> VMFragmentStatus:
         """VMFragment status as this process stands."""
         self.reap()
         events = self.events()
-        by_kind = {e.get("event"): e for e in events}
-        pids = self.pids()
-        out: JsonObject = {"startedAt": self.meta().get("startedAt")}
-        if pids.get("fragment"):
-            out["pid"] = pids["fragment"]
-        if "listening" in by_kind:
-            out["endpoint"] = by_kind["listening"]["endpoint"]
-        if index == 0:
-            console = tail(self.dir / CONSOLE)
-            if console:
-                out["consoleTail"] = console
-        finished = by_kind.get("finished")
-        if finished:
-            out["counters"] = {
-                "pageFaults": int(finished.get("faults") or 0),
-                "pagesIn": int(finished.get("pages_in") or 0),
-                "pagesOut": int(finished.get("pages_out") or 0),
-            }
+        listening = last_of(events, Listening)
+        finished = last_of(events, Finished)
+        console = tail(self.dir / CONSOLE) if index == 0 else ""
+        known = VMFragmentStatus(
+            started_at=self.meta().get("startedAt"),
+            pid=self.pids().get("fragment") or None,
+            endpoint=listening.endpoint if listening else None,
+            console_tail=console or None,
+            counters=FabricCounters(**finished.counters.model_dump()) if finished else None,
+        )
         ended = self.exit_status()
         if ended is None and self.running():
-            connected = "connected" in by_kind
-            out["phase"] = (
-                "Stopping" if self.stop_requested() else ("Running" if connected else "Starting")
-            )
-            out["message"] = (
+            connected = last_of(events, Connected) is not None
+            if self.stop_requested():
+                phase = FragmentPhase.STOPPING
+            else:
+                phase = FragmentPhase.RUNNING if connected else FragmentPhase.STARTING
+            message = (
                 "fragment VMM running; fabric connected"
                 if connected
                 else "fragment VMM started; connecting to peers"
             )
-            return out
-        out.update(self._outcome(ended, finished, by_kind.get("failed")))
-        return out
+            return known.model_copy(update={"phase": phase, "message": message})
+        phase, message, code = self._outcome(ended, finished, last_of(events, Failed))
+        return known.model_copy(update={"phase": phase, "message": message, "exit_code": code})
 
     def _outcome(
         self,
         ended: dict[str, Any] | None,
-        finished: dict[str, Any] | None,
-        failed: dict[str, Any] | None,
-    ) -> JsonObject:
+        finished: Finished | None,
+        failed: Failed | None,
+    ) -> tuple[FragmentPhase, str, int | None]:
+        """Phase, message and exit code of a fragment that has ended."""
         if self.stop_requested():
-            return {"phase": "Stopped", "message": "stopped on request"}
+            return FragmentPhase.STOPPED, "stopped on request", None
         log_tail = tail(self.dir / LOG, 1024).strip()
+        with_log = f"; log: {log_tail}" if log_tail else ""
         # The first cause first: what the fragment itself reported going wrong (a lost peer,
         # say) comes before how the process happened to end (killed by a signal on its way
         # out, a non-zero status).
-        error = (failed or {}).get("error") or (finished or {}).get("error")
+        error = (failed.error if failed else None) or (finished.error if finished else None)
         if ended is None:
-            return {
-                "phase": "Failed",
-                "message": "the fragment process disappeared without an exit status"
-                + (f"; log: {log_tail}" if log_tail else ""),
-            }
+            why = "the fragment process disappeared without an exit status"
+            return FragmentPhase.FAILED, why + with_log, None
         if ended.get("signal"):
             killed = f"fragment VMM killed by {ended['signal']}"
-            return {
-                "phase": "Failed",
-                "message": f"{error} (then the {killed})"
-                if error
-                else killed + (f"; log: {log_tail}" if log_tail else ""),
-            }
+            why = f"{error} (then the {killed})" if error else killed + with_log
+            return FragmentPhase.FAILED, why, None
         code = int(ended.get("exit_code") or 0)
         if error or finished is None:
-            return {
-                "phase": "Failed",
-                "exitCode": code,
-                "message": f"fragment VMM exited with status {code}: "
-                + (error or log_tail or "no reason given"),
-            }
-        guest_code = int(finished.get("exit_code") or 0)
+            why = f"fragment VMM exited with status {code}: " + (
+                error or log_tail or "no reason given"
+            )
+            return FragmentPhase.FAILED, why, code
+        guest_code = finished.exit_code or 0
         if guest_code != 0:
-            return {
-                "phase": "Failed",
-                "exitCode": guest_code,
-                "message": f"the guest exited with code {guest_code}",
-            }
-        return {"phase": "Succeeded", "exitCode": 0, "message": "the guest finished"}
+            return FragmentPhase.FAILED, f"the guest exited with code {guest_code}", guest_code
+        return FragmentPhase.SUCCEEDED, "the guest finished", 0
 
 
 def stop_all(processes: list[FragmentProcess], grace: float = STOP_GRACE) -> list[FragmentProcess]:

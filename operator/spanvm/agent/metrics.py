@@ -7,7 +7,6 @@ finishes). Plus whether KVM is usable here.
 """
 
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -20,6 +19,7 @@ from prometheus_client.utils import floatToGoString
 
 from spanvm.agent.controller import Agent
 from spanvm.api.constants import VM_LABEL
+from spanvm.contract import Finished, FragmentEvent, last_of
 from spanvm.kube import JsonObject
 
 PAGE_SIZE = 4096
@@ -40,8 +40,9 @@ def _le(bound: float) -> str:
     return text
 
 
-def _finished(events: list[dict[str, Any]]) -> dict[str, Any]:
-    return next((e for e in reversed(events) if e.get("event") == "finished"), {})
+def _finished(events: list[FragmentEvent]) -> Finished:
+    """The fragment's `finished` event, or all zeroes while it runs."""
+    return last_of(events, Finished) or Finished()
 
 
 class FragmentCollector(Collector):
@@ -95,19 +96,19 @@ class FragmentCollector(Collector):
             phase.add_metric([*labels, str(status.get("phase") or "Pending")], 1)
             vcpus.add_metric(labels, len(fragment["spec"].get("vcpuIds") or []))
             proc = agent.processes.get(uid)
-            done = _finished(proc.events()) if proc is not None else {}
-            faults.add_metric(labels, int(done.get("faults") or 0))
-            remote.add_metric(labels, int(done.get("remote_faults") or 0))
-            invalidations.add_metric(labels, int(done.get("invalidations") or 0))
-            for direction in ("in", "out"):
-                count = int(done.get(f"pages_{direction}") or 0)
+            done = _finished(proc.events() if proc is not None else [])
+            faults.add_metric(labels, done.counters.page_faults)
+            remote.add_metric(labels, done.counters.remote_faults)
+            invalidations.add_metric(labels, done.counters.invalidations)
+            for direction, count in (
+                ("in", done.counters.pages_in),
+                ("out", done.counters.pages_out),
+            ):
                 pages.add_metric([*labels, direction], count)
                 moved.add_metric([*labels, direction], count * PAGE_SIZE)
-            buckets = [(_le(le), float(n)) for le, n in done.get("remote_fault_buckets") or []]
-            samples = float(done.get("remote_fault_samples") or 0)
+            histogram = done.fault_histogram
+            buckets = [(_le(le), float(n)) for le, n in histogram.buckets]
             latency.add_metric(
-                labels,
-                [*buckets, ("+Inf", samples)],
-                float(done.get("remote_fault_seconds_sum") or 0.0),
+                labels, [*buckets, ("+Inf", float(histogram.samples))], histogram.seconds_sum
             )
         yield from (phase, vcpus, faults, remote, pages, moved, invalidations, latency)

@@ -15,7 +15,8 @@ from spanvm.api.constants import (
     agent_lease_name,
 )
 from spanvm.api.quantity import format_memory
-from spanvm.kube import Kube, micro_time
+from spanvm.kube import Kube
+from spanvm.rfc3339 import micro_time
 from spanvm.sealing import public_text
 
 log = logging.getLogger("spanvm.agent")

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from spanvm.contract import fragment_command
+
 PIDS, STATUS, CONSOLE, LOG, EXIT = (
     "pids.json",
     "status.jsonl",
@@ -37,10 +39,7 @@ def main(directory: str) -> int:
     status_fd = os.open(state / STATUS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with (state / CONSOLE).open("ab") as console, (state / LOG).open("ab") as log:
         child = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "spanvm.cli", "fragment", "--status-fd", str(status_fd)),
-                *("--parent-pid", str(os.getpid())),
-            ],
+            fragment_command(status_fd, parent_pid=os.getpid()),
             stdin=subprocess.PIPE,
             stdout=console,
             stderr=log,

@@ -14,6 +14,7 @@ from spanvm.api.base import (
     immutable,
     validations,
 )
+from spanvm.api.phases import FragmentPhase, RunStrategy, VMPhase
 from spanvm.api.quantity import (
     MAX_GUEST_MEMORY,
     MIN_GUEST_MEMORY,
@@ -36,19 +37,6 @@ LINUX_UNSUPPORTED = (
     "boot.linux is not supported yet: this VMM runs built-in payloads only (use boot.payload)"
 )
 RDMA_UNSUPPORTED = "fabric.transport rdma is not supported yet: use auto or tcp"
-
-Phase = Literal[
-    "Pending",
-    "Scheduling",
-    "Starting",
-    "Running",
-    "Degraded",
-    "Succeeded",
-    "Failed",
-    "Terminating",
-    "Stopped",
-]
-RunStrategy = Literal["Always", "Once", "Halted"]
 
 
 class CpuSpec(ApiModel):
@@ -333,7 +321,7 @@ class SpanningVMSpec(ApiModel):
     )
     fabric: FabricSpec | None = Field(default=None, description="Memory fabric settings.")
     run_strategy: RunStrategy = Field(
-        default="Once",
+        default=RunStrategy.ONCE,
         description=(
             "Always (restart, reschedule on node loss), Once (run to completion),"
             " Halted (do not run)."
@@ -348,13 +336,13 @@ class FragmentSummary(ApiModel):
     node_name: str = Field(description="Node running the fragment.")
     vcpu_ids: list[int] = Field(description="Guest vCPU ids this fragment runs.")
     memory: str = Field(description="Guest memory this fragment is home for (quantity).")
-    phase: str | None = Field(default=None, description="The fragment's phase.")
+    phase: FragmentPhase | None = Field(default=None, description="The fragment's phase.")
 
 
 class SpanningVMStatus(ApiModel):
     """Observed state of a SpanningVM, written by the operator."""
 
-    phase: Phase | None = Field(default=None, description="Lifecycle phase.")
+    phase: VMPhase | None = Field(default=None, description="Lifecycle phase.")
     conditions: list[Condition] | None = Field(
         default=None,
         description="Scheduled, FabricReady and Ready, each with reason and message.",

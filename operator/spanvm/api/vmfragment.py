@@ -14,11 +14,8 @@ from spanvm.api.base import (
     cel,
     validations,
 )
+from spanvm.api.phases import DesiredState, FragmentPhase
 from spanvm.api.spanningvm import BootSpec, FabricSpec
-
-FragmentPhase = Literal[
-    "Pending", "Starting", "Running", "Succeeded", "Failed", "Stopping", "Stopped"
-]
 
 
 def _fixed(field: str) -> dict[str, str]:
@@ -121,8 +118,9 @@ class VMFragmentSpec(ApiModel):
         description="All fragments of the VM, filled once every one is placed.",
     )
     secret_ref: SecretRef | None = Field(default=None, description="The per-VM fabric secret.")
-    desired_state: Literal["Running", "Stopped"] = Field(
-        default="Running", description="Running, or Stopped to ask the agent to stop the fragment."
+    desired_state: DesiredState = Field(
+        default=DesiredState.RUNNING,
+        description="Running, or Stopped to ask the agent to stop the fragment.",
     )
 
 

@@ -5,7 +5,8 @@ decides races; an expired Lease may be taken over."""
 import logging
 from datetime import UTC, datetime, timedelta
 
-from spanvm.kube import JsonObject, Kube, micro_time, parse_time
+from spanvm.kube import JsonObject, Kube
+from spanvm.rfc3339 import micro_time, parse_time
 
 log = logging.getLogger("spanvm.operator.leader")
 

@@ -7,14 +7,13 @@ leads: a standby would report the same VMs twice.
 """
 
 from collections.abc import Iterator
-from typing import get_args
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from spanvm.api.constants import KVM_LABEL
-from spanvm.api.spanningvm import Phase
+from spanvm.api.phases import VMPhase
 from spanvm.controller.cluster_view import HeartbeatObserver
 from spanvm.kube import JsonObject, Kube
 from spanvm.observability import exposition
@@ -33,7 +32,7 @@ FAILURES = Counter("spanvm_vm_failures_total", "SpanningVMs that failed, by reas
 RESTARTS = Counter("spanvm_vm_restarts_total", "Guests restarted under runStrategy Always.")
 LEADER = Gauge("spanvm_operator_leader", "1 while this replica holds the operator Lease.")
 
-PHASES: tuple[str, ...] = get_args(Phase)
+PHASES: tuple[str, ...] = tuple(VMPhase)
 NOT_PLACED = frozenset({"Pending", "Scheduling"})
 
 

@@ -41,7 +41,8 @@ from spanvm.controller.fragments import (
     request_of,
 )
 from spanvm.controller.status import FABRIC_READY, READY, SCHEDULED, aggregate, set_condition
-from spanvm.kube import JsonObject, Kube, api_error_text, parse_time
+from spanvm.kube import JsonObject, Kube, api_error_text
+from spanvm.rfc3339 import parse_time
 from spanvm.scheduler.placement import Unschedulable, schedule
 from spanvm.scheduler.snapshot import NodeInfo
 

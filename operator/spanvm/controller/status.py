@@ -13,6 +13,7 @@ from spanvm.api.base import Condition
 from spanvm.api.spanningvm import FragmentSummary
 from spanvm.controller.cluster_view import TERMINAL_FRAGMENT_PHASES, NodeHealth, health_of
 from spanvm.kube import JsonObject
+from spanvm.rfc3339 import format_time, parse_time
 
 SCHEDULED, FABRIC_READY, READY = "Scheduled", "FabricReady", "Ready"
 STARTED_FRAGMENT_PHASES = frozenset({"Running", "Succeeded", "Stopping", "Stopped"})
@@ -32,7 +33,7 @@ def set_condition(  # noqa: PLR0917 - the fields of a condition
     previous = next((c for c in conditions if c.get("type") == type_), None)
     since = now
     if previous and previous.get("status") == value and previous.get("lastTransitionTime"):
-        since = datetime.fromisoformat(str(previous["lastTransitionTime"]).replace("Z", "+00:00"))
+        since = parse_time(str(previous["lastTransitionTime"])) or now
     cond = Condition(
         type=type_,
         status=value,
@@ -41,7 +42,7 @@ def set_condition(  # noqa: PLR0917 - the fields of a condition
         last_transition_time=since,
         observed_generation=generation,
     ).to_api()
-    cond["lastTransitionTime"] = since.strftime("%Y-%m-%dT%H:%M:%SZ")
+    cond["lastTransitionTime"] = format_time(since)
     return [c for c in conditions if c.get("type") != type_] + [cond]
 
 

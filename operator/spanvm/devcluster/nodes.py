@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from contextlib import suppress
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from spanvm.api.constants import KVM_LABEL, agent_lease_name
 from spanvm.devcluster.apirelay import ApiRelay
 from spanvm.fabric.netns import NamespaceNet
 from spanvm.kube import CONFLICT, NOT_FOUND, Kube, unless_status
+from spanvm.rfc3339 import format_time
 
 
 def register_node(kube: Kube, name: str, labels: dict[str, str] | None = None) -> None:
@@ -34,7 +34,7 @@ def register_node(kube: Kube, name: str, labels: dict[str, str] | None = None) -
 def set_node_ready(kube: Kube, name: str, *, ready: bool) -> None:
     """Write the Ready condition a kubelet would; clear the not-ready taint once Ready (what
     the node lifecycle controller does)."""
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = format_time()
     condition = {
         "type": "Ready",
         "status": str(ready),

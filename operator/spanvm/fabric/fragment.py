@@ -2,11 +2,12 @@
 with the other fragments through the fabric.
 
 Started as `spanvm fragment` with its configuration (including the VM's secret) as JSON on
-standard input, never on the command line. Fragment 0 holds vCPU 0 and reports for the whole
-VM: it prints the console of every vCPU and exits with the guest's exit code; the others exit
-0 when the VM ends. A lost peer stops every fragment with an error naming it (exit 70).
-Progress lines go as JSON to the file descriptor `--status-fd` (the launcher or agent reads
-the fabric endpoint from there).
+standard input, never on the command line (the contract: `spanvm.contract`). Fragment 0
+holds vCPU 0 and reports for the whole VM: it prints the console of every vCPU and exits
+with the guest's exit code; the others exit 0 when the VM ends. A lost peer stops every
+fragment with an error naming it (exit 70). Its events (`spanvm.contract.FragmentEvent`) go
+one per line to the file descriptor `--status-fd` (the launcher or agent reads the fabric
+endpoint from there).
 
 Exit status (fragment 0 reports for the VM; see spanvm/exitstatus.py): the guest's exit code
 (125 if above 255), 70 on an error, 124 when `idle_timeout` stopped the guest, 128+N when
@@ -15,16 +16,26 @@ launcher or agent asked, and says so itself.
 """
 
 import contextlib
-import json
 import logging
 import os
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import NoReturn
 
-from pydantic import BaseModel, Field
-
+from spanvm.contract import (
+    Connected,
+    ContractError,
+    Counters,
+    Emit,
+    EventWriter,
+    Failed,
+    FaultHistogram,
+    Finished,
+    FragmentConfig,
+    Listening,
+    read_config,
+)
 from spanvm.exitstatus import EXIT_TIMEOUT, guest_status, signal_status
 from spanvm.fabric.coherence import READAHEAD, Coherence, readahead_count
 from spanvm.fabric.homes import HomeMap, HomeRange
@@ -40,35 +51,6 @@ from spanvm.vmm.machine import EXIT_VM_ERROR, Machine, VmConfig, VmResult
 log = logging.getLogger("spanvm.fragment")
 STOP_GRACE_SECONDS = 5.0
 FAILED_GRACE_SECONDS = 1.0
-
-
-class FragmentConfig(BaseModel):
-    """Everything one fragment process needs (read from standard input as JSON)."""
-
-    index: int = Field(ge=0, description="This fragment's index; 0 reports for the VM.")
-    fragment_count: int = Field(ge=1, description="Fragments in the VM.")
-    vcpu_count: int = Field(ge=1, description="vCPUs of the whole VM.")
-    vcpu_ids: list[int] = Field(min_length=1, description="vCPUs this fragment runs.")
-    memory: int = Field(gt=0, description="Guest memory in bytes.")
-    payload: str = Field(description="Built-in payload name, or a flat binary's path.")
-    arg: int = Field(default=0, ge=0, description="Payload argument.")
-    homes: list[tuple[int, int, int]] = Field(description="(start, end, fragment) home ranges.")
-    listen_host: str = Field(default="127.0.0.1", description="Fabric listener address.")
-    peers: dict[int, str] = Field(
-        default_factory=dict, description="Endpoints of lower-index fragments."
-    )
-    secret: str = Field(min_length=32, description="Hex per-VM fabric secret.")
-    idle_timeout: float | None = Field(default=None, description="Fragment 0: stop a silent guest.")
-    node_name: str = Field(default="local", description="Where this fragment runs, for messages.")
-    readahead: int = Field(
-        default=READAHEAD, ge=1, le=64, description="Pages a missing-page fault asks for."
-    )
-    vcpu_nice: int = Field(
-        default=10,
-        ge=0,
-        le=19,
-        description="Nice value of vCPU threads: fault service (nice 0) preempts them.",
-    )
 
 
 def unwired(*_args: object) -> NoReturn:
@@ -101,7 +83,7 @@ class Fragment:
         self,
         config: FragmentConfig,
         console_sink: Callable[[bytes], None] | None,
-        status: Callable[[dict[str, Any]], None],
+        status: Emit,
     ) -> None:
         self.config = config
         self.status = status
@@ -152,7 +134,7 @@ class Fragment:
             homes=self.homes,
             send=self.transport.send,
             request=self.transport.request,
-            readahead=config.readahead,
+            readahead=config.readahead or READAHEAD,
         )
         self.coherence.adopt_initial_contents(self.machine.loaded_end)
         self.transport.handlers = protocol_handlers(
@@ -244,10 +226,10 @@ class Fragment:
     def run(self) -> VmResult:
         cfg = self.config
         endpoint = self.transport.listen(cfg.listen_host)
-        self.status({"event": "listening", "endpoint": endpoint, "index": cfg.index})
+        self.status(Listening(index=cfg.index, endpoint=endpoint))
         self.transport.connect(cfg.peers)
         self.transport.wait_connected()
-        self.status({"event": "connected", "index": cfg.index})
+        self.status(Connected(index=cfg.index))
         self._fault_thread.start()
         started = f"fragment {cfg.index} on {cfg.node_name} ({endpoint}) runs vCPUs {cfg.vcpu_ids}"
         if cfg.index == 0:
@@ -311,12 +293,12 @@ def main(status_fd: int | None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    config = FragmentConfig.model_validate_json(sys.stdin.read())
-    status_file = os.fdopen(status_fd, "w", buffering=1) if status_fd is not None else None
-
-    def status(event: dict[str, Any]) -> None:
-        if status_file is not None:
-            status_file.write(json.dumps(event) + "\n")
+    try:
+        config = read_config(sys.stdin.read())
+    except ContractError as err:
+        print(f"spanvm fragment: {err}", file=sys.stderr)
+        return EXIT_VM_ERROR
+    status = EventWriter(os.fdopen(status_fd, "w") if status_fd is not None else None)
 
     def sink(data: bytes) -> None:
         sys.stdout.buffer.write(data)
@@ -326,14 +308,14 @@ def main(status_fd: int | None) -> int:
         try:
             return _run(config, sink, status, stops)
         except Interrupted as stop:
-            status({"event": "failed", "error": f"{stop} during start-up"})
+            status(Failed(error=f"{stop} during start-up"))
             return signal_status(stop.signal)
 
 
 def _run(
     config: FragmentConfig,
     sink: Callable[[bytes], None],
-    status: Callable[[dict[str, Any]], None],
+    status: Emit,
     stops: StopSignals,
 ) -> int:
     fragment = Fragment(config, sink, status)
@@ -342,26 +324,32 @@ def _run(
         try:
             result = fragment.run()
         except FabricError as err:
-            status({"event": "failed", "error": str(err)})
+            status(Failed(error=str(err)))
             if stops.received is not None:
                 return signal_status(stops.received)
             print(f"spanvm fragment {config.index}: {err}", file=sys.stderr)
             return EXIT_VM_ERROR
         counters = fragment.coherence.counters
+        histogram = counters.fault_histogram()
         status(
-            {
-                "event": "finished",
-                "exit_code": result.exit_code,
-                "error": result.error,
-                "faults": counters.page_faults,
-                "pages_in": counters.pages_in,
-                "pages_out": counters.pages_out,
-                **counters.fault_percentiles(),
-                **counters.fault_histogram(),
-                "remote_faults": counters.remote_faults,
-                "invalidations": counters.invalidations,
-                "marks": [[v, value, t] for v, value, t in result.marks],
-            }
+            Finished(
+                exit_code=result.exit_code,
+                error=result.error,
+                counters=Counters(
+                    page_faults=counters.page_faults,
+                    pages_in=counters.pages_in,
+                    pages_out=counters.pages_out,
+                    invalidations=counters.invalidations,
+                    remote_faults=counters.remote_faults,
+                ),
+                fault_percentiles=counters.fault_percentiles(),
+                fault_histogram=FaultHistogram(
+                    buckets=histogram["remote_fault_buckets"],
+                    seconds_sum=histogram["remote_fault_seconds_sum"],
+                    samples=histogram["remote_fault_samples"],
+                ),
+                marks=list(result.marks),
+            )
         )
         if stops.received is not None:  # whoever sent it reports the stop
             return signal_status(stops.received)

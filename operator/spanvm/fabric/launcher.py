@@ -14,7 +14,6 @@ the launcher names each fragment it had to kill and whether it was frozen (SIGST
 """
 
 import contextlib
-import json
 import os
 import secrets
 import select
@@ -25,10 +24,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO
 
-from spanvm.fabric.coherence import READAHEAD
-from spanvm.fabric.fragment import FragmentConfig
+from spanvm.contract import (
+    FragmentEvent,
+    Listening,
+    fragment_command,
+    fragment_config,
+    parse_event,
+    parse_events,
+)
 from spanvm.fabric.homes import plan_homes
 from spanvm.fabric.netns import NamespaceNet
 from spanvm.procs import pid_frozen, pid_state
@@ -67,9 +72,9 @@ class RunningFragment:
     process: subprocess.Popen[bytes]
     status: IO[str]
     endpoint: str = ""
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[FragmentEvent] = field(default_factory=list)
 
-    def read_status(self, timeout: float) -> dict[str, Any]:
+    def read_status(self, timeout: float) -> FragmentEvent:
         """The next status line (blocking up to timeout)."""
         ready, _, _ = select.select([self.status], [], [], timeout)
         if not ready:
@@ -81,7 +86,7 @@ class RunningFragment:
             except subprocess.TimeoutExpired:
                 code = "unknown: still running"
             raise LaunchError(f"fragment {self.index} exited during start-up (status {code})")
-        event: dict[str, Any] = json.loads(line)
+        event = parse_event(line)
         self.events.append(event)
         return event
 
@@ -133,7 +138,7 @@ class LocalVm:
             time.sleep(POLL_INTERVAL)
         final = [f.process.wait() for f in self.fragments]
         for f in self.fragments:
-            f.events += [json.loads(line) for line in f.status.read().splitlines() if line.strip()]
+            f.events += parse_events(f.status.read())
         for f, code in zip(self.fragments, final, strict=True):
             if code < 0 and f.index not in killed:  # a signal: the fragment could not say why
                 print(
@@ -197,7 +202,7 @@ def launch(  # noqa: PLR0917 - mirrors `spanvm run`'s options
     idle_timeout: float | None = None,
     netns: bool = False,
     home_policy: str = "proportional",
-    readahead: int = READAHEAD,
+    readahead: int | None = None,
     stdout: int | IO[bytes] | None = None,
     stderr: int | IO[bytes] | None = None,
 ) -> Iterator[LocalVm]:
@@ -214,27 +219,24 @@ def launch(  # noqa: PLR0917 - mirrors `spanvm run`'s options
             net.create()
         endpoints: dict[int, str] = {}
         for index, vcpu_ids in enumerate(split):
-            config = FragmentConfig(
+            config = fragment_config(
                 index=index,
-                fragment_count=fragments,
-                vcpu_count=vcpus,
                 vcpu_ids=vcpu_ids,
+                vcpu_count=vcpus,
+                fragment_count=fragments,
                 memory=memory,
                 payload=payload,
                 arg=arg,
                 homes=homes,
-                listen_host=net.address(index) if net else "127.0.0.1",
-                peers=dict(endpoints),
+                peers=endpoints,
                 secret=secret,
-                idle_timeout=idle_timeout if index == 0 else None,
+                listen_host=net.address(index) if net else "127.0.0.1",
                 node_name=net.namespace(index) if net else f"local-{index}",
+                idle_timeout=idle_timeout,
                 readahead=readahead,
             )
             read_fd, write_fd = os.pipe()
-            command = [
-                *(sys.executable, "-m", "spanvm.cli", "fragment", "--status-fd", str(write_fd)),
-                *("--parent-pid", str(os.getpid())),
-            ]
+            command = fragment_command(write_fd, parent_pid=os.getpid())
             if net is not None:
                 command = ["ip", "netns", "exec", net.namespace(index), *command]
             process = subprocess.Popen(
@@ -248,14 +250,14 @@ def launch(  # noqa: PLR0917 - mirrors `spanvm run`'s options
             )
             os.close(write_fd)
             assert process.stdin is not None
-            process.stdin.write(config.model_dump_json().encode())
+            process.stdin.write(config.to_json())
             process.stdin.close()
             fragment = RunningFragment(index, process, os.fdopen(read_fd, "r"))
             running.append(fragment)
             event = fragment.read_status(START_TIMEOUT)
-            if event.get("event") != "listening":
+            if not isinstance(event, Listening):
                 raise LaunchError(f"fragment {index}: {event}")
-            fragment.endpoint = endpoints[index] = event["endpoint"]
+            fragment.endpoint = endpoints[index] = event.endpoint
         yield LocalVm(running)
     finally:
         LocalVm(running).kill()

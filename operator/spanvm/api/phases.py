@@ -1,0 +1,94 @@
+"""Phases, condition types and reasons of the spanvm API, as string enums.
+
+A member is its string (`VMPhase.RUNNING == "Running"`, and it formats as `Running`), so
+status read back from the API server compares with them directly. The sets of phases that
+mean "the guest has ended" or "the fragment is done" are defined here and nowhere else.
+"""
+
+from enum import StrEnum
+
+
+class VMPhase(StrEnum):
+    """The lifecycle phase of a SpanningVM."""
+
+    PENDING = "Pending"
+    SCHEDULING = "Scheduling"
+    STARTING = "Starting"
+    RUNNING = "Running"
+    DEGRADED = "Degraded"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    TERMINATING = "Terminating"
+    STOPPED = "Stopped"
+
+
+class FragmentPhase(StrEnum):
+    """The lifecycle phase of a VMFragment (written by its node's agent)."""
+
+    PENDING = "Pending"
+    STARTING = "Starting"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    STOPPING = "Stopping"
+    STOPPED = "Stopped"
+
+
+class RunStrategy(StrEnum):
+    """What the operator does when the guest ends or a node is lost."""
+
+    ALWAYS = "Always"
+    ONCE = "Once"
+    HALTED = "Halted"
+
+
+class DesiredState(StrEnum):
+    """What the operator asks of a fragment."""
+
+    RUNNING = "Running"
+    STOPPED = "Stopped"
+
+
+class ConditionType(StrEnum):
+    """The conditions of a SpanningVM."""
+
+    SCHEDULED = "Scheduled"
+    FABRIC_READY = "FabricReady"
+    READY = "Ready"
+
+
+class Reason(StrEnum):
+    """Condition and Event reasons that are not a phase's name (a phase is its own reason)."""
+
+    PLACED = "Placed"
+    UNSCHEDULABLE = "Unschedulable"
+    SCHEDULED = "Scheduled"
+    RESCHEDULING = "Rescheduling"
+    RESTARTING = "Restarting"
+    RECONCILE_ERROR = "ReconcileError"
+    NAME_CONFLICT = "NameConflict"
+    WAITING_FOR_OLD_OBJECTS = "WaitingForOldObjects"
+    FRAGMENT_DELETED = "FragmentDeleted"
+    FRAGMENT_FAILED = "FragmentFailed"
+    GUEST_FINISHED = "GuestFinished"
+    NODE_LOST = "NodeLost"
+    STOPPED = "Stopped"
+    FABRIC_CONNECTED = "FabricConnected"
+    WAITING_FOR_FRAGMENTS = "WaitingForFragments"
+    HALTED = "Halted"
+    TERMINATING = "Terminating"
+    FORCED_DELETION = "ForcedDeletion"
+
+
+# The fragment is done: it never runs again (and holds no capacity).
+TERMINAL_FRAGMENT_PHASES = frozenset(
+    {FragmentPhase.SUCCEEDED, FragmentPhase.FAILED, FragmentPhase.STOPPED}
+)
+# The fragment was started (some may have finished since).
+STARTED_FRAGMENT_PHASES = frozenset(
+    {FragmentPhase.RUNNING, FragmentPhase.SUCCEEDED, FragmentPhase.STOPPING, FragmentPhase.STOPPED}
+)
+# The guest has ended.
+FINISHED_VM_PHASES = frozenset({VMPhase.SUCCEEDED, VMPhase.FAILED})
+# Every fragment was made and the guest got going.
+STARTED_VM_PHASES = frozenset({VMPhase.STARTING, VMPhase.RUNNING, VMPhase.DEGRADED})
