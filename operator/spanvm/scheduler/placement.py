@@ -6,10 +6,17 @@ one more costs fabric traffic), then fabric locality (all in one zone, then one 
 balance (the most free capacity left on the fullest chosen node), then node names, so the
 same input always gives the same output. All or nothing: a VM is placed whole or not at all.
 Memory is split in proportion to vCPUs, in 2 MiB units.
+
+Fast at 5,000 nodes: `ClusterIndex` holds the nodes as arrays, so the filter is a few vector
+operations and only the top `maxFragments` candidates of each group become Python objects.
 """
 
-from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import numpy.typing as npt
 
 from spanvm.api.quantity import MEMORY_ALIGNMENT, format_memory
 from spanvm.scheduler.snapshot import NodeInfo, Request, Usage
@@ -41,46 +48,116 @@ class Unschedulable:
     message: str
 
 
-@dataclass(frozen=True)
-class _Candidate:
+class _Candidate(NamedTuple):
     node: NodeInfo
     free_vcpus: int
     free_memory: int
-
-    def capacity(self, request: Request) -> int:
-        """vCPUs this node can take with their proportional memory share."""
-        by_memory = self.free_memory * request.vcpus // request.memory
-        return min(self.free_vcpus, by_memory)
+    capacity: int  # vCPUs this node can take with their proportional memory share
 
 
-def _filter(
-    nodes: list[NodeInfo], usage: dict[str, Usage], request: Request
-) -> tuple[list[_Candidate], dict[str, list[str]]]:
-    out: list[_Candidate] = []
-    rejected: dict[str, list[str]] = defaultdict(list)
-    for node in nodes:
-        used = usage.get(node.name, Usage())
-        if not node.kvm:
-            rejected["without working KVM"].append(node.name)
-        elif not node.ready:
-            rejected["not Ready"].append(node.name)
-        elif not node.heartbeat_fresh:
-            rejected["with a stale agent heartbeat"].append(node.name)
-        elif any(node.labels.get(k) != v for k, v in request.node_selector.items()):
-            rejected["not matching nodeSelector"].append(node.name)
-        elif any(
-            t.effect in ("NoSchedule", "NoExecute")
-            and not any(tol.tolerates(t) for tol in request.tolerations)
-            for t in node.taints
-        ):
-            rejected["with untolerated taints"].append(node.name)
-        else:
-            candidate = _Candidate(node, node.vcpus - used.vcpus, node.memory - used.memory)
-            if candidate.capacity(request) < request.min_vcpus_per_fragment:
-                rejected["too full"].append(node.name)
-            else:
-                out.append(candidate)
-    return out, rejected
+_REASONS = (
+    "",
+    "without working KVM",
+    "not Ready",
+    "with a stale agent heartbeat",
+    "not matching nodeSelector",
+    "with untolerated taints",
+    "too full",
+)
+_KVM, _READY, _HEARTBEAT, _SELECTOR, _TAINTS, _FULL = range(1, 7)
+Ints = npt.NDArray[np.int64]
+
+
+class ClusterIndex:
+    """The nodes as arrays, built once per node snapshot: every request is then filtered
+    with a few vector operations instead of a Python loop over the nodes. Labels a request
+    selects on are indexed on first use; taints are kept for the few nodes that have them."""
+
+    def __init__(self, nodes: Iterable[NodeInfo]) -> None:
+        self.nodes = sorted(nodes, key=lambda n: n.name)
+        self.position = {n.name: i for i, n in enumerate(self.nodes)}
+        self.vcpus = np.array([n.vcpus for n in self.nodes], dtype=np.int64)
+        self.memory = np.array([n.memory for n in self.nodes], dtype=np.int64)
+        static = np.zeros(len(self.nodes), dtype=np.int64)
+        for i, n in enumerate(self.nodes):
+            if not n.kvm:
+                static[i] = _KVM
+            elif not n.ready:
+                static[i] = _READY
+            elif not n.heartbeat_fresh:
+                static[i] = _HEARTBEAT
+        self.static = static
+        self.tainted = [
+            (i, hard)
+            for i, n in enumerate(self.nodes)
+            if (hard := tuple(t for t in n.taints if t.effect in ("NoSchedule", "NoExecute")))
+        ]
+        zones = {z: c for c, z in enumerate(sorted({n.zone for n in self.nodes}))}
+        racks = {r: c for c, r in enumerate(sorted({(n.zone, n.rack) for n in self.nodes}))}
+        self.zone = np.array([zones[n.zone] for n in self.nodes], dtype=np.int32)
+        self.rack = np.array([racks[(n.zone, n.rack)] for n in self.nodes], dtype=np.int32)
+        self._labels: dict[tuple[str, str], npt.NDArray[np.bool_]] = {}
+
+    def _label(self, key: str, value: str) -> npt.NDArray[np.bool_]:
+        mask = self._labels.get((key, value))
+        if mask is None:
+            mask = np.array([n.labels.get(key) == value for n in self.nodes], dtype=np.bool_)
+            self._labels[(key, value)] = mask
+        return mask
+
+    def filter(self, usage: dict[str, Usage], request: Request) -> tuple[Ints, Ints, Ints, Ints]:
+        """Per node: why it is excluded (0: a candidate), free vCPUs, free memory, and the
+        vCPUs it can take with their proportional memory share."""
+        used_v = np.zeros(len(self.nodes), dtype=np.int64)
+        used_m = np.zeros(len(self.nodes), dtype=np.int64)
+        known = [(self.position[n], u) for n, u in usage.items() if n in self.position]
+        if known:
+            at = np.fromiter((i for i, _ in known), dtype=np.int64, count=len(known))
+            used_v[at] = np.fromiter((u.vcpus for _, u in known), np.int64, len(known))
+            used_m[at] = np.fromiter((u.memory for _, u in known), np.int64, len(known))
+        free_v, free_m = self.vcpus - used_v, self.memory - used_m
+        capacity = np.minimum(free_v, free_m * request.vcpus // request.memory)
+        code = self.static.copy()
+        open_ = code == 0
+        for key, value in request.node_selector.items():
+            code[open_ & ~self._label(key, value)] = _SELECTOR
+            open_ = code == 0
+        for i, taints in self.tainted:
+            if code[i] == 0 and any(
+                not any(tol.tolerates(t) for tol in request.tolerations) for t in taints
+            ):
+                code[i] = _TAINTS
+        code[(code == 0) & (capacity < request.min_vcpus_per_fragment)] = _FULL
+        return code, free_v, free_m, capacity
+
+    def schedule(self, usage: dict[str, Usage], request: Request) -> Placement | Unschedulable:
+        """Place the VM whole, or say why not."""
+        code, free_v, free_m, capacity = self.filter(usage, request)
+        limit = min(request.max_fragments or MAX_FRAGMENTS, request.vcpus, MAX_FRAGMENTS)
+        eligible = np.flatnonzero(code == 0)
+        # by capacity, most first; ties by name (positions are in name order)
+        ordered = eligible[np.lexsort((eligible, -capacity[eligible]))]
+
+        def candidates(picked: Ints) -> list[_Candidate]:
+            return [
+                _Candidate(self.nodes[i], int(free_v[i]), int(free_m[i]), int(capacity[i]))
+                for i in picked[:limit]
+            ]
+
+        groups = [candidates(ordered)]
+        for codes in (self.zone, self.rack):
+            of_ordered = codes[ordered]
+            for value in np.unique(of_ordered):
+                groups.append(candidates(ordered[of_ordered == value]))
+        found = _search(groups, request, limit)
+        if found is not None:
+            return found
+        rejected = {
+            _REASONS[c]: [self.nodes[i].name for i in np.flatnonzero(code == c)]
+            for c in range(1, len(_REASONS))
+            if (code == c).any()
+        }
+        return Unschedulable(_explain(groups[0], rejected, request, limit))
 
 
 def _split_vcpus(capacities: list[int], total: int, minimum: int) -> list[int] | None:
@@ -118,7 +195,7 @@ def _memory_shares(vcpus: list[int], free: list[int], request: Request) -> list[
 
 def _try(chosen: list[_Candidate], request: Request) -> tuple[tuple[int, ...], Placement] | None:
     vcpus = _split_vcpus(
-        [c.capacity(request) for c in chosen], request.vcpus, request.min_vcpus_per_fragment
+        [c.capacity for c in chosen], request.vcpus, request.min_vcpus_per_fragment
     )
     if vcpus is None:
         return None
@@ -138,22 +215,16 @@ def _try(chosen: list[_Candidate], request: Request) -> tuple[tuple[int, ...], P
     return score, Placement(tuple(fragments))
 
 
-def schedule(
-    nodes: list[NodeInfo], usage: dict[str, Usage], request: Request
-) -> Placement | Unschedulable:
-    """Place the VM whole, or say why not."""
-    candidates, rejected = _filter(nodes, usage, request)
-    limit = min(request.max_fragments or MAX_FRAGMENTS, request.vcpus, MAX_FRAGMENTS)
-    by_capacity = sorted(candidates, key=lambda c: (-c.capacity(request), c.node.name))
-    groups: dict[tuple[str, ...], list[_Candidate]] = {(): by_capacity}
-    for c in by_capacity:
-        groups.setdefault((c.node.zone,), []).append(c)
-        groups.setdefault((c.node.zone, c.node.rack), []).append(c)
+def _search(groups: list[list[_Candidate]], request: Request, limit: int) -> Placement | None:
+    """Fewest fragments first; for each count, the best-scoring group's top nodes."""
     for k in range(1, limit + 1):
         best: tuple[tuple[int, ...], tuple[str, ...], Placement] | None = None
-        for group in groups.values():
-            if len(group) < k:
-                continue
+        tried_sets: set[tuple[str, ...]] = set()
+        for group in groups:
+            chosen = tuple(c.node.name for c in group[:k])
+            if len(chosen) < k or chosen in tried_sets:
+                continue  # too small, or the same nodes as a group already tried
+            tried_sets.add(chosen)
             tried = _try(group[:k], request)
             if tried is None:
                 continue
@@ -163,7 +234,15 @@ def schedule(
                 best = key
         if best is not None:
             return best[2]
-    return Unschedulable(_explain(by_capacity, rejected, request, limit))
+    return None
+
+
+def schedule(
+    nodes: list[NodeInfo], usage: dict[str, Usage], request: Request
+) -> Placement | Unschedulable:
+    """Place the VM whole, or say why not (the operator keeps a ClusterIndex between
+    decisions instead: building one reads every node)."""
+    return ClusterIndex(nodes).schedule(usage, request)
 
 
 def _excluded(why: str, names: list[str]) -> str:
@@ -181,7 +260,7 @@ def _explain(
         need += f" (at least {request.min_vcpus_per_fragment} vCPUs per fragment)"
     if candidates:
         top = candidates[:limit]
-        caps = "+".join(str(c.capacity(request)) for c in top)
+        caps = "+".join(str(c.capacity) for c in top)
         plural = "s" if len(top) > 1 else ""
         have = f"the best {len(top)} node{plural} can take {caps} vCPUs with their memory share"
     else:
