@@ -4,6 +4,7 @@ awaited."""
 
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -143,12 +144,14 @@ def operator_process(
     log_path: Path,
     *,
     lease_name: str,
-    env: dict[str, str] | None = None,
+    crash_after_creates: int | None = None,
     deletion_grace: float = 4.0,
     node_loss_grace: float = 3.0,
     metrics_port: int | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """`spanvm operator` watching one namespace; stopped (SIGTERM, then SIGKILL) after."""
+    """`spanvm operator` watching one namespace; stopped (SIGTERM, then SIGKILL) after.
+    `crash_after_creates`: the operator exits after that many fragment creates (its fault
+    hook, through tests/faulty_operator.py)."""
     command = operator_command(
         kubeconfig,
         system_namespace=SYSTEM_NS,
@@ -158,7 +161,10 @@ def operator_process(
         node_loss_grace=node_loss_grace,
         metrics_port=metrics_port,
     )
-    process = start(command, log_path, env)
+    if crash_after_creates is not None:
+        faulty = Path(__file__).with_name("faulty_operator.py")
+        command = [sys.executable, str(faulty), str(crash_after_creates), *command[3:]]
+    process = start(command, log_path)
     try:
         yield process
     finally:

@@ -38,7 +38,6 @@ from spanvm.api.constants import (
 )
 from spanvm.api.spanningvm import FragmentSummary, SpanningVMSpec
 from spanvm.controller.fragments import fragment_body
-from spanvm.controller.reconcile import FAULT_EXIT_ENV
 from spanvm.kube import NOT_FOUND, JsonObject, Kube, unless_status
 from spanvm.sealing import load_or_create
 
@@ -426,7 +425,7 @@ def test_operator_killed_mid_placement_leaves_no_duplicates(
         nodes.add("pc-b", labels={"pool": "pc"})
         env.create_vm(vm_manifest("vmc", ns, "pc"))
         with operator_process(
-            crds.kubeconfig, ns, env.log, lease_name="op-crash", env={FAULT_EXIT_ENV: "1"}
+            crds.kubeconfig, ns, env.log, lease_name="op-crash", crash_after_creates=1
         ) as crashing:
             wait_for(
                 "the operator to crash after one fragment", lambda: crashing.poll() is not None

@@ -5,7 +5,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from spanvm.agent.capabilities import discover
 from spanvm.api.quantity import parse_memory, parse_quantity_bytes
@@ -30,6 +30,9 @@ from spanvm.vmm.boot.multiboot import MultibootBoot
 from spanvm.vmm.cpuid import CpuidOptions
 from spanvm.vmm.layout import MAX_VCPUS
 from spanvm.vmm.machine import Machine, VmConfig, VmError
+
+if TYPE_CHECKING:
+    from spanvm.controller.reconcile import Hooks
 
 
 class UsageError(Exception):
@@ -242,8 +245,8 @@ def _setup_logging(log_format: str) -> None:
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
 
-def cmd_operator(args: argparse.Namespace) -> int:
-    """Run the operator until stopped (SIGTERM/SIGINT)."""
+def cmd_operator(args: argparse.Namespace, hooks: "Hooks | None" = None) -> int:
+    """Run the operator until stopped (SIGTERM/SIGINT); `hooks`: fault injection (tests)."""
     import asyncio  # noqa: PLC0415
     import os  # noqa: PLC0415
 
@@ -269,6 +272,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
             lease_duration=args.lease_duration,
             metrics_port=args.metrics_port,
             health_port=args.health_port,
+            hooks=hooks,
         )
     )
     return 0

@@ -113,35 +113,44 @@ class Kube:
         items: list[JsonObject] = result["items"]  # type: ignore[index]
         return items
 
-    def create_fragment(self, namespace: str, body: JsonObject) -> bool:
-        """Create a VMFragment; False if one of that name exists already."""
+    def create_fragment(self, namespace: str, body: JsonObject) -> JsonObject | None:
+        """Create a VMFragment: the object created, None if one of that name exists."""
         created = unless_status(
             lambda: self.custom.create_namespaced_custom_object(
                 GROUP, VERSION, namespace, VMFRAGMENT_PLURAL, body
             ),
             CONFLICT,
         )
-        return created is not None
+        return cast(JsonObject | None, created)
 
-    def patch_fragment(self, namespace: str, name: str, patch: JsonObject) -> None:
-        self._patch_custom(namespace, VMFRAGMENT_PLURAL, name, patch, status=False)
+    def patch_fragment(self, namespace: str, name: str, patch: JsonObject) -> JsonObject | None:
+        return self._patch_custom(namespace, VMFRAGMENT_PLURAL, name, patch, status=False)
 
-    def patch_fragment_status(self, namespace: str, name: str, status: JsonObject) -> None:
-        self._patch_custom(namespace, VMFRAGMENT_PLURAL, name, {"status": status}, status=True)
+    def patch_fragment_status(
+        self, namespace: str, name: str, status: JsonObject
+    ) -> JsonObject | None:
+        return self._patch_custom(
+            namespace, VMFRAGMENT_PLURAL, name, {"status": status}, status=True
+        )
 
-    def patch_vm_status(self, namespace: str, name: str, status: JsonObject) -> None:
-        self._patch_custom(namespace, SPANNINGVM_PLURAL, name, {"status": status}, status=True)
+    def patch_vm_status(self, namespace: str, name: str, status: JsonObject) -> JsonObject | None:
+        return self._patch_custom(
+            namespace, SPANNINGVM_PLURAL, name, {"status": status}, status=True
+        )
 
     def _patch_custom(
         self, namespace: str, plural: str, name: str, patch: JsonObject, *, status: bool
-    ) -> None:
-        """Merge-patch an object (or its status); one that is gone is left gone."""
+    ) -> JsonObject | None:
+        """Merge-patch an object (or its status): the object after it, None if it is gone."""
         call = (
             self.custom.patch_namespaced_custom_object_status
             if status
             else self.custom.patch_namespaced_custom_object
         )
-        unless_status(lambda: call(GROUP, VERSION, namespace, plural, name, patch), NOT_FOUND)
+        patched = unless_status(
+            lambda: call(GROUP, VERSION, namespace, plural, name, patch), NOT_FOUND
+        )
+        return cast(JsonObject | None, patched)
 
     def delete_fragment(self, namespace: str, name: str) -> None:
         unless_status(

@@ -18,13 +18,10 @@ from spanvm.api.constants import (
     KVM_LABEL,
     agent_lease_name,
 )
+from spanvm.api.phases import FINISHED_VM_PHASES, TERMINAL_FRAGMENT_PHASES
 from spanvm.api.quantity import parse_quantity_bytes
 from spanvm.kube import JsonObject
 from spanvm.scheduler.snapshot import NodeInfo, Taint, Usage
-
-TERMINAL_FRAGMENT_PHASES = frozenset({"Succeeded", "Failed", "Stopped"})
-FINISHED_VM_PHASES = frozenset({"Succeeded", "Failed"})  # the guest has ended
-STARTED_VM_PHASES = frozenset({"Starting", "Running", "Degraded"})  # every fragment was made
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,9 @@ def build_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Opera
     @kopf.on.resume(*vms, registry=registry)
     @kopf.on.create(*vms, registry=registry)
     @kopf.on.update(*vms, registry=registry)
-    async def changed(namespace: str | None, name: str, **_: Any) -> None:
+    async def changed(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
         assert namespace is not None  # SpanningVM is namespaced
+        reconciler.seen(cast(JsonObject, dict(body)))
         await reconciler.reconcile(namespace, name)
 
     @kopf.timer(*vms, registry=registry, interval=config.timer_interval, sharp=False)
@@ -70,7 +71,9 @@ def build_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Opera
             await reconciler.reconcile(namespace, name)
 
     @kopf.on.event(GROUP, VERSION, VMFRAGMENT_PLURAL, registry=registry)
-    async def fragment_changed(body: kopf.Body, **_: Any) -> None:
+    async def fragment_changed(body: kopf.Body, type: str | None, **_: Any) -> None:
+        if type != "DELETED":
+            reconciler.seen(cast(JsonObject, dict(body)))
         vm = owner_vm_name(cast(JsonObject, body))
         if vm and body.metadata.namespace:
             await reconciler.reconcile(body.metadata.namespace, vm)

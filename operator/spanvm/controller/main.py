@@ -19,10 +19,11 @@ import kopf
 from prometheus_client.registry import REGISTRY
 
 from spanvm.controller import metrics
+from spanvm.controller.cache import ClusterCache
 from spanvm.controller.handlers import build_registry, post_event
 from spanvm.controller.health import StandbyHealth
 from spanvm.controller.leader import LeaderLease
-from spanvm.controller.reconcile import OperatorConfig, Reconciler
+from spanvm.controller.reconcile import Hooks, OperatorConfig, Reconciler
 from spanvm.kube import Kube
 from spanvm.observability import exposition
 
@@ -63,6 +64,7 @@ async def run(
     identity: str | None = None,
     metrics_port: int | None = None,
     health_port: int | None = None,
+    hooks: Hooks | None = None,
 ) -> None:
     """The operator's main coroutine."""
     if metrics_port is not None:
@@ -94,7 +96,9 @@ async def run(
         liveness = f"http://0.0.0.0:{health_port}/healthz"
     stop = asyncio.Event()
     keeper = asyncio.create_task(_keep_lease(lease, stop, renew))
-    reconciler = Reconciler(kube, config, post_event)
+    cache = ClusterCache(kube, config.system_namespace)
+    await asyncio.to_thread(cache.start)
+    reconciler = Reconciler(kube, config, post_event, cache, hooks)
     try:
         await kopf.operator(
             registry=build_registry(reconciler, config),
@@ -110,5 +114,6 @@ async def run(
         if keeper.done() and keeper.exception() is not None:
             raise keeper.exception()  # type: ignore[misc]
         keeper.cancel()
+        cache.stop()
         await asyncio.to_thread(lease.release)
         metrics.LEADER.set(0)

@@ -10,13 +10,17 @@ from datetime import datetime
 from typing import Any
 
 from spanvm.api.base import Condition
+from spanvm.api.phases import (
+    STARTED_FRAGMENT_PHASES,
+    TERMINAL_FRAGMENT_PHASES,
+    FragmentPhase,
+    Reason,
+    VMPhase,
+)
 from spanvm.api.spanningvm import FragmentSummary
-from spanvm.controller.cluster_view import TERMINAL_FRAGMENT_PHASES, NodeHealth, health_of
+from spanvm.controller.cluster_view import NodeHealth, health_of
 from spanvm.kube import JsonObject
 from spanvm.rfc3339 import format_time, parse_time
-
-SCHEDULED, FABRIC_READY, READY = "Scheduled", "FabricReady", "Ready"
-STARTED_FRAGMENT_PHASES = frozenset({"Running", "Succeeded", "Stopping", "Stopped"})
 
 
 def set_condition(  # noqa: PLR0917 - the fields of a condition
@@ -50,10 +54,10 @@ def set_condition(  # noqa: PLR0917 - the fields of a condition
 class Aggregate:
     """What the fragments say about the VM."""
 
-    phase: str
+    phase: VMPhase
     message: str
     fabric_ready: bool
-    fabric_reason: str
+    fabric_reason: Reason
     exit_code: int | None = None
     console_tail: str | None = None
     lost_nodes: tuple[str, ...] = ()
@@ -61,7 +65,7 @@ class Aggregate:
 
 
 def _fragment_phase(fragment: JsonObject | None) -> str:
-    return str(((fragment or {}).get("status") or {}).get("phase") or "Pending")
+    return str(((fragment or {}).get("status") or {}).get("phase") or FragmentPhase.PENDING)
 
 
 def aggregate(
@@ -80,18 +84,20 @@ def aggregate(
         f"fragment {i} on {placed[i].node_name} failed: "
         + str((fragments[i].get("status") or {}).get("message") or "no reason given")
         for i, p in enumerate(phases)
-        if p == "Failed"
+        if p == FragmentPhase.FAILED
     ]
     if failed:
         return Aggregate(
-            "Failed", "; ".join(failed), False, "FragmentFailed", failed=True, **result
+            VMPhase.FAILED, "; ".join(failed), False, Reason.FRAGMENT_FAILED, failed=True, **result
         )
-    if all(p in ("Succeeded", "Stopped") for p in phases) and phases[0] == "Succeeded":
+    if all(p in (FragmentPhase.SUCCEEDED, FragmentPhase.STOPPED) for p in phases) and (
+        phases[0] == FragmentPhase.SUCCEEDED
+    ):
         return Aggregate(
-            "Succeeded",
+            VMPhase.SUCCEEDED,
             f"the guest finished with exit code {result['exit_code']}",
             False,
-            "GuestFinished",
+            Reason.GUEST_FINISHED,
             **result,
         )
     live_nodes = {
@@ -100,40 +106,41 @@ def aggregate(
     lost = [h for h in (health_of(health, n) for n in live_nodes) if not h.healthy]
     if lost:
         return Aggregate(
-            "Degraded",
+            VMPhase.DEGRADED,
             "; ".join(sorted({h.reason for h in lost})),
             False,
-            "NodeLost",
+            Reason.NODE_LOST,
             lost_nodes=tuple(sorted({h.name for h in lost})),
             **result,
         )
-    if all(p in ("Stopped", "Stopping") for p in phases):
-        return Aggregate("Stopped", "every fragment is stopped", False, "Stopped", **result)
-    if "Running" in phases and all(p in STARTED_FRAGMENT_PHASES for p in phases):
+    if all(p in (FragmentPhase.STOPPED, FragmentPhase.STOPPING) for p in phases):
+        message = "every fragment is stopped"
+        return Aggregate(VMPhase.STOPPED, message, False, Reason.STOPPED, **result)
+    if FragmentPhase.RUNNING in phases and all(p in STARTED_FRAGMENT_PHASES for p in phases):
         # Every fragment got going; some may have finished first (fragment 0 ends the guest
         # before the others hear of it): still Running, never back to Starting.
         nodes = ", ".join(p.node_name for p in placed)
-        ended = [f"{i} ({p})" for i, p in enumerate(phases) if p != "Running"]
+        ended = [f"{i} ({p})" for i, p in enumerate(phases) if p != FragmentPhase.RUNNING]
         return Aggregate(
-            "Running",
+            VMPhase.RUNNING,
             f"the guest runs on {len(placed)} fragment(s): {nodes}"
             + (f"; finished: fragments {', '.join(ended)}" if ended else ""),
             True,
-            "FabricConnected",
+            Reason.FABRIC_CONNECTED,
             **result,
         )
     waiting = []
     for i, p in enumerate(phases):
-        if p == "Running":
+        if p == FragmentPhase.RUNNING:
             continue
         # A fragment held back says why (its agent's words: a missing Secret, a peer's
         # endpoint not known yet), so the VM names what it waits for.
         why = ((fragments.get(i) or {}).get("status") or {}).get("message")
-        waiting.append(f"{i} ({p}: {why})" if p == "Pending" and why else f"{i} ({p})")
+        waiting.append(f"{i} ({p}: {why})" if p == FragmentPhase.PENDING and why else f"{i} ({p})")
     return Aggregate(
-        "Starting",
+        VMPhase.STARTING,
         "waiting for fragments " + ", ".join(waiting) + " to connect their fabric",
         False,
-        "WaitingForFragments",
+        Reason.WAITING_FOR_FRAGMENTS,
         **result,
     )
