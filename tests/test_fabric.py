@@ -30,6 +30,7 @@ from spanvm.fabric.wire import (
     handshake_client,
     read_frame,
 )
+from spanvm.shares import memory_shares
 from spanvm.vmm.expected import smp_sum
 
 pytestmark = pytest.mark.kvm
@@ -212,7 +213,12 @@ def test_netns_fragments_cross_real_interfaces(tmp_path: Path) -> None:
 
 def test_home_plans_cover_coherent_memory_once() -> None:
     for vcpus in ([1, 1], [1, 2, 1], [3]):
-        homes = plan_homes(3584 * MiB, vcpus)
+        shares = memory_shares(3584 * MiB, vcpus)
+        assert shares is not None and sum(shares) == 3584 * MiB
+        homes = plan_homes(3584 * MiB, shares)
+        for index, share in enumerate(shares):  # each is home for its share less 2 MiB system
+            home = sum(h.end - h.start for h in homes if h.index == index)
+            assert home == share - (2 * MiB if index == 0 else 0)
         assert {h.index for h in homes} == set(range(len(vcpus)))
         covered = sum(h.end - h.start for h in homes)
         assert covered == 3584 * MiB - 2 * MiB
@@ -257,7 +263,7 @@ def start_fragment(config: FragmentConfig, log: Path) -> tuple[subprocess.Popen[
 
 
 def spin_config(index: int, memory: int, secret: str, peers: dict[int, str]) -> FragmentConfig:
-    homes = [(h.start, h.end, h.index) for h in plan_homes(memory, [1, 1])]
+    homes = [(h.start, h.end, h.index) for h in plan_homes(memory, [memory // 2] * 2)]
     return FragmentConfig(
         index=index,
         fragment_count=2,

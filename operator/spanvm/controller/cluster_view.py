@@ -143,6 +143,7 @@ def health_of(health: dict[str, NodeHealth], node: str) -> NodeHealth:
 
 
 def _fragment_usage(spec: dict[str, Any]) -> Usage:
+    """What a fragment whose VM records no placement holds: its vCPUs and home memory."""
     memory = sum(int(r.get("size", 0)) for r in spec.get("homeMemory") or [])
     return Usage(len(spec.get("vcpuIds") or []), memory)
 
@@ -150,39 +151,51 @@ def _fragment_usage(spec: dict[str, Any]) -> Usage:
 def usage_by_node(
     fragments: list[JsonObject], vms: list[JsonObject], exclude_vm: tuple[str, str] | None = None
 ) -> dict[str, Usage]:
-    """vCPUs and memory taken on each node by live fragments and by recorded placements whose
-    fragments do not exist yet. `exclude_vm` (namespace, name) leaves one VM out. A finished
-    VM (Succeeded or Failed) holds nothing: its fragments are being stopped and never run
-    again, whether or not their agent answers."""
+    """vCPUs and memory taken on each node. A VM's recorded placement counts each of its
+    fragments at the share the scheduler reserved (`spanvm.shares`), whether the fragment
+    exists yet or not, until that fragment is done (its own phase, else the recorded one);
+    a live fragment no placement accounts for (its VM restarting, or gone) counts itself.
+    `exclude_vm` (namespace, name) leaves one VM out. A finished VM (Succeeded or Failed)
+    holds nothing: its fragments are being stopped and never run again."""
     finished = {
         vm["metadata"]["uid"]
         for vm in vms
         if (vm.get("status") or {}).get("phase") in FINISHED_VM_PHASES
     }
-    taken: dict[tuple[str, str], tuple[str, Usage]] = {}
-    for frag in fragments:
-        meta, spec = frag["metadata"], frag.get("spec") or {}
-        if (meta["namespace"], spec.get("vmName")) == exclude_vm:
-            continue
-        if (frag.get("status") or {}).get("phase") in TERMINAL_FRAGMENT_PHASES:
-            continue
-        if any(o.get("uid") in finished for o in meta.get("ownerReferences") or []):
-            continue
-        taken[(meta["namespace"], meta["name"])] = (spec["nodeName"], _fragment_usage(spec))
-    existing = {(f["metadata"]["namespace"], f["metadata"]["name"]) for f in fragments}
+    by_name = {(f["metadata"]["namespace"], f["metadata"]["name"]): f for f in fragments}
+    accounted: set[tuple[str, str]] = set()
+    taken: list[tuple[str, Usage]] = []
     for vm in vms:
         meta = vm["metadata"]
         if (meta["namespace"], meta["name"]) == exclude_vm or meta["uid"] in finished:
             continue
         for entry in (vm.get("status") or {}).get("fragments") or []:
             key = (meta["namespace"], entry["name"])
-            # an existing fragment counts itself above (or holds nothing once finished)
-            if key in existing or entry.get("phase") in TERMINAL_FRAGMENT_PHASES:
+            frag = by_name.get(key)
+            phase = entry.get("phase")
+            if frag is not None and owned_by(frag, meta["uid"]):
+                accounted.add(key)
+                phase = (frag.get("status") or {}).get("phase")
+            if phase in TERMINAL_FRAGMENT_PHASES:
                 continue
             usage = Usage(len(entry.get("vcpuIds") or []), parse_quantity_bytes(entry["memory"]))
-            taken[key] = (entry["nodeName"], usage)
+            taken.append((entry["nodeName"], usage))
+    for key, frag in by_name.items():
+        meta, spec = frag["metadata"], frag.get("spec") or {}
+        if key in accounted or (meta["namespace"], spec.get("vmName")) == exclude_vm:
+            continue
+        if (frag.get("status") or {}).get("phase") in TERMINAL_FRAGMENT_PHASES:
+            continue
+        if any(o.get("uid") in finished for o in meta.get("ownerReferences") or []):
+            continue
+        taken.append((spec["nodeName"], _fragment_usage(spec)))
     out: dict[str, Usage] = {}
-    for node, use in taken.values():
+    for node, use in taken:
         prev = out.get(node, Usage())
         out[node] = Usage(prev.vcpus + use.vcpus, prev.memory + use.memory)
     return out
+
+
+def owned_by(obj: JsonObject, uid: str) -> bool:
+    """Whether `obj` has an owner reference to the object with this uid."""
+    return any(o.get("uid") == uid for o in obj["metadata"].get("ownerReferences") or [])

@@ -83,11 +83,6 @@ def fabric_vouches(
     return bool(healthy) and all(p == "Running" for p in phases)
 
 
-def owned_by(obj: JsonObject, uid: str) -> bool:
-    """Whether `obj` has an owner reference to the object with this uid."""
-    return any(o.get("uid") == uid for o in obj["metadata"].get("ownerReferences") or [])
-
-
 def owner_vm_name(obj: JsonObject) -> str | None:
     """The name of the SpanningVM controlling `obj`, from its owner reference."""
     for owner in obj["metadata"].get("ownerReferences") or []:
@@ -118,7 +113,7 @@ def fragment_body(
     entry = placed[index]
     fabric = spec.fabric or FabricSpec()
     homes = plan_homes(
-        parse_memory(spec.memory), [len(p.vcpu_ids) for p in placed], fabric.home_policy
+        parse_memory(spec.memory), [parse_memory(p.memory) for p in placed], fabric.home_policy
     )
     frag_spec = VMFragmentSpec(
         vm_name=vm["metadata"]["name"],

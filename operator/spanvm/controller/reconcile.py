@@ -25,12 +25,12 @@ from spanvm.controller.cluster_view import (
     HeartbeatObserver,
     node_health,
     node_infos,
+    owned_by,
     usage_by_node,
 )
 from spanvm.controller.fragments import (
     fabric_secret,
     fragment_body,
-    owned_by,
     recorded_placement,
     request_of,
 )

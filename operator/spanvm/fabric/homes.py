@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from spanvm.shares import share_ranges
 from spanvm.vmm.layout import IMAGE_BASE
 from spanvm.vmm.memmap import ram_ranges
 
@@ -28,38 +29,24 @@ def coherent_ranges(memory_size: int) -> list[tuple[int, int]]:
 
 
 def plan_homes(
-    memory_size: int, vcpus_per_fragment: list[int], policy: str = "proportional"
+    memory_size: int, shares: list[int], policy: str = "proportional"
 ) -> list[HomeRange]:
-    """Home ranges for each fragment: `proportional` gives each a contiguous share sized by its
-    vCPUs (in order), `first` homes everything on fragment 0 (as GiantVM does)."""
+    """Home ranges for each fragment: `proportional` makes each fragment home for its share
+    of guest memory (`spanvm.shares`: the bytes the scheduler reserved on its node), laid out
+    in fragment order; `first` homes everything on fragment 0 (as GiantVM does). Only
+    coherent memory has a home (`coherent_ranges`)."""
     ranges = coherent_ranges(memory_size)
     if policy == "first":
         return [HomeRange(s, e, 0) for s, e in ranges]
     if policy != "proportional":
         raise ValueError(f"home policy {policy!r} is not implemented (use proportional or first)")
-    total_pages = sum(e - s for s, e in ranges) // PAGE
-    total_vcpus = sum(vcpus_per_fragment)
-    quotas, given = [], 0
-    for i, n in enumerate(vcpus_per_fragment):
-        share = (
-            total_pages - given
-            if i == len(vcpus_per_fragment) - 1
-            else total_pages * n // total_vcpus
-        )
-        quotas.append(share)
-        given += share
-    out: list[HomeRange] = []
-    pos = [(s, e) for s, e in ranges]
-    index = 0
-    for s, e in pos:
-        cursor = s
-        while cursor < e:
-            while index < len(quotas) and quotas[index] == 0:
-                index += 1
-            take = min(quotas[index] * PAGE, e - cursor)
-            out.append(HomeRange(cursor, cursor + take, index))
-            quotas[index] -= take // PAGE
-            cursor += take
+    if sum(shares) != memory_size:
+        raise ValueError(f"shares {shares} do not add up to guest memory {memory_size}")
+    out = []
+    for start, end, index in share_ranges(memory_size, shares):
+        for lo, hi in ranges:
+            if max(start, lo) < min(end, hi):
+                out.append(HomeRange(max(start, lo), min(end, hi), index))
     return out
 
 

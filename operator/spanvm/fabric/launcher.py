@@ -37,6 +37,7 @@ from spanvm.contract import (
 from spanvm.fabric.homes import plan_homes
 from spanvm.fabric.netns import NamespaceNet
 from spanvm.procs import pid_frozen, pid_state
+from spanvm.shares import memory_shares
 from spanvm.vmm.errors import EXIT_VM_ERROR
 
 START_TIMEOUT = 60.0
@@ -208,9 +209,9 @@ def launch(  # noqa: PLR0917 - mirrors `spanvm run`'s options
 ) -> Iterator[LocalVm]:
     """Start the fragments (and namespaces); yields the running VM; always cleans up."""
     split = split_vcpus(vcpus, fragments)
-    homes = [
-        (h.start, h.end, h.index) for h in plan_homes(memory, [len(s) for s in split], home_policy)
-    ]
+    shares = memory_shares(memory, [len(s) for s in split])
+    assert shares is not None  # no room limit: always fits
+    homes = [(h.start, h.end, h.index) for h in plan_homes(memory, shares, home_policy)]
     secret = secrets.token_hex(32)
     net = NamespaceNet(fragments) if netns else None
     running: list[RunningFragment] = []
