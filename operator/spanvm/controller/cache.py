@@ -80,7 +80,8 @@ class Informer:
 
     def _relist(self) -> str:
         response = self._list(*self._args, _preload_content=False)
-        body = json.loads(response.data)
+        # urllib3's response (older clients) has the body in .data; RESTResponse needs read()
+        body = json.loads(response.data if response.data is not None else response.read())
         with self._lock:
             self._store = {_key(o): o for o in body.get("items") or []}
             self.changes += 1

@@ -75,6 +75,10 @@ class OperatorConfig:
     node_loss_grace: float = 40.0  # a node must stay lost this long before a restart
 
 
+def _key(obj: JsonObject) -> tuple[str, str]:
+    return (obj["metadata"]["namespace"], obj["metadata"]["name"])
+
+
 def _vm_ref(vm: JsonObject) -> str:
     return f"{vm['metadata']['namespace']}/{vm['metadata']['name']}"
 
@@ -99,6 +103,7 @@ class Reconciler:
         self._lost_since: dict[str, float] = {}  # node -> when (monotonic) first seen lost
         self._nodes_memo: tuple[tuple[int, int], float, list[NodeInfo], ClusterIndex] | None
         self._nodes_memo = None
+        self._assumed: dict[tuple[str, str], JsonObject] = {}  # placements being written
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
@@ -240,23 +245,33 @@ class Reconciler:
         return again
 
     async def _place(self, vm: JsonObject, index: ClusterIndex) -> bool:
-        """Schedule under the global lock and record the placement; False if it cannot. What
-        fragments use is read inside the lock, so two VMs never take the same room."""
+        """Schedule under the global lock and record the placement; False if it cannot.
+
+        What fragments use is read inside the lock, and a placement is held in memory from
+        the moment it is decided until its status write is back (as kube-scheduler assumes a
+        pod before binding it): the next decision counts it while this one is being written,
+        so two VMs never take the same room and decisions do not wait on API round trips."""
         meta = vm["metadata"]
+        key = (meta["namespace"], meta["name"])
         spec = SpanningVMSpec.model_validate(vm["spec"])
         async with self.schedule_lock:
-            usage = usage_by_node(
-                self.cache.fragments.items(),
-                self.cache.vms.items(),
-                (meta["namespace"], meta["name"]),
-            )
+            vms = [self._assumed.get(_key(v), v) for v in self.cache.vms.items()]
+            usage = usage_by_node(self.cache.fragments.items(), vms, key)
             decision = index.schedule(usage, request_of(spec))
-            if isinstance(decision, Unschedulable):
-                metrics.UNSCHEDULABLE.inc()
-                await self._carry_out(vm, lifecycle.unschedulable(vm, decision.message), index)
-                return False
-            placed = recorded_placement(meta["name"], decision)
-            await self._carry_out(vm, lifecycle.placed_status(placed), index)
+            if not isinstance(decision, Unschedulable):
+                placed = recorded_placement(meta["name"], decision)
+                actions = lifecycle.placed_status(placed)
+                recorded = next(a for a in actions if isinstance(a, lifecycle.WriteStatus))
+                status = {**(vm.get("status") or {}), **recorded.changes}
+                self._assumed[key] = {**vm, "status": status}
+        if isinstance(decision, Unschedulable):
+            metrics.UNSCHEDULABLE.inc()
+            await self._carry_out(vm, lifecycle.unschedulable(vm, decision.message), index)
+            return False
+        try:
+            await self._carry_out(vm, actions, index)
+        finally:
+            del self._assumed[key]  # written (and in the cache), or failed: room released
         metrics.PLACEMENTS.inc()
         return True
 

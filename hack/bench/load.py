@@ -1,0 +1,340 @@
+#!/usr/bin/env python3
+"""Load benchmark: N simulated nodes, M SpanningVMs applied at once, the operator places them.
+
+A control plane of its own (in a temporary directory), N Node objects as the agent labels and
+annotates them (8 vCPUs, 32Gi each) with heartbeat Leases renewed by a thread (no agents, no
+fragment processes), the operator, then M SpanningVMs of 12 vCPUs / 24Gi (two fragments each)
+created from 16 threads at once. Prints apply->Scheduled p50/p99 (from a watch), end-to-end
+placements/s, API requests per VM by verb from the apiserver's own metrics
+(apiserver_request_total for spanningvms, vmfragments, secrets and events, less the bench's
+own creates), and the operator's RSS; then checks that every VM was placed exactly once
+(spanvm_placements_total, fragments per VM) and that no node is over-committed.
+
+    python hack/bench/load.py [--nodes 1000] [--vms 500]
+"""
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from kubernetes import watch
+
+from spanvm.api.constants import (
+    ALLOCATABLE_MEMORY_ANNOTATION,
+    ALLOCATABLE_VCPUS_ANNOTATION,
+    GROUP,
+    KVM_LABEL,
+    SPANNINGVM_PLURAL,
+    SYSTEM_NAMESPACE,
+    VERSION,
+    agent_lease_name,
+)
+from spanvm.api.quantity import parse_quantity_bytes
+from spanvm.devcluster.controlplane import ControlPlane
+from spanvm.devcluster.nodes import set_node_ready
+from spanvm.devcluster.operator_proc import operator_command, start, stop
+from spanvm.devcluster.paths import kubectl, repo_root
+from spanvm.kube import CONFLICT, Kube, unless_status
+from spanvm.rfc3339 import micro_time
+
+NS = "bench-load"
+NODE_VCPUS, NODE_MEMORY = 8, "32Gi"
+VM_VCPUS, VM_MEMORY = 12, "24Gi"
+LEASE_SECONDS, RENEW_EVERY = 60, 15.0
+COUNTED = ("spanningvms", "vmfragments", "secrets", "events")
+WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE", "APPLY")
+REQUEST_LINE = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
+
+
+def node_body(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": {KVM_LABEL: "true", "topology.kubernetes.io/zone": f"z{hash(name) % 3}"},
+            "annotations": {
+                ALLOCATABLE_VCPUS_ANNOTATION: str(NODE_VCPUS),
+                ALLOCATABLE_MEMORY_ANNOTATION: NODE_MEMORY,
+            },
+        },
+    }
+
+
+def lease_body(node: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": agent_lease_name(node), "namespace": SYSTEM_NAMESPACE},
+        "spec": {
+            "holderIdentity": node,
+            "leaseDurationSeconds": LEASE_SECONDS,
+            "renewTime": micro_time(),
+        },
+    }
+
+
+def add_node(kube: Kube, name: str) -> None:
+    unless_status(lambda: kube.core.create_node(node_body(name)), CONFLICT)
+    set_node_ready(kube, name, ready=True)
+    kube.create_lease(SYSTEM_NAMESPACE, lease_body(name))
+
+
+def heartbeat(kube: Kube, nodes: list[str], stop_flag: threading.Event) -> None:
+    """Renew every node's Lease every RENEW_EVERY seconds, spread over the period."""
+    pause = RENEW_EVERY / max(1, len(nodes))
+    while not stop_flag.is_set():
+        for node in nodes:
+            if stop_flag.wait(pause):
+                return
+            patch = {"spec": {"renewTime": micro_time()}}
+            try:
+                kube.coordination.patch_namespaced_lease(
+                    agent_lease_name(node), SYSTEM_NAMESPACE, patch
+                )
+            except Exception as err:
+                print(f"heartbeat of {node} failed: {err}", file=sys.stderr)
+
+
+def vm_body(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "SpanningVM",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "cpu": {"vcpus": VM_VCPUS},
+            "memory": VM_MEMORY,
+            "boot": {"payload": {"name": "spin"}},
+            "placement": {"maxFragments": 2},
+        },
+    }
+
+
+def request_counts(kube: Kube) -> Counter[tuple[str, str]]:
+    """apiserver_request_total summed by (resource, verb) over the resources counted."""
+    response = kube.api.call_api("GET", f"{kube.api.configuration.host}/metrics")
+    out: Counter[tuple[str, str]] = Counter()
+    for line in response.read().decode().splitlines():
+        match = REQUEST_LINE.match(line)
+        if not match:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match["labels"]))
+        if labels.get("resource") in COUNTED:
+            out[(labels["resource"], labels["verb"])] += int(float(match["value"]))
+    return out
+
+
+def scheduled(vm: dict[str, Any]) -> bool:
+    conditions = (vm.get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Scheduled" and c["status"] == "True" for c in conditions)
+
+
+def operator_metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name)]
+    return sum(values)
+
+
+def rss_mib(pid: int) -> tuple[float, float]:
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--vms", type=int, default=500)
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--show-vm", action="store_true", help="print one VM as it ends up")
+    args = parser.parse_args()
+
+    state = Path(tempfile.mkdtemp(prefix="spanvm-load-"))
+    plane = ControlPlane(state / "cluster")
+    plane.up()
+    operator = None
+    stop_flag = threading.Event()
+    try:
+        kube = Kube.connect(str(plane.kubeconfig))
+        env = {"KUBECONFIG": str(plane.kubeconfig)}
+        subprocess.run(
+            [kubectl(), "apply", "-f", str(repo_root() / "crds")],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [kubectl(), "wait", "--for=condition=Established", "crd", "--all"],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        for ns in (NS, SYSTEM_NAMESPACE):
+            unless_status(
+                lambda n=ns: kube.core.create_namespace({"metadata": {"name": n}}), CONFLICT
+            )
+        nodes = [f"load-{i:05d}" for i in range(args.nodes)]
+        started = time.monotonic()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda n: add_node(kube, n), nodes))
+        print(f"{args.nodes} nodes registered in {time.monotonic() - started:.1f}s")
+        threading.Thread(target=heartbeat, args=(kube, nodes, stop_flag), daemon=True).start()
+
+        port = 18000 + (hash(str(state)) % 1000)
+        log = state / "operator.log"
+        operator = start(
+            operator_command(
+                plane.kubeconfig,
+                system_namespace=SYSTEM_NAMESPACE,
+                lease_name="load-operator",
+                namespaces=(NS,),
+                timer_interval=5.0,
+                node_loss_grace=40.0,
+                metrics_port=port,
+            ),
+            log,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                operator_metric(port, "spanvm_operator_leader")
+                break
+            except OSError:
+                if time.monotonic() > deadline or operator.poll() is not None:
+                    raise RuntimeError("the operator did not start:\n" + log.read_text()[-3000:])
+                time.sleep(0.5)
+        time.sleep(2.0)  # caches synced, Kopf watching
+
+        seen: dict[str, float] = {}
+        done = threading.Event()
+
+        def follow() -> None:
+            """Note when each VM is first seen Scheduled (a watch, watched again if it ends:
+            it starts with every object as it is)."""
+            while not done.is_set():
+                try:
+                    stream = watch.Watch().stream(
+                        kube.custom.list_namespaced_custom_object,
+                        GROUP,
+                        VERSION,
+                        NS,
+                        SPANNINGVM_PLURAL,
+                        timeout_seconds=60,
+                    )
+                    for event in stream:
+                        obj = event["object"]
+                        name = obj["metadata"]["name"]
+                        if name not in seen and scheduled(obj):
+                            seen[name] = time.monotonic()
+                            if len(seen) == args.vms:
+                                done.set()
+                                return
+                except Exception:
+                    time.sleep(0.2)
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        time.sleep(1.0)
+        before = request_counts(kube)
+        applied: dict[str, float] = {}
+
+        def apply(name: str) -> None:
+            kube.custom.create_namespaced_custom_object(
+                GROUP, VERSION, NS, SPANNINGVM_PLURAL, vm_body(name)
+            )
+            applied[name] = time.monotonic()
+
+        names = [f"vm-{i:04d}" for i in range(args.vms)]
+        first = time.monotonic()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(apply, names))
+        if not done.wait(args.timeout):
+            print(f"only {len(seen)} of {args.vms} VMs Scheduled in {args.timeout:.0f}s")
+        last = max(seen.values(), default=first)
+        # let the fragments be created and peers written: the rest of each VM's writes
+        expected = 2 * len(seen)
+        settle, own_lists = time.monotonic() + 120, 0
+        while time.monotonic() < settle:
+            own_lists += 1
+            fragments = kube.list_fragments(NS)
+            if len(fragments) >= expected and all(f["spec"].get("peers") for f in fragments):
+                break
+            time.sleep(2.0)
+        time.sleep(6.0)  # a timer pass of every VM
+        after = request_counts(kube)
+        rss, peak = rss_mib(operator.pid)
+
+        latencies = [seen[n] - applied[n] for n in seen]
+        delta = after - before
+        delta[("spanningvms", "POST")] -= args.vms  # the bench's own creates and lists
+        delta[("vmfragments", "LIST")] -= own_lists
+        by_verb: Counter[str] = Counter()
+        for (_, verb), count in delta.items():
+            by_verb[verb] += count
+        writes = sum(c for v, c in by_verb.items() if v in WRITE_VERBS)
+        placements = operator_metric(port, "spanvm_placements_total")
+
+        print(f"nodes {args.nodes}  VMs {args.vms}  scheduled {len(seen)}")
+        print(
+            f"apply->Scheduled  p50 {statistics.median(latencies):.2f}s"
+            f"  p99 {pct(latencies, 0.99):.2f}s  max {max(latencies):.2f}s"
+        )
+        print(f"placements/s (first apply to last Scheduled): {len(seen) / (last - first):.1f}")
+        print(
+            f"API requests per VM: writes {writes / args.vms:.1f}  "
+            + "  ".join(f"{v} {c / args.vms:.2f}" for v, c in sorted(by_verb.items()))
+        )
+        for (resource, verb), count in sorted(delta.items()):
+            if count:
+                print(f"    {resource:<12} {verb:<7} {count / args.vms:.2f}/VM")
+        print(f"operator RSS {rss:.0f} MiB (peak {peak:.0f} MiB)")
+
+        vms = kube.list_vms(NS)
+        if args.show_vm:
+            print(json.dumps(vms[0], indent=1)[:6000])
+        fragments = kube.list_fragments(NS)
+        per_vm = Counter(f["spec"]["vmName"] for f in fragments)
+        used: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for vm in vms:
+            for entry in (vm.get("status") or {}).get("fragments") or []:
+                used[entry["nodeName"]][0] += len(entry["vcpuIds"])
+                used[entry["nodeName"]][1] += parse_quantity_bytes(entry["memory"])
+        over = [
+            n
+            for n, (v, m) in used.items()
+            if v > NODE_VCPUS or m > parse_quantity_bytes(NODE_MEMORY)
+        ]
+        twice = [n for n, c in per_vm.items() if c != 2]
+        print(
+            f"placed exactly once: {placements:.0f} placements for {len(seen)} VMs;"
+            f" VMs without exactly 2 fragments: {len(twice)}; over-committed nodes: {len(over)}"
+        )
+        ok = placements == len(seen) == args.vms and not twice and not over
+        print("OK" if ok else "NOT OK")
+        return 0 if ok else 1
+    finally:
+        stop_flag.set()
+        if operator is not None:
+            stop(operator)
+        plane.down()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
