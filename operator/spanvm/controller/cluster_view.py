@@ -9,6 +9,7 @@ just before an operator restart still holds its capacity). Pure functions of tho
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from spanvm.api.constants import (
@@ -142,6 +143,12 @@ def health_of(health: dict[str, NodeHealth], node: str) -> NodeHealth:
     return health.get(node) or NodeHealth(node, False, f"node {node} no longer exists")
 
 
+@lru_cache(maxsize=4096)
+def _bytes(quantity: str) -> int:
+    """parse_quantity_bytes, remembered: a placement reads every recorded share."""
+    return parse_quantity_bytes(quantity)
+
+
 def _fragment_usage(spec: dict[str, Any]) -> Usage:
     """What a fragment whose VM records no placement holds: its vCPUs and home memory."""
     memory = sum(int(r.get("size", 0)) for r in spec.get("homeMemory") or [])
@@ -178,7 +185,7 @@ def usage_by_node(
                 phase = (frag.get("status") or {}).get("phase")
             if phase in TERMINAL_FRAGMENT_PHASES:
                 continue
-            usage = Usage(len(entry.get("vcpuIds") or []), parse_quantity_bytes(entry["memory"]))
+            usage = Usage(len(entry.get("vcpuIds") or []), _bytes(entry["memory"]))
             taken.append((entry["nodeName"], usage))
     for key, frag in by_name.items():
         meta, spec = frag["metadata"], frag.get("spec") or {}

@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import kopf
 from prometheus_client.registry import REGISTRY
@@ -29,6 +30,7 @@ from spanvm.observability import exposition
 
 log = logging.getLogger("spanvm.operator")
 EXIT_LOST_LEADERSHIP = 4
+API_THREADS = 32
 
 
 async def _keep_lease(lease: LeaderLease, stop: asyncio.Event, renew: float) -> None:
@@ -96,6 +98,9 @@ async def run(
         liveness = f"http://0.0.0.0:{health_port}/healthz"
     stop = asyncio.Event()
     keeper = asyncio.create_task(_keep_lease(lease, stop, renew))
+    # Blocking API calls run in threads: enough of them that hundreds of VMs placed at once
+    # do not queue behind the default pool's few.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(API_THREADS))
     cache = ClusterCache(kube, config.system_namespace)
     await asyncio.to_thread(cache.start)
     reconciler = Reconciler(kube, config, post_event, cache, hooks)
