@@ -23,6 +23,7 @@ from spanvm.controller import lifecycle, metrics
 from spanvm.controller.cache import ClusterCache
 from spanvm.controller.cluster_view import (
     HeartbeatObserver,
+    NodeHealth,
     node_health,
     node_infos,
     owned_by,
@@ -39,7 +40,6 @@ from spanvm.controller.status import set_condition
 from spanvm.kube import JsonObject, Kube, api_error_text
 from spanvm.rfc3339 import parse_time
 from spanvm.scheduler.placement import ClusterIndex, Unschedulable
-from spanvm.scheduler.snapshot import NodeInfo
 
 log = logging.getLogger("spanvm.operator")
 T = TypeVar("T")
@@ -101,8 +101,9 @@ class Reconciler:
         self._creates = 0
         self.heartbeats = HeartbeatObserver()
         self._lost_since: dict[str, float] = {}  # node -> when (monotonic) first seen lost
-        self._nodes_memo: tuple[tuple[int, int], float, list[NodeInfo], ClusterIndex] | None
+        self._nodes_memo: tuple[tuple[int, int], float, dict[str, NodeHealth], ClusterIndex] | None
         self._nodes_memo = None
+        self._owners: tuple[int, dict[str, dict[int, JsonObject]]] = (-1, {})
         self._assumed: dict[tuple[str, str], JsonObject] = {}  # placements being written
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -115,41 +116,45 @@ class Reconciler:
     def _fragments(self, vm: JsonObject) -> dict[int, JsonObject]:
         """The VM's own fragments, found by owner uid alone: no label or name is trusted (a
         namesake's leftovers, or an object someone else made, are not ours)."""
+        changes = self.cache.fragments.changes
+        if self._owners[0] != changes:
+            owners: dict[str, dict[int, JsonObject]] = {}
+            for frag in self.cache.fragments.items():
+                for ref in frag["metadata"].get("ownerReferences") or []:
+                    if ref.get("uid"):
+                        owners.setdefault(ref["uid"], {})[int(frag["spec"]["index"])] = frag
+            self._owners = (changes, owners)
         meta = vm["metadata"]
         return {
-            int(f["spec"]["index"]): f
-            for f in self.cache.fragments.items()
-            if f["metadata"].get("namespace") == meta["namespace"] and owned_by(f, meta["uid"])
+            i: f
+            for i, f in self._owners[1].get(meta["uid"], {}).items()
+            if f["metadata"].get("namespace") == meta["namespace"]
         }
 
-    def _nodes(self) -> tuple[list[NodeInfo], ClusterIndex]:
-        """Every node with its readiness and agent heartbeat, and the scheduler's index of
-        them; derived again once a Node or Lease changed, at most every NODES_REFRESH s (a
-        thousand agents renew a Lease every few milliseconds between them)."""
+    def _nodes(self) -> tuple[lifecycle.Nodes, ClusterIndex]:
+        """The nodes as the lifecycle sees them (health, how long each has been lost) and the
+        scheduler's index of them; derived again once a Node or Lease changed, at most every
+        NODES_REFRESH s (a thousand agents renew a Lease every few milliseconds between
+        them)."""
         now = time.monotonic()
         version = (self.cache.nodes.changes, self.cache.leases.changes)
         memo = self._nodes_memo
-        if memo is not None and (memo[0] == version or now - memo[1] < NODES_REFRESH):
-            return memo[2], memo[3]
-        infos = node_infos(
-            self.cache.nodes.items(), self.heartbeats.observe(self.cache.leases.items())
-        )
-        for name, health in node_health(infos).items():
-            if health.healthy:
-                self._lost_since.pop(name, None)
-            else:
-                self._lost_since.setdefault(name, now)
-        index = ClusterIndex(infos)
-        self._nodes_memo = (version, now, infos, index)
-        return infos, index
-
-    def _lifecycle_nodes(self, infos: list[NodeInfo]) -> lifecycle.Nodes:
-        now = time.monotonic()
-        return lifecycle.Nodes(
-            health=node_health(infos),
+        if memo is None or (memo[0] != version and now - memo[1] >= NODES_REFRESH):
+            fresh = self.heartbeats.observe(self.cache.leases.items())
+            infos = node_infos(self.cache.nodes.items(), fresh)
+            health = node_health(infos)
+            for name, node in health.items():
+                if node.healthy:
+                    self._lost_since.pop(name, None)
+                else:
+                    self._lost_since.setdefault(name, now)
+            memo = self._nodes_memo = (version, now, health, ClusterIndex(infos))
+        nodes = lifecycle.Nodes(
+            health=memo[2],
             lost_for={n: now - t for n, t in self._lost_since.items()},
             loss_grace=self.config.node_loss_grace,
         )
+        return nodes, memo[3]
 
     def seen(self, obj: JsonObject) -> None:
         """An object Kopf handed a handler: the caches never hold an older one."""
@@ -206,8 +211,7 @@ class Reconciler:
         vm = self.cache.vms.get(namespace, name)
         if vm is None or vm["metadata"].get("deletionTimestamp"):
             return  # gone, or the delete handler owns it now
-        infos, index = self._nodes()
-        nodes = self._lifecycle_nodes(infos)
+        nodes, index = self._nodes()
         for _round in range(2):  # once more after creating fragments
             actions = lifecycle.decide(vm, self._fragments(vm), nodes)
             again = await self._carry_out(vm, actions, index)
