@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 
 from spanvm.api.phases import FINISHED_VM_PHASES, STARTED_VM_PHASES, VMPhase
+from spanvm.api.spanningvm import FragmentSummary
 from spanvm.controller import lifecycle as lc
 from spanvm.controller.cluster_view import NodeHealth
+from spanvm.controller.fragments import peers_of
 from spanvm.kube import JsonObject
 from spanvm.rfc3339 import format_time
 
@@ -99,8 +101,8 @@ def written(actions: list[lc.Action]) -> dict[str, Any]:
 
 def with_peers(frags: dict[int, JsonObject], vm_obj: JsonObject) -> dict[int, JsonObject]:
     """Fragments whose peers the operator has already filled (no PatchFragment due)."""
-    placed = lc._placed(vm_obj)
-    peers = lc.peers_of(placed, frags)
+    placed = [FragmentSummary.model_validate(e) for e in vm_obj["status"]["fragments"]]
+    peers = peers_of(placed, frags)
     for f in frags.values():
         f["spec"]["peers"] = peers
     return frags
