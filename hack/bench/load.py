@@ -17,6 +17,7 @@ own creates), and the operator's RSS; then checks that every VM was placed exact
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -186,7 +187,7 @@ def main() -> int:
     stop_flag = threading.Event()
     try:
         kube = Kube.connect(str(plane.kubeconfig))
-        env = {"KUBECONFIG": str(plane.kubeconfig)}
+        env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig)}
         subprocess.run(
             [kubectl(), "apply", "-f", str(repo_root() / "crds")],
             env=env,
