@@ -18,6 +18,7 @@ from spanvm.api.phases import FragmentPhase
 from spanvm.api.vmfragment import FabricCounters, VMFragmentStatus
 from spanvm.contract import (
     Connected,
+    Counters,
     Failed,
     Finished,
     FragmentEvent,
@@ -169,7 +170,7 @@ class FragmentProcess:
             pid=self.pids().get("fragment") or None,
             endpoint=listening.endpoint if listening else None,
             console_tail=console or None,
-            counters=FabricCounters(**finished.counters.model_dump()) if finished else None,
+            counters=_api_counters(finished.counters) if finished else None,
         )
         ended = self.exit_status()
         if ended is None and self.running():
@@ -219,6 +220,17 @@ class FragmentProcess:
         if guest_code != 0:
             return FragmentPhase.FAILED, f"the guest exited with code {guest_code}", guest_code
         return FragmentPhase.SUCCEEDED, "the guest finished", 0
+
+
+def _api_counters(counters: Counters) -> FabricCounters:
+    """The counters VMFragment status reports (the contract's, less remote_faults: that one
+    goes to the agent's metrics only)."""
+    return FabricCounters(
+        page_faults=counters.page_faults,
+        pages_in=counters.pages_in,
+        pages_out=counters.pages_out,
+        invalidations=counters.invalidations,
+    )
 
 
 def stop_all(processes: list[FragmentProcess], grace: float = STOP_GRACE) -> list[FragmentProcess]:
