@@ -24,6 +24,7 @@ from spanvm.api.constants import (
     VM_LABEL,
     agent_lease_name,
 )
+from spanvm.api.quantity import format_memory, parse_memory
 from spanvm.api.spanningvm import FragmentSummary, SpanningVMSpec
 from spanvm.contract import Connected, Failed, Listening
 from spanvm.controller.fragments import fabric_secret, fragment_body, peers_of
@@ -32,6 +33,7 @@ from spanvm.devcluster.nodes import SimulatedNodes
 from spanvm.kube import JsonObject, Kube
 from spanvm.procs import pid_alive
 from spanvm.rfc3339 import parse_time
+from spanvm.shares import memory_shares
 from spanvm.vmm.expected import smp_sum
 
 pytestmark = [pytest.mark.cluster, pytest.mark.kvm]
@@ -88,14 +90,15 @@ def place(kube: Kube, name: str, spec: JsonObject, nodes: list[str]) -> list[str
     vm = owner_vm(kube, name, spec)
     parsed = SpanningVMSpec.model_validate(spec)
     per = parsed.cpu.vcpus // len(nodes)
+    shares = memory_shares(parse_memory(parsed.memory), [per] * len(nodes)) or []
     placed = [
         FragmentSummary(
             name=f"{name}-{i}",
             node_name=n,
             vcpu_ids=list(range(i * per, (i + 1) * per)),
-            memory="0",
+            memory=format_memory(share),
         )
-        for i, n in enumerate(nodes)
+        for i, (n, share) in enumerate(zip(nodes, shares, strict=True))
     ]
     bodies = [fragment_body(vm, parsed, placed, i) for i in range(len(placed))]
     for body in bodies:

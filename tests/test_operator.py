@@ -44,6 +44,7 @@ from spanvm.sealing import load_or_create
 pytestmark = pytest.mark.cluster
 NS = "op-test"
 GRACE = 8.0  # the module operator's --node-loss-grace
+MiB = 1 << 20
 
 
 def free_port() -> int:
@@ -206,8 +207,9 @@ def test_create_places_fragments_and_status_follows_them(env: Env) -> None:
     )
     assert [f["spec"]["nodeName"] for f in frags] == ["p1-a", "p1-b"]
     assert [f["spec"]["vcpuIds"] for f in frags] == [[0, 1, 2], [3, 4, 5]]
+    # each is home for its recorded share (256Mi) less, on fragment 0, the 2 MiB system area
     homes = [sum(r["size"] for r in f["spec"]["homeMemory"]) for f in frags]
-    assert homes[0] == homes[1] and sum(homes) > 0
+    assert homes == [256 * MiB - 2 * MiB, 256 * MiB]
     vm = env.vm("vm1")
     assert vm is not None
     for f in frags:
@@ -557,7 +559,9 @@ def test_an_agent_on_a_253_character_node_finds_its_fragments(env: Env, tmp_path
     assert lease is not None and lease["spec"]["holderIdentity"] == node
     vm = {"metadata": {"name": "x" * 250, "namespace": NS, "uid": "not-a-vm"}}
     spec = SpanningVMSpec.model_validate(vm_manifest("x", NS, "k1b")["spec"])
-    placed = [FragmentSummary(name="x" * 248 + "-0", node_name=node, vcpu_ids=[0], memory="0")]
+    placed = [
+        FragmentSummary(name="x" * 248 + "-0", node_name=node, vcpu_ids=[0], memory=spec.memory)
+    ]
     body = fragment_body(vm, spec, placed, 0)
     del body["metadata"]["ownerReferences"]  # no VM of ours: the operator leaves it alone
     body["spec"]["fragmentCount"] = 1
@@ -640,7 +644,9 @@ def test_a_foreign_object_holding_a_child_name_is_reported_not_adopted(env: Env)
     env.nodes.add("k6-b", labels={"pool": "k6"})
     vm = {"metadata": {"name": "vm-k6", "namespace": NS, "uid": "someone-else"}}
     spec = SpanningVMSpec.model_validate(vm_manifest("vm-k6", NS, "k6")["spec"])
-    placed = [FragmentSummary(name="vm-k6-0", node_name="elsewhere", vcpu_ids=[0], memory="0")]
+    placed = [
+        FragmentSummary(name="vm-k6-0", node_name="elsewhere", vcpu_ids=[0], memory=spec.memory)
+    ]
     foreign = fragment_body(vm, spec, placed, 0)
     foreign["metadata"] = {"name": "vm-k6-0", "namespace": NS, "labels": {"made-by": "hand"}}
     foreign["spec"]["fragmentCount"] = 1
@@ -687,7 +693,7 @@ def test_a_recreated_vm_never_uses_its_predecessors_children(env: Env) -> None:
     )
     old_vm = {"metadata": {"name": "vm-k5", "namespace": NS, "uid": old_uid}}
     spec = SpanningVMSpec.model_validate(vm_manifest("vm-k5", NS, "k5")["spec"])
-    placed = [FragmentSummary(name="vm-k5-0", node_name="k5-a", vcpu_ids=[0], memory="0")]
+    placed = [FragmentSummary(name="vm-k5-0", node_name="k5-a", vcpu_ids=[0], memory=spec.memory)]
     old_fragment = fragment_body(old_vm, spec, placed, 0)
     old_fragment["metadata"]["finalizers"] = hold
     old_fragment["spec"]["fragmentCount"] = 1
@@ -843,10 +849,15 @@ def test_a_vm_whose_delete_handler_keeps_failing_is_still_deletable(env: Env) ->
         "the label on the fragments",
         lambda: all(f["metadata"]["labels"].get("refuse-stop") for f in env.fragments("vm-k1d")),
     )
+    probe_spec = SpanningVMSpec.model_validate(vm_manifest("x", NS, "k1d")["spec"])
     probe = fragment_body(
         {"metadata": {"name": "k1d-probe", "namespace": NS, "uid": "none"}},
-        SpanningVMSpec.model_validate(vm_manifest("x", NS, "k1d")["spec"]),
-        [FragmentSummary(name="k1d-probe", node_name="nowhere", vcpu_ids=[0], memory="0")],
+        probe_spec,
+        [
+            FragmentSummary(
+                name="k1d-probe", node_name="nowhere", vcpu_ids=[0], memory=probe_spec.memory
+            )
+        ],
         0,
     )
     probe["metadata"] = {"name": "k1d-probe", "namespace": NS, "labels": {"refuse-stop": "yes"}}

@@ -28,14 +28,16 @@ def _key(obj: JsonObject) -> tuple[str, str]:
     return (str(meta.get("namespace") or ""), str(meta["name"]))
 
 
-def _newer(new: JsonObject, old: JsonObject | None) -> bool:
-    if old is None:
-        return True
-    a, b = new["metadata"].get("resourceVersion"), old["metadata"].get("resourceVersion")
+def _version(obj: JsonObject | None) -> int | None:
     try:
-        return int(a) >= int(b)
+        return int((obj or {}).get("metadata", {}).get("resourceVersion"))
     except (TypeError, ValueError):
-        return True  # opaque versions: the later arrival wins
+        return None  # none, or opaque
+
+
+def _newer(new: JsonObject, old: JsonObject | None) -> bool:
+    a, b = _version(new), _version(old)
+    return old is None or a is None or b is None or a >= b  # opaque: the later arrival wins
 
 
 class Informer:
@@ -45,6 +47,7 @@ class Informer:
         self.what, self._list, self._args = what, list_call, args
         self._store: dict[tuple[str, str], JsonObject] = {}
         self.changes = 0  # bumped on every change: callers memoise what they derive
+        self._gone: dict[tuple[str, str], int] = {}  # deleted objects: their last version
         self._lock = threading.Lock()
         self.synced = threading.Event()
         self._stop = threading.Event()
@@ -66,16 +69,25 @@ class Informer:
             return self._store.get((namespace, name))
 
     def assume(self, obj: JsonObject) -> None:
-        """An object this process wrote or was handed: held if newer than the cached one."""
+        """An object this process wrote or was handed: held if newer than the cached one,
+        and never if it is a version of one already deleted (a late event must not bring a
+        deleted object back)."""
         with self._lock:
             key = _key(obj)
+            gone, version = self._gone.get(key), _version(obj)
+            if gone is not None and version is not None and version <= gone:
+                return
             if _newer(obj, self._store.get(key)):
                 self._store[key] = obj
                 self.changes += 1
 
-    def forget(self, namespace: str, name: str) -> None:
+    def forget(self, namespace: str, name: str, deleted: JsonObject | None = None) -> None:
+        """The object is gone: drop it and remember up to which version it was."""
         with self._lock:
-            self._store.pop((namespace, name), None)
+            old = self._store.pop((namespace, name), None)
+            version = _version(deleted) or _version(old)
+            if version is not None:
+                self._gone[(namespace, name)] = max(version, self._gone.get((namespace, name), 0))
             self.changes += 1
 
     def _relist(self) -> str:
@@ -114,7 +126,7 @@ class Informer:
                     raise RuntimeError(obj.get("message"))
                 version = obj["metadata"]["resourceVersion"]
                 if kind == "DELETED":
-                    self.forget(*_key(obj))
+                    self.forget(*_key(obj), deleted=obj)
                 elif kind in ("ADDED", "MODIFIED"):
                     self.assume(obj)
 

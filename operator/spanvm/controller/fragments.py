@@ -15,7 +15,7 @@ from spanvm.api.constants import (
     fragment_name,
     label_value,
 )
-from spanvm.api.quantity import format_memory, parse_memory
+from spanvm.api.quantity import format_memory, parse_memory, parse_quantity_bytes
 from spanvm.api.spanningvm import FabricSpec, FragmentSummary, SpanningVMSpec
 from spanvm.api.vmfragment import MemoryRange, Peer, SecretRef, VMFragmentSpec
 from spanvm.controller.cluster_view import NodeHealth, health_of
@@ -113,7 +113,9 @@ def fragment_body(
     entry = placed[index]
     fabric = spec.fabric or FabricSpec()
     homes = plan_homes(
-        parse_memory(spec.memory), [parse_memory(p.memory) for p in placed], fabric.home_policy
+        parse_memory(spec.memory),
+        [parse_quantity_bytes(p.memory) for p in placed],
+        fabric.home_policy,
     )
     frag_spec = VMFragmentSpec(
         vm_name=vm["metadata"]["name"],
