@@ -1,23 +1,10 @@
-"""Where the project keeps what it builds and runs: the `.cache/` folder (git-ignored)."""
+"""The dev cluster's binaries, under the project's cache (`spanvm.paths`)."""
 
-import os
 from pathlib import Path
 
+from spanvm.paths import cache_dir, repo_root
 
-def repo_root() -> Path:
-    """The source checkout this package runs from (operator/spanvm/... -> repo root)."""
-    return Path(__file__).resolve().parents[3]
-
-
-def cache_dir() -> Path:
-    """`$SPANVM_CACHE_DIR`, else `.cache/` of the checkout, else `~/.cache/spanvm`."""
-    env = os.environ.get("SPANVM_CACHE_DIR")
-    if env:
-        return Path(env)
-    root = repo_root()
-    if (root / "pyproject.toml").exists():
-        return root / ".cache"
-    return Path.home() / ".cache" / "spanvm"
+__all__ = ["bin_dir", "cache_dir", "kubectl", "repo_root"]  # the last two for its callers
 
 
 def bin_dir() -> Path:

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from spanvm.devcluster.paths import cache_dir
+from spanvm.paths import cache_dir
 from spanvm.payloads.catalog import PAYLOAD_NAMES
 
 SOURCE_DIR = Path(__file__).parent / "src"
