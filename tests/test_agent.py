@@ -31,6 +31,7 @@ from spanvm.controller.fragments import fabric_secret, fragment_body, peers_of
 from spanvm.controller.key_courier import sealed_key_patch
 from spanvm.devcluster.nodes import SimulatedNodes
 from spanvm.kube import JsonObject, Kube
+from spanvm.payloads.kernels import kernel_path
 from spanvm.procs import pid_alive
 from spanvm.rfc3339 import parse_time
 from spanvm.shares import memory_shares
@@ -353,3 +354,41 @@ def test_the_first_cause_is_reported_not_how_the_process_ended(tmp_path: Path) -
     )
     (state / STATUS).write_text(lines[0].model_dump_json() + "\n")  # nothing recorded: the signal
     assert FragmentProcess(state).status(1).message == "fragment VMM killed by SIGUSR1"
+
+
+def linux_spec(kernel: str, cmdline: str) -> JsonObject:
+    return {
+        "cpu": {"vcpus": 1},
+        "memory": "64Mi",
+        "placement": {"maxFragments": 1},
+        "boot": {"linux": {"kernel": kernel, "cmdline": cmdline}},
+    }
+
+
+def test_a_linux_kernel_on_the_node_boots_through_the_agent(
+    kube: Kube, nodes: SimulatedNodes
+) -> None:
+    """boot.linux reaches the fragment VMM: the project's ring-0 probe kernel, entered through
+    the Linux boot protocol, prints the command line the SpanningVM gave it."""
+    spec = linux_spec(str(kernel_path("zeropage-probe")), "probe via the agent")
+    (name,) = place(kube, "linux-boot", spec, ["ag-a"])
+    done = wait_for(
+        "Succeeded",
+        lambda: phase(kube, name) in ("Succeeded", "Failed") and fragment(kube, name),
+        timeout=120,
+    )["status"]
+    assert done["phase"] == "Succeeded", done
+    assert "cmdline probe via the agent" in done["consoleTail"]
+    assert "acpi_table APIC" in done["consoleTail"] and done["consoleTail"].rstrip().endswith(
+        "done"
+    )
+
+
+def test_a_linux_kernel_missing_on_the_node_fails_naming_node_and_path(
+    kube: Kube, nodes: SimulatedNodes
+) -> None:
+    (name,) = place(kube, "linux-missing", linux_spec("/nonexistent/vmlinux", ""), ["ag-b"])
+    done = wait_for(
+        "Failed", lambda: phase(kube, name) == "Failed" and fragment(kube, name), timeout=60
+    )["status"]
+    assert "boot.linux.kernel /nonexistent/vmlinux: no such file on node ag-b" in done["message"]

@@ -312,7 +312,12 @@ def test_cli_refuses_memory_with_the_same_reason() -> None:
         (
             {"boot": {"linux": {"kernel": "/boot/vmlinuz"}}},
             "spec.boot.linux",
-            "boot.linux is not supported yet",
+            "boot.linux runs on one node until interrupts cross fragments",
+        ),
+        (
+            {"boot": {"linux": {"kernel": "/k"}}, "placement": {"maxFragments": 2}},
+            "spec.boot.linux",
+            "set placement.maxFragments: 1",
         ),
         ({"fabric": {"transport": "rdma"}}, "spec.fabric.transport", "rdma is not supported"),
         (
@@ -327,7 +332,17 @@ def test_cli_refuses_memory_with_the_same_reason() -> None:
         ),
         ({"boot": {"payload": {"name": "hello", "arg": 1 << 41}}}, "spec.boot.payload.arg", ""),
     ],
-    ids=["66Gi", "100Gi", "vcpus", "linux", "rdma", "smp-sum-memory", "smp-sum-arg", "arg"],
+    ids=[
+        "66Gi",
+        "100Gi",
+        "vcpus",
+        "linux",
+        "linux-2-fragments",
+        "rdma",
+        "smp-sum-memory",
+        "smp-sum-arg",
+        "arg",
+    ],
 )
 def test_vmm_and_agent_limits_are_refused_at_admission(
     kube: Kube, spec: dict[str, Any], field: str, needle: str

@@ -21,7 +21,7 @@ from typing import IO, Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2: a Linux kernel as the boot source (`linux`)
 E = TypeVar("E")
 
 
@@ -32,6 +32,14 @@ class ContractError(ValueError):
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LinuxKernel(_Model):
+    """A Linux kernel to boot instead of a payload: paths on the node, the command line."""
+
+    kernel: str = Field(min_length=1, description="vmlinux ELF or bzImage path.")
+    initrd: str | None = Field(default=None, description="Initial ramdisk path.")
+    cmdline: str = Field(default="", description="Kernel command line.")
 
 
 class FragmentConfig(_Model):
@@ -46,6 +54,9 @@ class FragmentConfig(_Model):
     vcpu_ids: list[int] = Field(min_length=1, description="vCPUs this fragment runs.")
     memory: int = Field(gt=0, description="Guest memory in bytes.")
     payload: str = Field(description="Built-in payload name, or a flat binary's path.")
+    linux: LinuxKernel | None = Field(
+        default=None, description="Boot this Linux kernel instead of the payload."
+    )
     arg: int = Field(default=0, ge=0, description="Payload argument.")
     homes: list[tuple[int, int, int]] = Field(description="(start, end, fragment) home ranges.")
     listen_host: str = Field(default="127.0.0.1", description="Fabric listener address.")
@@ -89,6 +100,7 @@ def fragment_config(
     node_name: str,
     idle_timeout: float | None = None,
     readahead: int | None = None,
+    linux: LinuxKernel | None = None,
 ) -> FragmentConfig:
     """The one builder of a fragment's configuration (the agent's and the local launcher's).
     Only lower-index peers are kept (a fragment connects to the ones before it); idle_timeout
@@ -100,6 +112,7 @@ def fragment_config(
         vcpu_ids=vcpu_ids,
         memory=memory,
         payload=payload,
+        linux=linux,
         arg=arg,
         homes=sorted(homes),
         listen_host=listen_host,

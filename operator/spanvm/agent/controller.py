@@ -9,6 +9,7 @@ it was away. A fragment object that is deleted or asks to stop has its process s
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -66,12 +67,13 @@ def fragment_config(
 ) -> contract.FragmentConfig:
     """The fragment process's configuration from its VMFragment."""
     spec = VMFragmentSpec.model_validate(fragment["spec"])
-    if spec.boot.payload is None:
-        raise FragmentConfigError("Linux boot is not supported by this agent yet (use a payload)")
     if spec.fabric.transport == "rdma":
         raise FragmentConfigError("fabric.transport rdma: this node has no RDMA devices")
+    linux = _linux_kernel(spec, node)
     payload = spec.boot.payload
-    arg = payload.arg if payload.arg is not None else PAYLOADS[payload.name].default_arg
+    arg = 0
+    if payload is not None:
+        arg = payload.arg if payload.arg is not None else PAYLOADS[payload.name].default_arg
     if spec.peers is None:
         raise NotReadyToStart("waiting for the operator to place every fragment")
     peers = {p.index: p.endpoint for p in spec.peers if p.index < spec.index}
@@ -84,7 +86,8 @@ def fragment_config(
         vcpu_count=spec.vcpu_count,
         fragment_count=spec.fragment_count,
         memory=parse_memory(spec.memory),
-        payload=payload.name,
+        payload=payload.name if payload is not None else "",
+        linux=linux,
         arg=arg,
         homes=[(r.start, r.start + r.size, p.index) for p in spec.peers for r in p.home_memory],
         peers={i: str(e) for i, e in peers.items()},
@@ -110,6 +113,24 @@ def fabric_key(fragment: JsonObject, node_key: PrivateKey | None) -> bytes:
         raise NotReadyToStart(
             f"waiting for the operator to reseal the fabric key ({err})"
         ) from None
+
+
+def _linux_kernel(spec: VMFragmentSpec, node: str) -> contract.LinuxKernel | None:
+    """The Linux kernel the fragment boots, after checking its files are on this node (a
+    missing or unreadable file fails the fragment naming the node, the field and the path)."""
+    linux = spec.boot.linux
+    if linux is None:
+        return None
+    if spec.fragment_count > 1:
+        raise FragmentConfigError(
+            f"boot.linux over {spec.fragment_count} fragments: a Linux guest runs on one node"
+            " until interrupts cross fragments"
+        )
+    for field, path in (("kernel", linux.kernel), ("initrd", linux.initrd)):
+        if path is not None and not os.access(path, os.R_OK):
+            reason = "not readable" if os.path.exists(path) else "no such file"
+            raise FragmentConfigError(f"boot.linux.{field} {path}: {reason} on node {node}")
+    return contract.LinuxKernel(kernel=linux.kernel, initrd=linux.initrd, cmdline=linux.cmdline)
 
 
 def _said(phase: FragmentPhase, message: str) -> VMFragmentStatus:

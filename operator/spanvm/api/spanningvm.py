@@ -33,8 +33,8 @@ from spanvm.vmm.layout import IMAGE_BASE, MAX_VCPUS, STACK_SIZE
 from spanvm.vmm.memmap import LARGE_PAGE, LOW_RAM_LIMIT
 
 # What the fragment VMM and the fabric cannot do yet: refused at admission, not deep inside.
-LINUX_UNSUPPORTED = (
-    "boot.linux is not supported yet: this VMM runs built-in payloads only (use boot.payload)"
+LINUX_ONE_NODE = (
+    "boot.linux runs on one node until interrupts cross fragments: set placement.maxFragments: 1"
 )
 RDMA_UNSUPPORTED = "fabric.transport rdma is not supported yet: use auto or tcp"
 
@@ -85,7 +85,9 @@ class LinuxBoot(ApiModel):
     """Boot a Linux kernel with the Linux boot protocol (paths on the node)."""
 
     kernel: str = Field(
-        min_length=1, max_length=4096, description="Path of the bzImage on the node."
+        min_length=1,
+        max_length=4096,
+        description="Path of the kernel (vmlinux ELF or bzImage) on the node.",
     )
     initrd: str | None = Field(
         default=None, max_length=4096, description="Path of the initial ramdisk on the node."
@@ -104,22 +106,21 @@ class BootSpec(ApiModel):
                 "has(self.payload) != has(self.linux)",
                 "exactly one of boot.payload or boot.linux must be set",
             ),
-            cel("!has(self.linux)", LINUX_UNSUPPORTED, field_path=".linux"),
             immutable("spec.boot"),
         )
     }
 
     payload: PayloadBoot | None = Field(default=None, description="A built-in test payload.")
     linux: LinuxBoot | None = Field(
-        default=None, description="A Linux kernel and initrd (not supported yet: refused)."
+        default=None,
+        description="A Linux kernel (vmlinux or bzImage) and initrd, by path on the node,"
+        " booted through the Linux 64-bit boot protocol (one node: placement.maxFragments 1).",
     )
 
     @model_validator(mode="after")
     def _one_supported_source(self) -> "BootSpec":
         if (self.payload is None) == (self.linux is None):
             raise ValueError("exactly one of boot.payload or boot.linux must be set")
-        if self.linux is not None:
-            raise ValueError(LINUX_UNSUPPORTED)
         return self
 
 
@@ -240,6 +241,12 @@ class SpanningVMSpec(ApiModel):
                 field_path=".placement.maxFragments",
             ),
             cel(
+                "!has(self.boot.linux) || (has(self.placement)"
+                " && has(self.placement.maxFragments) && self.placement.maxFragments == 1)",
+                LINUX_ONE_NODE,
+                field_path=".boot.linux",
+            ),
+            cel(
                 "!has(self.placement) || self.placement.minVcpusPerFragment <= self.cpu.vcpus",
                 "placement.minVcpusPerFragment must not exceed cpu.vcpus",
                 field_path=".placement.minVcpusPerFragment",
@@ -305,6 +312,8 @@ class SpanningVMSpec(ApiModel):
             )
         if placement and placement.min_vcpus_per_fragment > self.cpu.vcpus:
             raise ValueError("placement.minVcpusPerFragment must not exceed cpu.vcpus")
+        if self.boot.linux is not None and (placement is None or placement.max_fragments != 1):
+            raise ValueError(LINUX_ONE_NODE)
         payload = self.boot.payload
         if payload is None:
             return self

@@ -21,6 +21,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 from spanvm.contract import (
@@ -45,8 +46,11 @@ from spanvm.fabric.uffd import Fault, UffdError, Userfault
 from spanvm.fabric.wire import Frame, Kind
 from spanvm.payloads.build import resolve_image
 from spanvm.stopsignals import Interrupted, StopSignals
+from spanvm.vmm.boot import BootSource
+from spanvm.vmm.boot.linux import LinuxBoot
+from spanvm.vmm.boot.payload import PayloadBoot
 from spanvm.vmm.layout import IMAGE_BASE
-from spanvm.vmm.machine import EXIT_VM_ERROR, Machine, VmConfig, VmResult
+from spanvm.vmm.machine import EXIT_VM_ERROR, Machine, VmConfig, VmError, VmResult
 
 log = logging.getLogger("spanvm.fragment")
 STOP_GRACE_SECONDS = 5.0
@@ -76,6 +80,14 @@ def protocol_handlers(
     )
 
 
+def _boot_source(config: FragmentConfig) -> BootSource:
+    """The payload, or the Linux kernel the configuration names."""
+    if config.linux is None:
+        return PayloadBoot(resolve_image(config.payload), config.arg)
+    initrd = Path(config.linux.initrd) if config.linux.initrd else None
+    return LinuxBoot(Path(config.linux.kernel), initrd, config.linux.cmdline)
+
+
 class Fragment:
     """Builds and runs one fragment."""
 
@@ -91,7 +103,11 @@ class Fragment:
         self.running = False  # the vCPUs were started: a stop request can now stop them
         self.end_known = False  # a STOP or FAILED was sent or received
         self._vcpus_stopped = threading.Event()  # Machine.run returned (for the watchdog)
-        image = resolve_image(config.payload)
+        if config.linux is not None and config.fragment_count > 1:
+            raise VmError(
+                f"a Linux guest runs in one fragment, not {config.fragment_count}, until"
+                " interrupts cross fragments"
+            )
         self.homes = HomeMap([HomeRange(*h) for h in config.homes])
         self.transport = Transport(
             config.index,
@@ -100,12 +116,12 @@ class Fragment:
             Handlers(*(unwired,) * 6),  # set below, once the coherence exists
         )
         sink = console_sink if config.index == 0 else self._forward_console
+        boot = _boot_source(config)
         self.machine = Machine(
             VmConfig(
                 config.memory,
                 config.vcpu_count,
-                image,
-                config.arg,
+                boot=boot,
                 local_vcpus=tuple(config.vcpu_ids),
                 vcpu_nice=config.vcpu_nice,
             ),
@@ -114,14 +130,20 @@ class Fragment:
         )
         # Peers must run the same VM: the handshake compares this (the image is read only now
         # that the machine has checked its size fits).
+        if isinstance(boot, PayloadBoot):
+            image, image_size = boot.image.path, self.machine.loaded_end - boot.image.load_address
+        else:
+            assert config.linux is not None
+            image = Path(config.linux.kernel)
+            image_size = image.stat().st_size
         self.transport.shape = vm_shape(
             fragment_count=config.fragment_count,
             vcpu_count=config.vcpu_count,
             memory=config.memory,
             arg=config.arg,
             homes=config.homes,
-            image=image.path,
-            image_size=self.machine.loaded_end - image.load_address,
+            image=image,
+            image_size=image_size,
         )
         assert self.machine.memory is not None
         memory = self.machine.memory
