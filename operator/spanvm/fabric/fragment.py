@@ -378,6 +378,15 @@ def _run(
         if result.error:
             print(f"spanvm fragment {config.index}: {result.error}", file=sys.stderr)
             return EXIT_TIMEOUT if result.timed_out else EXIT_VM_ERROR
-        return guest_status(result.exit_code or 0) if config.index == 0 else 0
+        if config.index != 0:
+            return 0
+        if result.exit_code is None:  # never report success for a VM that did not exit
+            print(
+                f"spanvm fragment 0: the VM stopped without an exit code or an error"
+                f" ({fragment.machine.where_vcpus_were()})",
+                file=sys.stderr,
+            )
+            return EXIT_VM_ERROR
+        return guest_status(result.exit_code)
     finally:
         fragment.close()
