@@ -13,12 +13,13 @@ in order. Invariant: while a page has no owner, the home holds a Shared copy.
 Requests, grants and directives are idempotent where a race can repeat them.
 """
 
+import contextlib
 import ctypes
 import struct
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from spanvm.fabric.homes import PAGE, HomeMap
@@ -183,7 +184,8 @@ class Coherence:
         kind = Kind.WRITE if wants_write else Kind.READ
         home = self.homes.home(page)
         if home == self.index:
-            self.serve(self.index, kind, page, request_id=0)
+            if state != INVALID or not self._serve_own_run(kind, page):
+                self.serve(self.index, kind, page, request_id=0)
             return
         if state == INVALID and (window := self.readahead_for(page)) > 1:
             request = Frame(kind, BATCH, page=page, payload=struct.pack("<H", window))
@@ -194,6 +196,77 @@ class Coherence:
         if len(self.counters.remote_fault_seconds) < 100_000:
             # From reading the fault to the page installed by the reader thread.
             self.counters.remote_fault_seconds.append(self._installed_at - fault.read_at)
+
+    def _serve_own_run(self, kind: Kind, page: int) -> bool:
+        """A fault of this fragment's own vCPUs on a missing page homed here: resolve it with
+        the following pages of a read-ahead window when that costs no other fragment more
+        than the page alone. Untouched pages become Modified zero pages here, in one ioctl;
+        for a read, pages one other fragment owns come back in one batched DOWNGRADE. False
+        when the page is neither (serve() then handles it alone)."""
+        me = self.index
+        with self.locks[page % LOCK_STRIPES]:
+            owner = self.owner.get(page, me)
+            if self.local_state(page) != INVALID or owner == NO_OWNER:
+                return False
+            if owner != me and kind == Kind.WRITE:
+                return False
+            with self._run_locked(page, self.readahead_for(page), owner) as run:
+                if owner == me:  # untouched everywhere (no copy exists): zeros
+                    self.uffd.install(self.host(page), None, writable=True, pages=run)
+                    for p in range(page, page + run):
+                        self.state[self._slot(p)] = MODIFIED
+                else:
+                    self._downgrade_run(owner, page, run)
+            return True
+
+    @contextlib.contextmanager
+    def _run_locked(self, first: int, window: int, owner: int) -> Iterator[int]:
+        """Lock the pages after `first` (whose lock the caller holds), up to `window` pages in
+        all, while each lock is free and the page is owned by `owner` with no copy on this
+        fragment; yields the run's length, `first` included. Released on exit."""
+        held: list[threading.Lock] = []
+        try:
+            run = 1
+            while run < window:
+                page = first + run
+                lock = self.locks[page % LOCK_STRIPES]
+                if not lock.acquire(blocking=False):
+                    break
+                if self.owner.get(page, self.index) != owner or self.local_state(page) != INVALID:
+                    lock.release()
+                    break
+                held.append(lock)
+                run += 1
+            yield run
+        finally:
+            for lock in held:
+                lock.release()
+
+    def _downgrade_run(self, owner: int, first: int, count: int) -> None:
+        """Bring `count` pages from `first` that `owner` holds Modified home as Shared copies
+        (the owner keeps them write-protected), with one DOWNGRADE. Page locks are held."""
+        if count == 1:
+            reply = self.request(owner, Frame(Kind.DOWNGRADE, page=first))
+            self._check_returned(first, reply)
+            self._install(first, reply.payload, writable=False)
+            self.owner[first] = NO_OWNER
+            self.sharers[first] = (1 << owner) | (1 << self.index)
+            self.counters.pages_in += 1
+            return
+        request = Frame(Kind.DOWNGRADE, BATCH, page=first, payload=struct.pack("<H", count))
+        reply = self.request(owner, request)
+        versions = struct.unpack_from(f"<{count}I", reply.payload)
+        data = reply.payload[4 * count :]
+        if len(data) != count * PAGE:
+            raise CoherenceError(f"DOWNGRADE of {count} pages returned {len(data)} bytes")
+        for page, version in zip(range(first, first + count), versions, strict=True):
+            self._check_returned(page, replace(reply, page_version=version))
+        self.uffd.install(self.host(first), data, writable=False, pages=count)
+        for page in range(first, first + count):
+            self.state[self._slot(page)] = SHARED
+            self.owner[page] = NO_OWNER
+            self.sharers[page] = (1 << owner) | (1 << self.index)
+        self.counters.pages_in += count
 
     # -- the home side ------------------------------------------------------------------------
     def serve(
@@ -295,10 +368,12 @@ class Coherence:
                 else:
                     self._protect(page)
             else:
-                reply = self.request(owner, Frame(Kind.DOWNGRADE, page=page))
-                self._check_returned(page, reply)
-                self._install(page, reply.payload, writable=False)
-                self.counters.pages_in += 1
+                with self._run_locked(page, window, owner) as run:
+                    self._downgrade_run(owner, page, run)
+                    self.sharers[page] |= bit
+                    data = self._data(page)
+                    self._send_grant(r, page, request_id, HAS_DATA, data, window, False, run)
+                return
             sharers, owner = (1 << owner) | (1 << me), NO_OWNER
         self.owner[page] = NO_OWNER
         self.sharers[page] = sharers | bit
@@ -313,10 +388,12 @@ class Coherence:
         data: bytes,
         window: int,
         writes: bool,
+        locked: int = 1,
     ) -> None:
         """Grant `first`, plus (read-ahead) those of the next `window - 1` pages that cost no
         other fragment anything: untouched pages move to r as exclusive zero pages; for reads,
-        pages the home owns or shares become Shared by r. One message carries them all."""
+        pages the home owns or shares become Shared by r. One message carries them all. The
+        caller holds the locks of the first `locked` pages."""
         if r == self.index:
             return
         if window <= 1 or not flags & HAS_DATA:
@@ -329,10 +406,11 @@ class Coherence:
         try:
             for offset in range(1, window):
                 page, bit = first + offset, 1 << offset
-                lock = self.locks[page % LOCK_STRIPES]
-                if not lock.acquire(blocking=False):
-                    continue
-                held.append(lock)
+                if offset >= locked:
+                    lock = self.locks[page % LOCK_STRIPES]
+                    if not lock.acquire(blocking=False):
+                        continue
+                    held.append(lock)
                 owner, sharers = self.owner.get(page, me), self.sharers.get(page, 0)
                 if owner == r or sharers >> r & 1:
                     continue
@@ -414,6 +492,8 @@ class Coherence:
     def on_directive(self, frame: Frame) -> Frame:
         """DOWNGRADE or INVALIDATE from the page's home; returns the reply."""
         page = frame.page
+        if frame.flags & BATCH:
+            return self._downgrade_batch(frame)
         state = self.local_state(page)
         downgrade = frame.kind == Kind.DOWNGRADE
         if downgrade or frame.flags & WANT_DATA:  # the owner hands its copy to the home
@@ -436,6 +516,22 @@ class Coherence:
             )
         self._drop(page)
         return Frame(Kind.ACK, request=frame.request, page=page)
+
+    def _downgrade_batch(self, frame: Frame) -> Frame:
+        """A batched DOWNGRADE: write-protect every page of the run (one ioctl), then return
+        their versions and data in one DATA frame."""
+        first, count = frame.page, readahead_count(frame)
+        pages = range(first, first + count)
+        if frame.kind != Kind.DOWNGRADE or any(self.local_state(p) != MODIFIED for p in pages):
+            raise CoherenceError(
+                f"batched {frame.kind.name} of pages {first:#x}+{count} that fragment"
+                f" {self.index} does not all own"
+            )
+        self._protect_pages(list(pages))
+        versions = struct.pack(f"<{count}I", *(self.seen.get(p, 0) for p in pages))
+        self.counters.pages_out += count
+        data = ctypes.string_at(self.host(first), count * PAGE)
+        return Frame(Kind.DATA, BATCH, frame.request, first, versions + data)
 
     def on_grant(self, frame: Frame) -> None:
         """Apply a GRANT before the waiting fault handler resumes."""
