@@ -139,6 +139,9 @@ class Coherence:
         return self.memory.host_address + self._slot(page) * PAGE
 
     def page_of_host(self, address: int) -> int:
+        slot = (address - self.memory.host_address) // PAGE
+        if 0 <= slot < self._direct_pages:
+            return slot
         try:
             return self.memory.gpa_of(address) // PAGE
         except ValueError:
@@ -652,10 +655,10 @@ class Coherence:
 
     def _room(self, page: int) -> int:
         """Pages from `page` to the end of its home range (a window stays within one home)."""
-        for h in self.homes.homes:
-            if h.start <= page * PAGE < h.end:
-                return h.end // PAGE - page
-        return 1
+        try:
+            return self.homes.range_of(page).end // PAGE - page
+        except KeyError:
+            return 1
 
 
 def _request(kind: Kind, page: int, window: int) -> Frame:

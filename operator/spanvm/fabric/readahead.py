@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 START_WINDOW = 8
-PREFETCH_DEPTH = 3
+PREFETCH_DEPTH = 7
 Wait = Callable[[], Any]
 
 
@@ -23,7 +23,7 @@ class ReadAhead:
 
     def __init__(self, limit: int, depth: int = PREFETCH_DEPTH) -> None:
         self.limit = max(1, limit)
-        self.depth = depth
+        self.depth = depth if self.limit > 1 else 0  # a limit of 1: no read-ahead at all
         self.window = min(self.limit, START_WINDOW)
         self.last = -1  # the page of the last fault
         self.ahead = -1  # every page of the current run before this one was asked for
