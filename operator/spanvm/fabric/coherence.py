@@ -217,7 +217,7 @@ class Coherence:
         if state == INVALID:
             window, sequential = stream.on_fault(page, self._room(page))
         if home == self.index:
-            if state != INVALID or not self._serve_own_run(kind, page, window):
+            if state != INVALID or not self._serve_own_run(kind, page, window, sequential):
                 self.serve(self.index, kind, page, request_id=0)
             return
         wait = self.submit(home, _request(kind, page, window))
@@ -236,7 +236,7 @@ class Coherence:
         for first, count in stream.prefetch(page, page + self._room(page)):
             stream.sent(first, count, self.submit(home, _request(Kind.READ, first, count)))
 
-    def _serve_own_run(self, kind: Kind, page: int, window: int) -> bool:
+    def _serve_own_run(self, kind: Kind, page: int, window: int, sequential: bool) -> bool:
         """A fault of this fragment's own vCPUs on a missing page homed here: resolve it with
         the following pages of a read-ahead window when that costs no other fragment more
         than the page alone. Untouched pages become Modified zero pages here, in one ioctl;
@@ -249,6 +249,8 @@ class Coherence:
                 return False
             if owner != me and kind == Kind.WRITE:
                 return False
+            if owner != me and not sequential:
+                window = 1  # take more of a writer's pages only for a sequential run
             with self._run_locked(page, window, owner) as run:
                 if owner == me:  # untouched everywhere (no copy exists): zeros
                     self.uffd.install(self.host(page), None, writable=True, pages=run)

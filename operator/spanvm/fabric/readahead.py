@@ -15,6 +15,7 @@ from typing import Any
 
 START_WINDOW = 8
 PREFETCH_DEPTH = 7
+RUN_AFTER = 2  # faults in a row that continue a run before it counts as sequential
 Wait = Callable[[], Any]
 
 
@@ -26,22 +27,28 @@ class ReadAhead:
         self.depth = depth if self.limit > 1 else 0  # a limit of 1: no read-ahead at all
         self.window = min(self.limit, START_WINDOW)
         self.last = -1  # the page of the last fault
+        self.streak = 0  # faults in a row that continued the run
         self.ahead = -1  # every page of the current run before this one was asked for
         self._in_flight: list[tuple[int, int, Wait]] = []  # windows asked for ahead: [first, end)
 
     def on_fault(self, page: int, room: int) -> tuple[int, bool]:
         """A fault on missing `page`, `room` pages before the end of its home range: the
-        window it asks for, and whether it continues the run (only then prefetch)."""
-        sequential = self.last < page <= self.ahead
-        if sequential:
+        window it asks for, and whether the run is sequential (only then ask ahead, or take
+        a run of pages from the fragment that owns them)."""
+        continues = self.last < page <= self.ahead
+        if continues:
             self.window = min(self.limit, self.window * 2)
+            self.streak += 1
         else:
             self.window = max(1, self.window // 4)
+            self.streak = 0
         count = max(1, min(self.window, room))
         self.last = page
-        self._in_flight = [w for w in self._in_flight if sequential and w[1] > page]
-        self.ahead = max(page + count, self.ahead) if sequential else page + count
-        return count, sequential
+        self._in_flight = [w for w in self._in_flight if continues and w[1] > page]
+        self.ahead = max(page + count, self.ahead) if continues else page + count
+        # Two pages taking turns (a flag and its data) continue each other every other fault:
+        # only a run that went on twice in a row is worth asking ahead or taking from a writer.
+        return count, self.streak >= RUN_AFTER
 
     def prefetch(self, page: int, end: int) -> list[tuple[int, int]]:
         """After a sequential fault on `page`: (first, count) of the windows to ask for now,
