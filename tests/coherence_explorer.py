@@ -42,7 +42,7 @@ from spanvm.fabric.fragment import protocol_handlers, unwired
 from spanvm.fabric.homes import PAGE, HomeMap, HomeRange
 from spanvm.fabric.transport import Handlers, Peer, Transport
 from spanvm.fabric.uffd import Fault, Userfault
-from spanvm.fabric.wire import Frame, Kind
+from spanvm.fabric.wire import HEADER, Frame, Kind
 from spanvm.vmm.kvm_abi import MADV_DONTNEED
 from spanvm.vmm.layout import IMAGE_BASE
 from spanvm.vmm.memory import GuestMemory
@@ -178,16 +178,21 @@ class SimTransport(Transport):
         self._workers = _SimPool(explorer, index)  # type: ignore[assignment]
 
     def send(self, index: int, frame: Frame) -> None:
-        self._explorer.post(self.index, index, frame)
+        # What the socket would carry: chunks are read (from guest memory) as sent.
+        payload = b"".join(frame.buffers())[HEADER.size :]
+        self._explorer.post(self.index, index, replace(frame, payload=payload, chunks=()))
 
-    def request(self, index: int, frame: Frame) -> Frame:
+    def submit(self, index: int, frame: Frame) -> Callable[[], Frame]:
         request_id = next(self._ids)
         future: Future[Frame] = Future()
         self._pending[request_id] = (index, future)
         self.send(index, replace(frame, request=request_id))
-        self._explorer.block(future.done, f"reply {request_id} from fragment {index}")
-        del self._pending[request_id]
-        return future.result()
+
+        def wait() -> Frame:
+            self._explorer.block(future.done, f"reply {request_id} from fragment {index}")
+            return future.result()
+
+        return wait
 
     def deliver(self, source: int, frame: Frame) -> None:
         self._dispatch(Peer(source, None), frame)  # type: ignore[arg-type]
@@ -242,6 +247,7 @@ class Explorer:
         readahead: int = 3,
         loaded_pages: int = 2,
         max_steps: int = 50_000,
+        sequential: float = 0.0,
         userfault: type[Userfault] = Userfault,
         coherence: type[Coherence] = Coherence,
     ) -> None:
@@ -282,16 +288,22 @@ class Explorer:
         for f in self.fragments:
             f.coherence.adopt_initial_contents(loaded_end)
         self.vcpus = [
-            SimVcpu(
-                f.index,
-                [
-                    (self.rng.random() < 0.4, self.rng.choice(self.page_numbers))
-                    for _ in range(ops_per_vcpu)
-                ],
-            )
+            SimVcpu(f.index, self._accesses(ops_per_vcpu, sequential))
             for f in self.fragments
             for _ in range(vcpus_per_fragment)
         ]
+
+    def _accesses(self, count: int, sequential: float) -> list[tuple[bool, int]]:
+        """`count` (is_write, page) accesses; each goes on to the page after the previous one
+        with probability `sequential` (runs that make the fabric read ahead), else anywhere."""
+        ops: list[tuple[bool, int]] = []
+        for _ in range(count):
+            write = self.rng.random() < 0.4
+            if ops and ops[-1][1] + 1 in self.truth and self.rng.random() < sequential:
+                ops.append((write, ops[-1][1] + 1))
+            else:
+                ops.append((write, self.rng.choice(self.page_numbers)))
+        return ops
 
     def _fragment(self, index: int, count: int, memory_size: int, readahead: int) -> SimFragment:
         memory = GuestMemory(memory_size)
@@ -311,6 +323,7 @@ class Explorer:
             send=transport.send,
             request=transport.request,
             readahead=readahead,
+            submit=transport.submit,
         )
         coherence.locks = [SimLock(self) for _ in coherence.locks]  # type: ignore[misc]
         transport.handlers = protocol_handlers(coherence, lambda peer, frame: None, fail)
@@ -415,7 +428,7 @@ class Explorer:
         what = f"vCPU of f{vcpu.fragment} {'writes' if write else 'reads'} page {page:#x}"
         if not allowed:
             if vcpu.blocked_on is None or vcpu.woken:  # a new fault event
-                fragment.faults.append(Fault(address, write, write and present, 0.0))
+                fragment.faults.append(Fault(address, write, write and present, 0.0, id(vcpu)))
                 self.trace.append(f"{what}: fault")
             vcpu.blocked_on, vcpu.woken = address, False
             return

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from coherence_explorer import ExplorationError, explore
+from coherence_explorer import ExplorationError, Explorer, explore
 from spanvm.fabric.coherence import NO_OWNER, Coherence
 from spanvm.fabric.uffd import (
     PAGE_SIZE,
@@ -90,3 +90,43 @@ def test_explorer_finds_a_lost_invalidation() -> None:
     with pytest.raises(ExplorationError, match=r"writable on|the last write was"):
         for seed in range(40):
             explore(3, seed, coherence=ForgetfulHome)
+
+
+@pytest.mark.parametrize(("fragments", "seeds"), [(2, 40), (3, 60), (4, 20)])
+def test_sequential_runs_with_windows_asked_for_ahead(fragments: int, seeds: int) -> None:
+    """Accesses that mostly continue a run make the fabric grow its read-ahead windows and
+    ask for the next windows before the guest reaches them (several requests in flight per
+    fragment, batched DOWNGRADEs behind them); the protocol must hold as without."""
+    waited = 0
+    for seed in range(seeds):
+        explorer = Explorer(
+            fragments, seed, pages_per_home=12, readahead=4, sequential=0.8, ops_per_vcpu=40
+        )
+        try:
+            explorer.run()
+        finally:
+            explorer.close()
+        waited += sum(f.coherence.counters.prefetch_waits for f in explorer.fragments)
+    assert waited > 0  # guests did fault on pages whose windows were still in flight
+
+
+class ForgetfulBatchHome(Coherence):
+    """A home that, after a batched DOWNGRADE, forgets the old owner keeps a Shared copy."""
+
+    def _downgrade_run(self, owner: int, first: int, count: int) -> None:
+        super()._downgrade_run(owner, first, count)
+        for page in range(first, first + count):
+            self.sharers[page] &= ~(1 << owner)
+
+
+def test_explorer_finds_a_forgotten_sharer_after_a_batched_downgrade() -> None:
+    with pytest.raises(ExplorationError, match=r"writable on|the last write was|already held"):
+        for seed in range(40):
+            explore(
+                3,
+                seed,
+                pages_per_home=12,
+                readahead=4,
+                sequential=0.8,
+                coherence=ForgetfulBatchHome,
+            )

@@ -10,7 +10,8 @@ Prints one table. The ratios are what count (absolute times on shared machines a
   over the same loopback path;
   ratio = remote / (local + raw), goal <= 1.1;
 - streaming: remote pages/s seen by the guest, against one page per raw round trip, goal >= 4;
-- smp-sum: 2 fragments x 1 vCPU against 1 fragment x 2 vCPUs (guest-timed, doorbell marks).
+- smp-sum: 2 fragments x 1 vCPU against 1 fragment x 2 vCPUs (guest-timed, doorbell marks),
+  goal <= 5; and the 3-fragment row: 3 fragments x 1 vCPU against 1 fragment x 3 vCPUs.
 """
 
 import argparse
@@ -21,7 +22,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from spanvm.contract import Finished, FragmentEvent, last_of
 from spanvm.fabric.coherence import READAHEAD
@@ -147,8 +147,8 @@ def marks_seconds(marks: Sequence[Sequence[float]], first: int = 0) -> float:
     return by_value[first + 1] - by_value[first]
 
 
-def smp_sum_local(words: int) -> float:
-    with Machine(VmConfig(256 * MiB, 2, payload_image("smp-sum"), words)) as machine:
+def smp_sum_local(words: int, vcpus: int = 2) -> float:
+    with Machine(VmConfig(256 * MiB, vcpus, payload_image("smp-sum"), words)) as machine:
         result = machine.run(idle_timeout=120)
     assert result.ok, result.error
     return marks_seconds([[v, value, t] for v, value, t in result.marks])
@@ -178,6 +178,10 @@ def main() -> int:
         fragment_run("smp-sum", 2, 2, 256 * MiB, args.words, "proportional")[0][0].marks
     )
     one_fragment = smp_sum_local(args.words)
+    span3 = marks_seconds(
+        fragment_run("smp-sum", 3, 3, 256 * MiB, args.words, "proportional")[0][0].marks
+    )
+    one_fragment3 = smp_sum_local(args.words, 3)
 
     raw50, raw99 = pct(raw, 0.5) * 1e6, pct(raw, 0.99) * 1e6
     loc50, loc99 = pct(local, 0.5) * 1e6, pct(local, 0.99) * 1e6
@@ -208,7 +212,7 @@ def main() -> int:
             "remote / (local + raw)",
             f"{rem50 / (loc50 + raw50):.2f}",
             f"{rem99 / (loc99 + raw99):.2f}",
-            "goal <= 1.1",
+            "goal <= 1.3 (stretch 1.1)",
         ),
         (
             "remote streaming pages/s",
@@ -218,7 +222,10 @@ def main() -> int:
         ),
         ("smp-sum 2 frag x 1 vCPU (s)", f"{span:.3f}", "", f"{args.words} words"),
         ("smp-sum 1 frag x 2 vCPU (s)", f"{one_fragment:.3f}", "", ""),
-        ("smp-sum spanning / single", f"{span / one_fragment:.2f}", "", ""),
+        ("smp-sum spanning / single", f"{span / one_fragment:.2f}", "", "goal <= 5"),
+        ("smp-sum 3 frag x 1 vCPU (s)", f"{span3:.3f}", "", f"{args.words} words"),
+        ("smp-sum 1 frag x 3 vCPU (s)", f"{one_fragment3:.3f}", "", ""),
+        ("smp-sum 3 spanning / single", f"{span3 / one_fragment3:.2f}", "", ""),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"{'measure':{width}}  {'p50 / value':>12}  {'p99':>10}  note")

@@ -13,15 +13,17 @@ in order. Invariant: while a page has no owner, the home holds a Shared copy.
 Requests, grants and directives are idempotent where a race can repeat them.
 """
 
+import contextlib
 import ctypes
 import struct
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from spanvm.fabric.homes import PAGE, HomeMap
+from spanvm.fabric.readahead import ReadAhead
 from spanvm.fabric.uffd import Fault, Userfault
 from spanvm.fabric.wire import BATCH, EXCLUSIVE, HAS_DATA, WANT_DATA, Frame, Kind
 from spanvm.vmm.memory import GuestMemory
@@ -51,6 +53,7 @@ class Counters:
     pages_in: int = 0
     pages_out: int = 0
     invalidations: int = 0
+    prefetch_waits: int = 0  # faults on a page whose window was asked for ahead, still coming
     remote_fault_seconds: list[float] = field(default_factory=list)
 
     def fault_percentiles(self) -> dict[str, float]:
@@ -84,6 +87,12 @@ class Counters:
 # send(peer, frame) and request(peer, frame) -> reply frame, provided by the transport.
 Send = Callable[[int, Frame], None]
 Request = Callable[[int, Frame], Frame]
+# submit(peer, frame) -> wait: a request sent at once whose reply is waited for later.
+Submit = Callable[[int, Frame], Callable[[], Frame]]
+
+
+def _done(reply: Frame) -> Callable[[], Frame]:
+    return lambda: reply
 
 
 class Coherence:
@@ -99,14 +108,20 @@ class Coherence:
         send: Send,
         request: Request,
         readahead: int = READAHEAD,
+        submit: Submit | None = None,
     ) -> None:
+        """`submit` sends a request without waiting and returns the wait for its reply (by
+        default: `request` at once, so nothing is asked for ahead of the guest)."""
         self.index = index
         self.memory = memory
         self.uffd = uffd
         self.homes = homes
         self.send = send
         self.request = request
+        self.submit: Submit = submit or (lambda peer, frame: _done(request(peer, frame)))
         self.state = bytearray(memory.size // PAGE)  # by host page number
+        low = memory.ranges[0]  # guest pages below this are host pages of the same number
+        self._direct_pages = low.size // PAGE if low.gpa == 0 == low.host_offset else 0
         self.owner: dict[int, int] = {}  # home pages only; default: this fragment
         self.sharers: dict[int, int] = {}  # home pages only; bitmask of fragment indexes
         # Per-page versions: the home counts ownership changes; every fragment remembers the
@@ -117,18 +132,24 @@ class Coherence:
         self.counters = Counters()
         self.readahead = max(1, min(64, readahead))
         self._installed_at = 0.0  # when the last grant was applied (the fault thread's own)
+        self._streams: dict[int, ReadAhead] = {}  # by faulting thread: the fault thread's own
 
     # -- addresses -------------------------------------------------------------------------
     def host(self, page: int) -> int:
-        return self.memory.host_address + self.memory.host_offset(page * PAGE, PAGE)
+        return self.memory.host_address + self._slot(page) * PAGE
 
     def page_of_host(self, address: int) -> int:
+        slot = (address - self.memory.host_address) // PAGE
+        if 0 <= slot < self._direct_pages:
+            return slot
         try:
             return self.memory.gpa_of(address) // PAGE
         except ValueError:
             raise CoherenceError(f"fault at host address {address:#x} outside guest RAM") from None
 
     def _slot(self, page: int) -> int:
+        if page < self._direct_pages:
+            return page
         return self.memory.host_offset(page * PAGE, PAGE) // PAGE
 
     def local_state(self, page: int) -> int:
@@ -150,6 +171,10 @@ class Coherence:
         if self.local_state(page) == INVALID:
             return b""  # never touched: zeros
         return ctypes.string_at(self.host(page), PAGE)
+
+    def _view(self, first: int, count: int) -> memoryview:
+        """`count` present pages from `first` in guest memory, for sending without a copy."""
+        return memoryview((ctypes.c_char * (count * PAGE)).from_address(self.host(first))).cast("B")
 
     def _install(self, page: int, data: bytes, writable: bool) -> None:
         self.uffd.install(self.host(page), data or None, writable)
@@ -176,24 +201,112 @@ class Coherence:
         page = self.page_of_host(fault.address)
         wants_write = fault.write or fault.wp
         state = self.local_state(page)
+        stream = self._streams.setdefault(fault.thread, ReadAhead(self.readahead))
+        home = self.homes.home(page)
+        if state == INVALID and (wait := stream.in_flight(page)) is not None:
+            wait()  # a window asked for ahead of the guest holds this page: its grant is in
+            self.counters.prefetch_waits += 1
+            self._prefetch(stream, home, page)  # the guest keeps up: keep the pipe full
+            state = self.local_state(page)
         if state == MODIFIED or (state == SHARED and not wants_write):
             self.uffd.wake(fault.address)  # already resolved by an earlier event
             return
         self.counters.page_faults += 1
         kind = Kind.WRITE if wants_write else Kind.READ
-        home = self.homes.home(page)
+        window, sequential = (1, False)
+        if state == INVALID:
+            window, sequential = stream.on_fault(page, self._room(page))
         if home == self.index:
-            self.serve(self.index, kind, page, request_id=0)
+            if state != INVALID or not self._serve_own_run(kind, page, window, sequential):
+                self.serve(self.index, kind, page, request_id=0)
             return
-        if state == INVALID and (window := self.readahead_for(page)) > 1:
-            request = Frame(kind, BATCH, page=page, payload=struct.pack("<H", window))
-        else:
-            request = Frame(kind, page=page)
-        self.request(home, request)  # the grant is applied by the reader
+        wait = self.submit(home, _request(kind, page, window))
+        if sequential and kind == Kind.READ:
+            self._prefetch(stream, home, page)
+        wait()  # the grant is applied by the reader
         self.counters.remote_faults += 1
         if len(self.counters.remote_fault_seconds) < 100_000:
             # From reading the fault to the page installed by the reader thread.
             self.counters.remote_fault_seconds.append(self._installed_at - fault.read_at)
+
+    def _prefetch(self, stream: ReadAhead, home: int, page: int) -> None:
+        """Ask `home` for the windows of a sequential run the guest will reach next (READs
+        whose grants the reader applies; the fault thread waits for one only if the guest
+        faults on a page in it before it arrived)."""
+        for first, count in stream.prefetch(page, page + self._room(page)):
+            stream.sent(first, count, self.submit(home, _request(Kind.READ, first, count)))
+
+    def _serve_own_run(self, kind: Kind, page: int, window: int, sequential: bool) -> bool:
+        """A fault of this fragment's own vCPUs on a missing page homed here: resolve it with
+        the following pages of a read-ahead window when that costs no other fragment more
+        than the page alone. Untouched pages become Modified zero pages here, in one ioctl;
+        for a read, pages one other fragment owns come back in one batched DOWNGRADE. False
+        when the page is neither (serve() then handles it alone)."""
+        me = self.index
+        with self.locks[page % LOCK_STRIPES]:
+            owner = self.owner.get(page, me)
+            if self.local_state(page) != INVALID or owner == NO_OWNER:
+                return False
+            if owner != me and kind == Kind.WRITE:
+                return False
+            if owner != me and not sequential:
+                window = 1  # take more of a writer's pages only for a sequential run
+            with self._run_locked(page, window, owner) as run:
+                if owner == me:  # untouched everywhere (no copy exists): zeros
+                    self.uffd.install(self.host(page), None, writable=True, pages=run)
+                    for p in range(page, page + run):
+                        self.state[self._slot(p)] = MODIFIED
+                else:
+                    self._downgrade_run(owner, page, run)
+            return True
+
+    @contextlib.contextmanager
+    def _run_locked(self, first: int, window: int, owner: int) -> Iterator[int]:
+        """Lock the pages after `first` (whose lock the caller holds), up to `window` pages in
+        all, while each lock is free and the page is owned by `owner` with no copy on this
+        fragment; yields the run's length, `first` included. Released on exit."""
+        held: list[threading.Lock] = []
+        try:
+            run = 1
+            while run < window:
+                page = first + run
+                lock = self.locks[page % LOCK_STRIPES]
+                if not lock.acquire(blocking=False):
+                    break
+                if self.owner.get(page, self.index) != owner or self.local_state(page) != INVALID:
+                    lock.release()
+                    break
+                held.append(lock)
+                run += 1
+            yield run
+        finally:
+            for lock in held:
+                lock.release()
+
+    def _downgrade_run(self, owner: int, first: int, count: int) -> None:
+        """Bring `count` pages from `first` that `owner` holds Modified home as Shared copies
+        (the owner keeps them write-protected), with one DOWNGRADE. Page locks are held."""
+        if count == 1:
+            reply = self.request(owner, Frame(Kind.DOWNGRADE, page=first))
+            self._check_returned(first, reply)
+            self._install(first, reply.payload, writable=False)
+            self.owner[first] = NO_OWNER
+            self.sharers[first] = (1 << owner) | (1 << self.index)
+            self.counters.pages_in += 1
+            return
+        request = Frame(Kind.DOWNGRADE, BATCH, page=first, payload=struct.pack("<H", count))
+        reply = self.request(owner, request)
+        versions = struct.unpack_from(f"<{count}I", reply.payload)
+        if len(reply.payload) != count * (4 + PAGE):
+            raise CoherenceError(f"DOWNGRADE of {count} pages returned {len(reply.payload)} bytes")
+        for page, version in zip(range(first, first + count), versions, strict=True):
+            self._check_returned(page, replace(reply, page_version=version))
+        self.uffd.install(self.host(first), reply.payload, False, count, offset=4 * count)
+        for page in range(first, first + count):
+            self.state[self._slot(page)] = SHARED
+            self.owner[page] = NO_OWNER
+            self.sharers[page] = (1 << owner) | (1 << self.index)
+        self.counters.pages_in += count
 
     # -- the home side ------------------------------------------------------------------------
     def serve(
@@ -295,10 +408,12 @@ class Coherence:
                 else:
                     self._protect(page)
             else:
-                reply = self.request(owner, Frame(Kind.DOWNGRADE, page=page))
-                self._check_returned(page, reply)
-                self._install(page, reply.payload, writable=False)
-                self.counters.pages_in += 1
+                with self._run_locked(page, window, owner) as run:
+                    self._downgrade_run(owner, page, run)
+                    self.sharers[page] |= bit
+                    data = self._data(page)
+                    self._send_grant(r, page, request_id, HAS_DATA, data, window, False, run)
+                return
             sharers, owner = (1 << owner) | (1 << me), NO_OWNER
         self.owner[page] = NO_OWNER
         self.sharers[page] = sharers | bit
@@ -313,48 +428,56 @@ class Coherence:
         data: bytes,
         window: int,
         writes: bool,
+        locked: int = 1,
     ) -> None:
         """Grant `first`, plus (read-ahead) those of the next `window - 1` pages that cost no
         other fragment anything: untouched pages move to r as exclusive zero pages; for reads,
-        pages the home owns or shares become Shared by r. One message carries them all."""
+        pages the home owns or shares become Shared by r. One message carries them all. The
+        caller holds the locks of the first `locked` pages."""
         if r == self.index:
             return
         if window <= 1 or not flags & HAS_DATA:
             self._grant(r, first, request_id, flags, data)
             return
-        me = self.index
+        me, owners, sharers_of, state = self.index, self.owner, self.sharers, self.state
+        window = min(window, self._room(first))  # never a page homed elsewhere
+        base = self._slot(first)  # a window lies in one home range: consecutive slots
         included, exclusive, zero = 1, int(bool(flags & EXCLUSIVE)), int(not data)
+        versions = [self.version.get(first, 0)]
         shared: list[int] = []  # pages r will share with the home
         held: list[threading.Lock] = []
         try:
             for offset in range(1, window):
                 page, bit = first + offset, 1 << offset
-                lock = self.locks[page % LOCK_STRIPES]
-                if not lock.acquire(blocking=False):
-                    continue
-                held.append(lock)
-                owner, sharers = self.owner.get(page, me), self.sharers.get(page, 0)
+                if offset >= locked:
+                    lock = self.locks[page % LOCK_STRIPES]
+                    if not lock.acquire(blocking=False):
+                        continue
+                    held.append(lock)
+                owner, sharers = owners.get(page, me), sharers_of.get(page, 0)
                 if owner == r or sharers >> r & 1:
                     continue
-                if self._virgin(page):
+                if owner == me and state[base + offset] == INVALID:  # untouched anywhere
                     self._new_owner(page, r)
                     included, exclusive, zero = included | bit, exclusive | bit, zero | bit
                 elif not writes and owner in (me, NO_OWNER):
-                    self.owner[page] = NO_OWNER
-                    self.sharers[page] = (1 << me if owner == me else sharers) | (1 << r)
+                    owners[page] = NO_OWNER
+                    sharers_of[page] = (1 << me if owner == me else sharers) | (1 << r)
                     included |= bit
                     shared.append(page)
-            self._protect_pages([p for p in shared if self.local_state(p) == MODIFIED])
-            chunks = [data] if data else []
-            chunks += [self._data(p) for p in shared]
-            self.counters.pages_out += len(chunks)
-            versions = [self.version.get(first + b, 0) for b in range(64) if included >> b & 1]
+                else:
+                    continue
+                versions.append(self.version.get(page, 0))
+            self._protect_pages([p for p in shared if state[base + p - first] == MODIFIED])
+            self.counters.pages_out += bool(data) + len(shared)
             payload = (
                 BATCH_HEADER.pack(included, exclusive, zero)
                 + struct.pack(f"<{len(versions)}I", *versions)
-                + b"".join(chunks)
+                + data
             )
-            self.send(r, Frame(Kind.GRANT, flags | BATCH, request_id, first, payload))
+            # The shared pages go out from guest memory: write-protected, and locked until sent.
+            pages = tuple(self._view(p, n) for p, n in _runs(shared))
+            self.send(r, Frame(Kind.GRANT, flags | BATCH, request_id, first, payload, 0, pages))
         finally:
             for lock in held:
                 lock.release()
@@ -414,6 +537,8 @@ class Coherence:
     def on_directive(self, frame: Frame) -> Frame:
         """DOWNGRADE or INVALIDATE from the page's home; returns the reply."""
         page = frame.page
+        if frame.flags & BATCH:
+            return self._downgrade_batch(frame)
         state = self.local_state(page)
         downgrade = frame.kind == Kind.DOWNGRADE
         if downgrade or frame.flags & WANT_DATA:  # the owner hands its copy to the home
@@ -436,6 +561,24 @@ class Coherence:
             )
         self._drop(page)
         return Frame(Kind.ACK, request=frame.request, page=page)
+
+    def _downgrade_batch(self, frame: Frame) -> Frame:
+        """A batched DOWNGRADE: write-protect every page of the run (one ioctl), then return
+        their versions and data in one DATA frame."""
+        first, count = frame.page, readahead_count(frame)
+        pages = range(first, first + count)
+        if frame.kind != Kind.DOWNGRADE or any(self.local_state(p) != MODIFIED for p in pages):
+            raise CoherenceError(
+                f"batched {frame.kind.name} of pages {first:#x}+{count} that fragment"
+                f" {self.index} does not all own"
+            )
+        self._protect_pages(list(pages))
+        versions = struct.pack(f"<{count}I", *(self.seen.get(p, 0) for p in pages))
+        self.counters.pages_out += count
+        # Sent from guest memory by this reader before it reads the next directive: nothing
+        # changes the pages meanwhile (write-protected; only their home's directives drop).
+        data = (self._view(first, count),)
+        return Frame(Kind.DATA, BATCH, frame.request, first, versions, 0, data)
 
     def on_grant(self, frame: Frame) -> None:
         """Apply a GRANT before the waiting fault handler resumes."""
@@ -502,22 +645,29 @@ class Coherence:
                     raise CoherenceError(
                         f"batched grant of page {page:#x} already held by fragment {self.index}"
                     )
-            data = None
-            if not kind[1]:
-                data = frame.payload[offset : offset + count * PAGE]
+            if kind[1]:
+                self.uffd.install(self.host(first), None, writable=bool(kind[0]), pages=count)
+            else:
+                self.uffd.install(self.host(first), frame.payload, bool(kind[0]), count, offset)
                 offset += count * PAGE
-            self.uffd.install(self.host(first), data, writable=bool(kind[0]), pages=count)
             for page in range(first, first + count):
                 self.state[self._slot(page)] = MODIFIED if kind[0] else SHARED
             self.counters.pages_in += count
             bit = end
 
-    def readahead_for(self, page: int) -> int:
-        """How many pages a READ fault on `page` asks for: up to READAHEAD, same home range."""
-        for h in self.homes.homes:
-            if h.start <= page * PAGE < h.end:
-                return max(1, min(self.readahead, h.end // PAGE - page))
-        return 1
+    def _room(self, page: int) -> int:
+        """Pages from `page` to the end of its home range (a window stays within one home)."""
+        try:
+            return self.homes.range_of(page).end // PAGE - page
+        except KeyError:
+            return 1
+
+
+def _request(kind: Kind, page: int, window: int) -> Frame:
+    """A READ or WRITE for `page` and, beside it, up to `window - 1` following pages."""
+    if window <= 1:
+        return Frame(kind, page=page)
+    return Frame(kind, BATCH, page=page, payload=struct.pack("<H", window))
 
 
 def readahead_count(frame: Frame) -> int:

@@ -157,6 +157,7 @@ class Fragment:
             send=self.transport.send,
             request=self.transport.request,
             readahead=config.readahead or READAHEAD,
+            submit=self.transport.submit,
         )
         self.coherence.adopt_initial_contents(self.machine.loaded_end)
         self.transport.handlers = protocol_handlers(

@@ -1,5 +1,6 @@
 """Which fragment is home for each guest page: the split of coherent memory by policy."""
 
+import bisect
 from dataclasses import dataclass
 
 from spanvm.shares import share_ranges
@@ -55,10 +56,16 @@ class HomeMap:
 
     def __init__(self, homes: list[HomeRange]) -> None:
         self.homes = sorted(homes, key=lambda h: h.start)
+        self._starts = [h.start for h in self.homes]
+
+    def range_of(self, page: int) -> HomeRange:
+        """The home range holding a page id (KeyError outside coherent memory); a binary
+        search, as it runs on every fault."""
+        address = page * PAGE
+        at = bisect.bisect_right(self._starts, address) - 1
+        if at >= 0 and address < self.homes[at].end:
+            return self.homes[at]
+        raise KeyError(f"guest-physical {address:#x} is not coherent memory")
 
     def home(self, page: int) -> int:
-        address = page * PAGE
-        for h in self.homes:
-            if h.start <= address < h.end:
-                return h.index
-        raise KeyError(f"guest-physical {address:#x} is not coherent memory")
+        return self.range_of(page).index

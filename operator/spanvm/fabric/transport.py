@@ -244,10 +244,13 @@ class Transport:
         peer = self.peers.get(index)
         if peer is None:
             raise FabricError(f"fragment {index} is not connected")
-        data = frame.encode()
+        buffers = frame.buffers()
         try:
             with peer.lock:
-                peer.sock.sendall(data)
+                if len(buffers) == 1:
+                    peer.sock.sendall(buffers[0])
+                else:
+                    _send_all(peer.sock, buffers)
         except OSError as err:
             raise PeerGoneError(f"fragment {index} lost: {err}") from None
 
@@ -259,28 +262,40 @@ class Transport:
 
     def request(self, index: int, frame: Frame) -> Frame:
         """Send a request and wait for its reply."""
+        return self.submit(index, frame)()
+
+    def submit(self, index: int, frame: Frame) -> Callable[[], Frame]:
+        """Send a request without waiting; returns the wait for its reply (to call at most
+        once, or never: a reply nobody waits for is dropped by the reader). A GRANT is applied
+        by the reader whether or not anyone waits."""
         request_id = next(self._ids)
         future: Future[Frame] = Future()
         with self._pending_lock:
             self._pending[request_id] = (index, future)
+        # If the peer is gone, the reply never comes: wait for the reader's verdict, which
+        # fails every waiting request with the reason (or the fabric closes).
         try:
-            # If the peer is gone, the reply never comes: wait for the reader's verdict,
-            # which fails every waiting request with the reason (or the fabric closes).
+            self.send(index, replace(frame, request=request_id))
+        except PeerGoneError:
+            peer = self.peers.get(index)
+            if self._torn_down or peer is None or peer.departed:
+                with self._pending_lock:
+                    self._pending.pop(request_id, None)
+                raise  # its reader has ended already: no verdict will wake this request
+
+        def wait() -> Frame:
             try:
-                self.send(index, replace(frame, request=request_id))
-            except PeerGoneError:
-                peer = self.peers.get(index)
-                if self._torn_down or peer is None or peer.departed:
-                    raise  # its reader has ended already: no verdict will wake this request
-            return future.result(REQUEST_TIMEOUT)
-        except FutureTimeout:
-            raise FabricError(
-                f"fragment {index} did not answer {frame.kind.name} for page"
-                f" {frame.page:#x} within {REQUEST_TIMEOUT:.0f}s"
-            ) from None
-        finally:
-            with self._pending_lock:
-                self._pending.pop(request_id, None)
+                return future.result(REQUEST_TIMEOUT)
+            except FutureTimeout:
+                raise FabricError(
+                    f"fragment {index} did not answer {frame.kind.name} for page"
+                    f" {frame.page:#x} within {REQUEST_TIMEOUT:.0f}s"
+                ) from None
+            finally:
+                with self._pending_lock:
+                    self._pending.pop(request_id, None)
+
+        return wait
 
     # -- receiving ---------------------------------------------------------------------------
     def _reader(self, peer: Peer) -> None:
@@ -331,7 +346,7 @@ class Transport:
             if kind == Kind.GRANT:
                 self.handlers.on_grant(frame)
             with self._pending_lock:
-                entry = self._pending.get(frame.request)
+                entry = self._pending.pop(frame.request, None)
             if entry is not None:
                 with contextlib.suppress(InvalidStateError):  # already failed: too late
                     entry[1].set_result(frame)
@@ -435,3 +450,15 @@ class Transport:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
         self._workers.shutdown(wait=True, cancel_futures=True)
+
+
+def _send_all(sock: socket.socket, buffers: list[bytes | memoryview]) -> None:
+    """sendall() of several buffers in order, gathered by the kernel (sendmsg(2))."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= views[0].nbytes:
+            sent -= views[0].nbytes
+            views.pop(0)
+        if views and sent:
+            views[0] = views[0][sent:]

@@ -106,6 +106,7 @@ class Fault:
     write: bool
     wp: bool
     read_at: float  # time.perf_counter() when the event was read (fault service starts)
+    thread: int = 0  # the faulting thread's id (each vCPU's accesses form their own stream)
 
 
 class Kernel(Protocol):
@@ -206,12 +207,16 @@ class Userfault:
                         write=bool(msg.flags & UFFD_PAGEFAULT_FLAG_WRITE),
                         wp=bool(msg.flags & UFFD_PAGEFAULT_FLAG_WP),
                         read_at=now,
+                        thread=msg.ptid,
                     )
                 )
 
-    def install(self, address: int, data: bytes | None, writable: bool, pages: int = 1) -> bool:
-        """Map `pages` contiguous pages with `data` (zeros if None), write-protected unless
-        writable, in one ioctl; wakes the faulting threads. False if already present.
+    def install(
+        self, address: int, data: bytes | None, writable: bool, pages: int = 1, offset: int = 0
+    ) -> bool:
+        """Map `pages` contiguous pages with `data` from `offset` (zeros if None),
+        write-protected unless writable, in one ioctl; wakes the faulting threads. False if
+        already present.
 
         The kernel copies straight from `data` (an immutable bytes object, alive for the
         call) or from a shared zero buffer that nobody writes: no staging buffer, which
@@ -221,12 +226,12 @@ class Userfault:
         if data is None:
             source = _zeros(length)
         else:
-            if len(data) < length:
-                raise ValueError(f"install of {pages} pages given {len(data)} bytes")
+            if len(data) - offset < length:
+                raise ValueError(f"install of {pages} pages given {len(data) - offset} bytes")
             source = data
         copy = UffdioCopy(
             dst=address,
-            src=ctypes.cast(ctypes.c_char_p(source), ctypes.c_void_p).value,
+            src=(ctypes.cast(ctypes.c_char_p(source), ctypes.c_void_p).value or 0) + offset,
             len=length,
             mode=0 if writable else UFFDIO_COPY_MODE_WP,
         )

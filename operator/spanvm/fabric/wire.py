@@ -89,21 +89,27 @@ class Frame:
     page: int = 0
     payload: bytes = b""
     page_version: int = 0  # the page's directory version (GRANT, DATA)
+    # More payload after `payload`, sent from where it lies (guest pages: no copy in Python);
+    # a receiver sees it all as `payload`. The sender keeps it unchanged until sent.
+    chunks: tuple[memoryview, ...] = ()
+
+    def buffers(self) -> list[bytes | memoryview]:
+        """The frame on the wire: header and payload, then the chunks."""
+        length = len(self.payload) + sum(c.nbytes for c in self.chunks)
+        header = HEADER.pack(
+            MAGIC,
+            VERSION,
+            self.kind,
+            self.flags,
+            self.page_version,
+            self.request,
+            self.page,
+            length,
+        )
+        return [header + self.payload, *self.chunks]
 
     def encode(self) -> bytes:
-        return (
-            HEADER.pack(
-                MAGIC,
-                VERSION,
-                self.kind,
-                self.flags,
-                self.page_version,
-                self.request,
-                self.page,
-                len(self.payload),
-            )
-            + self.payload
-        )
+        return b"".join(self.buffers())
 
 
 def recv_exact(sock: socket.socket, size: int) -> bytes:
