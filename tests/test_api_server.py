@@ -64,6 +64,13 @@ def test_crds_are_established(crds: Cluster) -> None:
         ("svm.spec.placement", "Most fragments (nodes) the guest may be split into"),
         ("svm.spec.fabric.transport", "auto (TCP today; RDMA once the fabric has it)"),
         ("vmf.spec.homeMemory", "Guest-physical ranges this fragment is home for"),
+        # defaults are stated (kubectl explain shows no schema default on its own)
+        ("svm.spec.runStrategy", "Default: Once."),
+        ("svm.spec.placement.minVcpusPerFragment", "Default: 1."),
+        ("svm.spec.fabric.homePolicy", "Default: proportional."),
+        # KubeVirt's run strategies with their meanings
+        ("svm.spec.runStrategy", "RerunOnFailure: restarted after a failure"),
+        ("svm.spec.runStrategy", "Manual: runs and stops only when asked"),
     ],
 )
 def test_kubectl_explain_shows_descriptions(crds: Cluster, field: str, needle: str) -> None:
@@ -135,7 +142,14 @@ def test_printer_columns_and_status_subresource(crds: Cluster) -> None:
     crds.kubectl("apply", "-f", str(REPO / "examples" / "spanningvm-2node.yaml"))
     try:
         header = crds.kubectl("get", "svm", "smp-sum-2node").stdout.splitlines()[0].split()
-        assert header == ["NAME", "PHASE", "VCPUS", "MEMORY", "FRAGMENTS", "NODES", "AGE"]
+        assert header == [
+            *["NAME", "STATUS", "READY", "VCPUS", "MEMORY", "FRAGMENTS", "NODES", "AGE"]
+        ]
+        wide = crds.kubectl("get", "svm", "smp-sum-2node", "-o", "wide").stdout.splitlines()
+        assert wide[0].split()[8:] == ["PHASE", "STRATEGY", "RESTARTS", "EXIT", "MESSAGE"]
+        # `kubectl get all` lists SpanningVMs, as it lists KubeVirt's VMs
+        listed = crds.kubectl("get", "all", "-o", "name").stdout.split()
+        assert "spanningvm.spanvm.io/smp-sum-2node" in listed
         # Status written through the main resource is dropped ...
         crds.kubectl(
             "patch", "svm", "smp-sum-2node", "--type=merge", "-p", '{"status":{"phase":"Running"}}'
@@ -150,10 +164,14 @@ def test_printer_columns_and_status_subresource(crds: Cluster) -> None:
             "--subresource=status",
             "--type=merge",
             "-p",
-            '{"status":{"phase":"Running","fragmentCount":2,"nodes":"node-a,node-b"}}',
+            '{"status":{"phase":"Running","printableStatus":"Running","fragmentCount":2,'
+            '"nodes":"node-a,node-b","restarts":3,"exitCode":0,"message":"the guest runs",'
+            '"conditions":[{"type":"Ready","status":"True","reason":"GuestRunning"}]}}',
         )
         row = crds.kubectl("get", "svm", "smp-sum-2node", "--no-headers").stdout.split()
-        assert row[1:6] == ["Running", "2", "256Mi", "2", "node-a,node-b"]
+        assert row[1:7] == ["Running", "True", "2", "256Mi", "2", "node-a,node-b"]
+        row = crds.kubectl("get", "svm", "smp-sum-2node", "--no-headers", "-o", "wide").stdout
+        assert row.split()[8:] == ["Running", "Once", "3", "0", "the", "guest", "runs"]
         bad = crds.kubectl(
             "patch",
             "svm",

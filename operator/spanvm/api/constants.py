@@ -29,6 +29,14 @@ FINALIZER = "spanvm.io/finalizer"
 FABRIC_PUBLIC_KEY_ANNOTATION = "spanvm.io/fabric-public-key"
 # On VMFragments, by the operator: the VM's fabric key sealed to the fragment's node.
 SEALED_FABRIC_KEY_ANNOTATION = "spanvm.io/sealed-fabric-key"
+# On SpanningVMs, written by `spanvm start|stop|restart` (and anyone allowed to patch the VM):
+# "<verb>/<id>" with verb start, stop or restart; the operator acts once per id and records
+# it in status.lastRequest (KubeVirt's start/stop/restart subresources, as an annotation).
+REQUEST_ANNOTATION = "spanvm.io/request"
+REQUEST_VERBS = ("start", "stop", "restart")
+# On SpanningVMs: "true" while `spanvm pause` holds the guest's vCPUs (the fabric keeps
+# serving); the operator asks every fragment for desiredState Paused.
+PAUSED_ANNOTATION = "spanvm.io/paused"
 FABRIC_SECRET_KEY = "fabric-key"
 
 # Where the agents' heartbeat Leases and the operator's leader Lease live.

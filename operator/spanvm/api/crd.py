@@ -68,12 +68,22 @@ def structural(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[st
             # `false` is implied by pruning and is not allowed beside properties.
         else:
             out[key] = value
+    if out.get("default") is not None and "description" in out:
+        out["description"] = with_default(str(out["description"]), out["default"])
     if "enum" in out and "type" not in out:
         types = {type(v) for v in out["enum"]}
         out["type"] = "integer" if types == {int} else "string"
     if "type" not in out:
         raise SchemaError(f"{path}: no type")
     return out
+
+
+def with_default(description: str, default: Any) -> str:
+    """The description ending with the field's default, which `kubectl explain` shows only
+    through the description."""
+    shown = yaml.safe_dump(default, default_flow_style=True, width=1000).strip()
+    shown = shown.removesuffix("...").strip()
+    return f"{description.rstrip()} Default: {shown}."
 
 
 def model_schema(model: type[BaseModel], path: str) -> dict[str, Any]:
@@ -111,6 +121,7 @@ def _column(
 
 
 _AGE = _column("Age", "date", ".metadata.creationTimestamp", "Time since creation.")
+_WIDE = 1  # columns shown by `kubectl get -o wide` only
 
 CRDS: tuple[CrdSpec, ...] = (
     CrdSpec(
@@ -124,12 +135,23 @@ CRDS: tuple[CrdSpec, ...] = (
             "into VMFragments, one per node, kept coherent by a memory fabric."
         ),
         printer_columns=(
-            _column("Phase", "string", ".status.phase", "Lifecycle phase."),
+            _column("Status", "string", ".status.printableStatus", "The state, for people."),
+            _column(
+                "Ready",
+                "string",
+                '.status.conditions[?(@.type=="Ready")].status',
+                "Whether the guest runs with every fragment connected.",
+            ),
             _column("vCPUs", "integer", ".spec.cpu.vcpus", "Virtual CPUs of the guest."),
             _column("Memory", "string", ".spec.memory", "Guest memory."),
             _column("Fragments", "integer", ".status.fragmentCount", "Fragments placed."),
             _column("Nodes", "string", ".status.nodes", "Nodes running fragments."),
             _AGE,
+            _column("Phase", "string", ".status.phase", "Lifecycle phase.", _WIDE),
+            _column("Strategy", "string", ".spec.runStrategy", "The run strategy.", _WIDE),
+            _column("Restarts", "integer", ".status.restarts", "Restarts of the guest.", _WIDE),
+            _column("Exit", "integer", ".status.exitCode", "The guest's exit code.", _WIDE),
+            _column("Message", "string", ".status.message", "Why it is in its state.", _WIDE),
         ),
     ),
     CrdSpec(
@@ -148,7 +170,9 @@ CRDS: tuple[CrdSpec, ...] = (
             _column("Node", "string", ".spec.nodeName", "Node running the fragment."),
             _column("vCPUs", "string", ".spec.vcpuIds", "Guest vCPU ids run here."),
             _column("Phase", "string", ".status.phase", "Lifecycle phase."),
-            _column("Endpoint", "string", ".status.endpoint", "Fabric listener.", priority=1),
+            _column("Endpoint", "string", ".status.endpoint", "Fabric listener.", _WIDE),
+            _column("Exit", "integer", ".status.exitCode", "Exit code.", _WIDE),
+            _column("Message", "string", ".status.message", "Why it is in its phase.", _WIDE),
             _AGE,
         ),
     ),
@@ -182,7 +206,8 @@ def build_crd(crd: CrdSpec) -> dict[str, Any]:
                 "plural": crd.plural,
                 "singular": crd.kind.lower(),
                 "shortNames": list(crd.short_names),
-                "categories": ["spanvm"],
+                # `kubectl get all` lists them too, as it lists KubeVirt's VMs and VMIs
+                "categories": ["spanvm", "all"],
             },
             "versions": [
                 {

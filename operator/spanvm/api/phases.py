@@ -35,11 +35,30 @@ class FragmentPhase(StrEnum):
 
 
 class RunStrategy(StrEnum):
-    """What the operator does when the guest ends or a node is lost."""
+    """When the guest runs, as KubeVirt's run strategies (RUN_STRATEGY_MEANINGS)."""
 
     ALWAYS = "Always"
+    RERUN_ON_FAILURE = "RerunOnFailure"
     ONCE = "Once"
+    MANUAL = "Manual"
     HALTED = "Halted"
+
+
+class PrintableStatus(StrEnum):
+    """A SpanningVM's state in one word for people (KubeVirt's printableStatus)."""
+
+    STOPPED = "Stopped"
+    PROVISIONING = "Provisioning"
+    STARTING = "Starting"
+    RUNNING = "Running"
+    PAUSED = "Paused"
+    STOPPING = "Stopping"
+    TERMINATING = "Terminating"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    DEGRADED = "Degraded"
+    ERROR_UNSCHEDULABLE = "ErrorUnschedulable"
+    CRASH_LOOP_BACK_OFF = "CrashLoopBackOff"
 
 
 class DesiredState(StrEnum):

@@ -14,7 +14,7 @@ from spanvm.api.base import (
     immutable,
     validations,
 )
-from spanvm.api.phases import FragmentPhase, RunStrategy, VMPhase
+from spanvm.api.phases import FragmentPhase, PrintableStatus, RunStrategy, VMPhase
 from spanvm.api.quantity import (
     MAX_GUEST_MEMORY,
     MIN_GUEST_MEMORY,
@@ -37,6 +37,17 @@ LINUX_ONE_NODE = (
     "boot.linux runs on one node until interrupts cross fragments: set placement.maxFragments: 1"
 )
 RDMA_UNSUPPORTED = "fabric.transport rdma is not supported yet: use auto or tcp"
+# KubeVirt's run strategies, with KubeVirt's meanings (docs/cli.md, kubectl explain).
+RUN_STRATEGY_MEANINGS: dict[RunStrategy, str] = {
+    RunStrategy.ALWAYS: "the guest always runs: restarted after any exit, failure or success,"
+    " and rescheduled on node loss",
+    RunStrategy.RERUN_ON_FAILURE: "restarted after a failure (a non-zero exit, a lost fragment"
+    " or node), not after a clean exit (code 0)",
+    RunStrategy.ONCE: "runs once to completion and is never restarted",
+    RunStrategy.MANUAL: "runs and stops only when asked (spanvm start/stop/restart); never"
+    " restarted by the operator",
+    RunStrategy.HALTED: "does not run; a running guest is stopped",
+}
 
 
 class CpuSpec(ApiModel):
@@ -331,10 +342,9 @@ class SpanningVMSpec(ApiModel):
     fabric: FabricSpec | None = Field(default=None, description="Memory fabric settings.")
     run_strategy: RunStrategy = Field(
         default=RunStrategy.ONCE,
-        description=(
-            "Always (restart, reschedule on node loss), Once (run to completion),"
-            " Halted (do not run)."
-        ),
+        description="When the guest runs, as in KubeVirt: "
+        + "; ".join(f"{k}: {v}" for k, v in RUN_STRATEGY_MEANINGS.items())
+        + ". `spanvm start` and `spanvm stop` switch Halted to Always and back.",
     )
 
 
@@ -352,9 +362,17 @@ class SpanningVMStatus(ApiModel):
     """Observed state of a SpanningVM, written by the operator."""
 
     phase: VMPhase | None = Field(default=None, description="Lifecycle phase.")
+    printable_status: PrintableStatus | None = Field(
+        default=None,
+        description="The state in one word for people, as KubeVirt's printableStatus:"
+        " Stopped, Provisioning (being placed), Starting, Running, Paused, Stopping,"
+        " Terminating, Succeeded, Failed, Degraded (a node is lost), ErrorUnschedulable,"
+        " CrashLoopBackOff (restarts failing, waiting before the next).",
+    )
     conditions: list[Condition] | None = Field(
         default=None,
-        description="Scheduled, FabricReady and Ready, each with reason and message.",
+        description="Scheduled, FabricReady and Ready, each with a CamelCase reason"
+        " and a message saying why.",
         json_schema_extra=CONDITIONS_LIST_EXTRA,
     )
     observed_generation: int | None = Field(
@@ -367,9 +385,19 @@ class SpanningVMStatus(ApiModel):
     nodes: str | None = Field(default=None, description="Comma-separated nodes running fragments.")
     exit_code: int | None = Field(default=None, description="Guest exit code once it finished.")
     console_tail: str | None = Field(default=None, description="Last lines of the guest console.")
+    console_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="Bytes the guest has written to its console so far (consoleTail ends there).",
+    )
     message: str | None = Field(default=None, description="Human-readable summary of the state.")
     restarts: int | None = Field(
-        default=None, description="Times the operator restarted the guest (runStrategy Always)."
+        default=None,
+        description="Times the guest was restarted (by its runStrategy or `spanvm restart`).",
+    )
+    last_request: str | None = Field(
+        default=None,
+        description="The last spanvm.io/request annotation (start, stop, restart) acted on.",
     )
 
 

@@ -149,6 +149,12 @@ class VMFragmentStatus(ApiModel):
     console_tail: str | None = Field(
         default=None, description="Last lines of the guest console (fragment 0)."
     )
+    console_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="Bytes the guest has written to its console so far (fragment 0;"
+        " consoleTail ends there).",
+    )
     counters: FabricCounters | None = Field(default=None, description="Fabric counters.")
     conditions: list[Condition] | None = Field(
         default=None, description="Fragment conditions.", json_schema_extra=CONDITIONS_LIST_EXTRA
