@@ -2,10 +2,11 @@
 (status 3, no clean-up) right after its Nth fragment create. For the restart tests only: the
 product has no such switch. Usage: python tests/faulty_operator.py N <spanvm operator args>."""
 
+import argparse
 import os
 import sys
 
-from spanvm import cli
+from spanvm.commands.daemons import operator, start_operator
 from spanvm.controller.reconcile import Hooks
 
 
@@ -17,8 +18,9 @@ def main() -> int:
             print(f"fault injection: exiting after {created} fragment creates", flush=True)
             os._exit(3)
 
-    args = cli.build_parser().parse_args(sys.argv[2:])
-    return cli.cmd_operator(args, hooks=Hooks(after_fragment_create=crash))
+    options = operator.make_context("operator", sys.argv[3:]).params  # after "operator"
+    start_operator(argparse.Namespace(**options), hooks=Hooks(after_fragment_create=crash))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """`spanvm run`: streams the console, exits with the guest's code, one clear line on bad input."""
 
+import importlib.metadata
 import os
 import signal
 import subprocess
@@ -10,25 +11,11 @@ from pathlib import Path
 import pytest
 
 from guest_code import EXIT_7, HLT, NOP_LOOP, SPIN, exit_with
-from spanvm.devcluster.paths import repo_root
+from spanvm.devcluster.paths import kubectl, repo_root
 from spanvm.payloads.kernels import kernel_path
+from spanvm_cli import spanvm
 
 pytestmark = pytest.mark.kvm
-
-
-def spanvm(
-    *args: str, timeout: float = 120, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(repo_root() / "operator")}
-    return subprocess.run(
-        [sys.executable, "-m", "spanvm.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
 
 
 def test_run_streams_console_and_exits_zero() -> None:
@@ -50,7 +37,10 @@ def test_run_flat_binary_exit_code(tmp_path: Path) -> None:
         (["run", "--memory", "100M", "hello"], "--memory: memory must be a whole multiple of 2Mi"),
         (["run", "--memory", "66Gi", "hello"], "--memory: memory must be at most 64Gi"),
         (["run", "--vcpus", "0", "hello"], "--vcpus must be between 1 and"),
-        (["run", "--vcpus", "two", "hello"], "argument --vcpus: invalid int value"),
+        (
+            ["run", "--vcpus", "two", "hello"],
+            "Invalid value for '--vcpus': 'two' is not a valid integer",
+        ),
         (["run", "/no/such/file"], "no payload named '/no/such/file' and no file at that path"),
         (["run", "--vcpus", "1", "mp-litmus"], "payload mp-litmus needs --vcpus >= 2"),
         (["run", "--timeout", "0", "hello"], "--timeout must be positive"),
@@ -251,3 +241,64 @@ def test_run_kernel_refuses_a_file_that_is_no_kernel(tmp_path: Path) -> None:
         f"spanvm: error: Linux kernel {junk}: neither an ELF vmlinux nor a bzImage (no ELF"
         " magic, no 'HdrS' setup header at 0x202)\n"
     )
+
+
+def test_a_reader_that_goes_away_ends_it_quietly() -> None:
+    """`spanvm kvm-info | head -1` used to end in a BrokenPipeError traceback: now status
+    141 (128 + SIGPIPE, as a C program) and nothing on stderr."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write
+    env = {**os.environ, "PYTHONPATH": str(repo_root() / "operator")}
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "spanvm.cli", "kvm-info"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            check=False,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141
+    assert result.stderr == ""
+
+
+def test_version_and_the_kubectl_plugin() -> None:
+    expected = f"spanvm {importlib.metadata.version('spanvm')}"
+    assert spanvm("--version").stdout.strip() == expected
+    assert spanvm("version").stdout.strip() == expected
+    bin_dir = Path(sys.executable).parent
+    assert (bin_dir / "kubectl-spanvm").exists(), "reinstall the package: make venv"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    plugin = subprocess.run(
+        [kubectl(), "spanvm", "version"], capture_output=True, text=True, env=env, check=False
+    )
+    assert plugin.returncode == 0, plugin.stderr
+    assert plugin.stdout.strip() == expected
+    usage = subprocess.run(
+        [kubectl(), "spanvm", "status", "-o", "table"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert usage.returncode == 2
+    assert usage.stderr.strip().endswith("(see 'kubectl spanvm status --help')"), usage.stderr
+
+
+def test_shell_completion_of_commands() -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(repo_root() / "operator"),
+        "_SPANVM_COMPLETE": "bash_complete",
+        "COMP_WORDS": "spanvm sta",
+        "COMP_CWORD": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "spanvm.cli"], capture_output=True, text=True, env=env, check=False
+    )
+    assert result.stdout.split() == ["plain,start", "plain,status"], result.stderr
+    script = spanvm("completion", "bash")
+    assert script.returncode == 0 and "_SPANVM_COMPLETE=bash_complete" in script.stdout

@@ -1,14 +1,28 @@
-"""The `spanvm` command line: run a guest locally, report KVM capabilities, write the CRDs."""
+"""The `spanvm` command line (click): run a guest locally (`run`, `fragment`), probe KVM
+(`kvm-info`), run the operator and the agent, and act on SpanningVMs through the API server
+with kubectl's habits (`status`, `console`, `start`, `stop`, `restart`, `pause`, `unpause`,
+`wait`; `spanvm.commands`). Also installed as the kubectl plugin `kubectl spanvm`.
+
+Exit statuses: a guest's own for `run` (`spanvm.exitstatus`), 2 for a usage error, 1 for a
+failure the cluster reports (NotFound, Forbidden, unreachable), 141 when the reader of the
+output went away (`spanvm kvm-info | head`); every error is one line on stderr.
+"""
 
 import argparse
+import importlib
 import os
 import sys
 import threading
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import Any
+
+import click
 
 from spanvm.agent.capabilities import discover
-from spanvm.api.quantity import parse_memory, parse_quantity_bytes
+from spanvm.api.quantity import parse_memory
+from spanvm.commands.errors import CliError
 from spanvm.contract import Finished, last_of
 from spanvm.exitstatus import (
     EXIT_TIMEOUT,
@@ -31,18 +45,12 @@ from spanvm.vmm.cpuid import CpuidOptions
 from spanvm.vmm.layout import MAX_VCPUS
 from spanvm.vmm.machine import Machine, VmConfig, VmError
 
-if TYPE_CHECKING:
-    from spanvm.controller.reconcile import Hooks
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a C program killed by it would report
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 
 class UsageError(Exception):
     """Bad command-line input: printed as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -231,350 +239,210 @@ def cmd_kvm_info(args: argparse.Namespace) -> int:
     return 0 if kvm.usable else 1
 
 
-def _setup_logging(log_format: str) -> None:
-    import logging  # noqa: PLC0415
-
-    import kopf  # noqa: PLC0415 - heavy: only the long-running commands load it
-
-    kopf.configure(
-        verbose=False,
-        log_format=kopf.LogFormat.JSON if log_format == "json" else kopf.LogFormat.PLAIN,
-    )
-    logging.getLogger("spanvm").setLevel(logging.INFO)
-    # Kopf reports every timer tick and handler success per object at INFO: keep warnings.
-    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+def spanvm_version() -> str:
+    """This package's version."""
+    try:
+        return package_version("spanvm")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
-def cmd_operator(args: argparse.Namespace, hooks: "Hooks | None" = None) -> int:
-    """Run the operator until stopped (SIGTERM/SIGINT); `hooks`: fault injection (tests)."""
-    import asyncio  # noqa: PLC0415
-    import os  # noqa: PLC0415
-
-    from spanvm.controller.main import run as run_operator  # noqa: PLC0415
-    from spanvm.controller.reconcile import OperatorConfig  # noqa: PLC0415
-    from spanvm.kube import Kube  # noqa: PLC0415
-
-    if args.kubeconfig:
-        os.environ["KUBECONFIG"] = args.kubeconfig  # Kopf's login reads it
-    _setup_logging(args.log_format)
-    config = OperatorConfig(
-        system_namespace=args.system_namespace,
-        namespaces=args.namespace or [],
-        timer_interval=args.timer_interval,
-        deletion_grace=args.deletion_grace,
-        node_loss_grace=args.node_loss_grace,
-    )
-    asyncio.run(
-        run_operator(
-            Kube.connect(args.kubeconfig),
-            config,
-            lease_name=args.lease_name,
-            lease_duration=args.lease_duration,
-            metrics_port=args.metrics_port,
-            health_port=args.health_port,
-            hooks=hooks,
-        )
-    )
-    return 0
+# Commands whose modules load the Kubernetes client or Kopf (a second or more on a busy
+# machine): imported only when named, so `spanvm run` and `spanvm fragment` (one per guest
+# fragment) start as fast as before and install their signal handlers at once.
+LAZY_COMMANDS = {
+    **{
+        name: f"spanvm.commands.vm:{name}"
+        for name in ("status", "console", "wait", "start", "stop", "restart", "pause", "unpause")
+    },
+    "operator": "spanvm.commands.daemons:operator",
+    "agent": "spanvm.commands.daemons:agent",
+    "uninstall": "spanvm.commands.daemons:uninstall",
+}
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
+class ReaderGone(Exception):  # noqa: N818 - an event, not an error
+    """stdout's reader went away (EPIPE). Not an OSError, so click's own handling of EPIPE
+    (exit 1) does not apply: main() exits 141 as a program killed by SIGPIPE would."""
 
 
-def _add_cluster_args(parser: argparse.ArgumentParser, leases: str) -> None:
-    """Options the long-running commands share: where the API is, the system namespace, logs."""
-    import os  # noqa: PLC0415
+class LazyGroup(click.Group):
+    """A group whose LAZY_COMMANDS are imported when used (click's documented pattern)."""
 
-    from spanvm.api.constants import SYSTEM_NAMESPACE  # noqa: PLC0415
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise ReaderGone from None
 
-    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube)")
-    parser.add_argument(
-        "--system-namespace",
-        default=os.environ.get("SPANVM_NAMESPACE", SYSTEM_NAMESPACE),
-        help=f"namespace of {leases} (env SPANVM_NAMESPACE)",
-    )
-    parser.add_argument("--log-format", choices=("plain", "json"), default="plain")
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
 
-
-def _add_operator_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
-
-    from spanvm.api.constants import OPERATOR_LEASE  # noqa: PLC0415
-
-    op = sub.add_parser("operator", help="run the operator (Kopf handlers behind a leader Lease)")
-    _add_cluster_args(op, "the agents' heartbeat Leases and the operator Lease")
-    op.add_argument(
-        "--namespace",
-        action="append",
-        help="watch only this namespace (repeatable; default: all namespaces)",
-    )
-    op.add_argument("--lease-name", default=OPERATOR_LEASE, help="the leader-election Lease")
-    op.add_argument("--lease-duration", type=int, default=15, help="leader Lease seconds")
-    op.add_argument(
-        "--timer-interval", type=_positive, default=5.0, help="seconds between re-checks of a VM"
-    )
-    op.add_argument(
-        "--deletion-grace",
-        type=_positive,
-        default=60.0,
-        help="seconds a deletion waits for fragments to stop before forcing",
-    )
-    op.add_argument(
-        "--node-loss-grace",
-        type=_positive,
-        default=40.0,
-        help="seconds a node must stay NotReady or silent before an Always VM is restarted",
-    )
-    op.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
-    op.add_argument(
-        "--health-port",
-        type=int,
-        help="serve /healthz on this port (Kopf's liveness endpoint while leading)",
-    )
-    op.set_defaults(func=cmd_operator)
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in LAZY_COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        module, attribute = LAZY_COMMANDS[cmd_name].split(":")
+        command = getattr(importlib.import_module(module), attribute)
+        assert isinstance(command, click.Command)
+        return command
 
 
-def cmd_agent(args: argparse.Namespace) -> int:
-    """Run the node agent until stopped."""
-    from pathlib import Path  # noqa: PLC0415
-
-    from spanvm.agent.main import run as run_agent  # noqa: PLC0415
-    from spanvm.agent.node_publisher import NodePublisher, Offer  # noqa: PLC0415
-    from spanvm.kube import Kube  # noqa: PLC0415
-    from spanvm.sealing import load_or_create  # noqa: PLC0415
-
-    if not args.node_name:
-        raise UsageError("--node-name (or NODE_NAME) is required")
-    _setup_logging(args.log_format)
-    try:  # a node's offer, not one guest's size: any whole number of bytes
-        offer_memory = parse_quantity_bytes(args.guest_memory) if args.guest_memory else None
-    except ValueError as err:
-        raise UsageError(f"--guest-memory: {err}") from None
-    kube = Kube.connect(args.kubeconfig)
-    offer = Offer(
-        vcpus=args.guest_vcpus,
-        memory=offer_memory,
-    )
-    publisher = NodePublisher(
-        kube,
-        args.node_name,
-        args.system_namespace,
-        kvm_device=args.kvm_device,
-        offer=offer,
-        lease_duration=args.lease_duration,
-        # beside the node's fragment directory (which holds only fragments' directories)
-        node_key=load_or_create(Path(args.state_dir) / f"{args.node_name}.fabric.key"),
-    )
-    run_agent(
-        kube,
-        publisher,
-        state_dir=Path(args.state_dir) / args.node_name,
-        listen_host=args.fabric_address,
-        renew_interval=args.renew_interval,
-        capability_interval=args.capability_interval,
-        stop_fragments_on_exit=args.stop_fragments_on_exit,
-        metrics_port=args.metrics_port,
-    )
-    return 0
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    no_args_is_help=True,
+)
+@click.version_option(
+    spanvm_version(), "--version", prog_name="spanvm", message="%(prog)s %(version)s"
+)
+def cli() -> None:
+    """spanvm: KVM virtual machines spanning several nodes."""
 
 
-def _add_agent_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
-    import os  # noqa: PLC0415
-
-    agent = sub.add_parser("agent", help="run the node agent (what the DaemonSet runs)")
-    agent.add_argument(
-        "--node-name", default=os.environ.get("NODE_NAME"), help="this node (env NODE_NAME)"
-    )
-    _add_cluster_args(agent, "the heartbeat Lease")
-    agent.add_argument(
-        "--fabric-address",
-        default=os.environ.get("FABRIC_ADDRESS", "127.0.0.1"),
-        help="address fragment fabric listeners bind to (env FABRIC_ADDRESS, e.g. the host IP)",
-    )
-    agent.add_argument("--kvm-device", default="/dev/kvm", help="KVM device to probe and use")
-    agent.add_argument(
-        "--state-dir",
-        default=os.environ.get("SPANVM_STATE_DIR", "/var/lib/spanvm"),
-        help="where fragment state lives (per node subdirectory); must survive agent restarts",
-    )
-    agent.add_argument("--guest-vcpus", type=int, help="offer at most this many vCPUs")
-    agent.add_argument("--guest-memory", help="offer at most this much guest memory (quantity)")
-    agent.add_argument("--lease-duration", type=int, default=20, help="heartbeat Lease seconds")
-    agent.add_argument(
-        "--renew-interval", type=_positive, default=5.0, help="seconds between Lease renewals"
-    )
-    agent.add_argument(
-        "--capability-interval",
-        type=_positive,
-        default=60.0,
-        help="seconds between capability re-checks",
-    )
-    agent.add_argument(
-        "--metrics-port", type=int, help="serve /metrics (per fragment) and /healthz on this port"
-    )
-    agent.add_argument(
-        "--stop-fragments-on-exit",
-        action="store_true",
-        default=os.environ.get("SPANVM_STOP_FRAGMENTS_ON_EXIT", "") not in ("", "0", "false"),
-        help="on SIGTERM/SIGINT stop this node's fragments too (SIGTERM, SIGKILL after 8 s)"
-        " instead of leaving them for the next agent to adopt (env SPANVM_STOP_FRAGMENTS_ON_EXIT)",
-    )
-    agent.set_defaults(func=cmd_agent)
-
-
-def cmd_uninstall(args: argparse.Namespace) -> int:
-    """Delete every SpanningVM before the operator goes (the chart's pre-delete hook)."""
-    from spanvm.controller.uninstall import delete_all  # noqa: PLC0415
-    from spanvm.kube import Kube  # noqa: PLC0415
-
-    _setup_logging(args.log_format)
-    kube = Kube.connect(args.kubeconfig)
-    forced = delete_all(kube, args.namespace or [], timeout=args.timeout)
-    print(f"every SpanningVM deleted; {len(forced)} had their finalizer removed")
-    return 0
+@cli.command(
+    epilog="Exit status: the guest's exit code; 2 bad arguments, 70 the VM stopped on an"
+    " error, 124 --timeout, 125 a guest exit code above 255 (printed in full on stderr),"
+    " 128+N stopped by signal N (SIGTERM, SIGINT, SIGHUP: every fragment ends within 6 s)."
+)
+@click.argument("payload", required=False)
+@click.option(
+    "--multiboot",
+    metavar="KERNEL",
+    help="boot a Multiboot kernel (ELF, e.g. a kvm-unit-tests .flat) instead of a payload",
+)
+@click.option(
+    "--module",
+    multiple=True,
+    metavar="FILE",
+    help="a Multiboot module (repeatable; kvm-unit-tests: its environment file)",
+)
+@click.option("--kernel", help="boot this Linux kernel (vmlinux or bzImage) instead")
+@click.option("--initrd", help="with --kernel: the initrd (e.g. a cpio archive)")
+@click.option("--cmdline", default="", help="the kernel command line")
+@click.option(
+    "--no-cx16",
+    is_flag=True,
+    help="hide CMPXCHG16B in CPUID (this machine's KVM cannot emulate it at CPL0)",
+)
+@click.option("--vcpus", type=int, default=1, show_default=True, help="virtual CPUs")
+@click.option("--memory", default="256Mi", show_default=True, help="guest memory quantity")
+@click.option("--arg", type=int, default=None, help="payload argument (default: the payload's)")
+@click.option(
+    "--timeout",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="stop a guest idle for this many seconds, exit status 124; idle: no console output"
+    " and no exit to the monitor (doorbell, port I/O) from its vCPUs (with --fragments:"
+    " fragment 0's vCPUs; console output from any vCPU counts)",
+)
+@click.option(
+    "--fragments",
+    type=int,
+    default=1,
+    show_default=True,
+    help="split the guest over this many local fragment processes (1: in process)",
+)
+@click.option(
+    "--netns",
+    is_flag=True,
+    help="run each fragment in its own network namespace (veth + bridge); needs root",
+)
+def run(**options: Any) -> int:
+    # cmd_run and its helpers read the options as attributes, as they always have.
+    return cmd_run(argparse.Namespace(**options))
 
 
-def _add_uninstall_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
-    hook = sub.add_parser(
-        "uninstall", help="delete every SpanningVM so none is stuck once the operator is gone"
-    )
-    hook.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube)")
-    hook.add_argument("--log-format", choices=("plain", "json"), default="plain")
-    hook.add_argument(
-        "--namespace", action="append", help="only this namespace (repeatable; default: all)"
-    )
-    hook.add_argument(
-        "--timeout",
-        type=_positive,
-        default=90.0,
-        help="seconds to wait for the operator before removing finalizers itself",
-    )
-    hook.set_defaults(func=cmd_uninstall)
+run.help = (
+    "Run a guest payload locally under KVM and exit with its exit code.\n\nPAYLOAD is a"
+    f" payload name ({', '.join(PAYLOAD_NAMES)}) or the path of a flat binary."
+)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    """Print a SpanningVM's phase, conditions and placement (or its console tail)."""
-    from spanvm.kube import Kube  # noqa: PLC0415
-    from spanvm.status_view import console, describe  # noqa: PLC0415
-
-    vm = Kube.connect(args.kubeconfig).get_vm(args.namespace, args.name)
-    if vm is None:
-        raise UsageError(f"SpanningVM {args.namespace}/{args.name} not found")
-    text = console(vm) if args.command == "console" else describe(vm)
-    print(text, end="" if text.endswith("\n") else "\n")
-    return 0
-
-
-def _add_status_parsers(sub: "argparse._SubParsersAction[_Parser]") -> None:
-    for name, text in (
-        ("status", "show a SpanningVM's phase, conditions and where its vCPUs run"),
-        ("console", "show the last lines of a SpanningVM's guest console"),
-    ):
-        cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("name", help="SpanningVM name")
-        cmd.add_argument("-n", "--namespace", default="default", help="its namespace")
-        cmd.add_argument("--kubeconfig", help="kubeconfig file (default: KUBECONFIG, ~/.kube)")
-        cmd.set_defaults(func=cmd_status)
+@cli.command()
+@click.option("--status-fd", type=int, default=None, help="write JSON progress lines here")
+@click.option(
+    "--parent-pid",
+    type=int,
+    default=None,
+    help="die (SIGKILL) when this parent process ends; exit at once if it already has",
+)
+def fragment(status_fd: int | None, parent_pid: int | None) -> int:
+    """Run one fragment (configuration as JSON on stdin)."""
+    return cmd_fragment(argparse.Namespace(status_fd=status_fd, parent_pid=parent_pid))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="spanvm", description="spanvm: KVM virtual machines spanning several nodes"
-    )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    run = sub.add_parser(
-        "run",
-        help="run a guest payload locally under KVM",
-        description="Run a guest and exit with its exit code: 2 bad arguments, 70 the VM"
-        " stopped on an error, 124 --timeout, 125 a guest exit code above 255 (printed in full"
-        " on stderr), 128+N stopped by signal N (SIGTERM, SIGINT, SIGHUP: every fragment ends"
-        " within 6 s).",
-    )
-    run.add_argument(
-        "payload",
-        nargs="?",
-        help=f"payload name ({', '.join(PAYLOAD_NAMES)}) or path of a flat binary",
-    )
-    run.add_argument(
-        "--multiboot",
-        metavar="KERNEL",
-        help="boot a Multiboot kernel (ELF, e.g. a kvm-unit-tests .flat) instead of a payload",
-    )
-    run.add_argument(
-        "--module",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="a Multiboot module (repeatable; kvm-unit-tests: its environment file)",
-    )
-    run.add_argument("--kernel", help="boot this Linux kernel (vmlinux or bzImage) instead")
-    run.add_argument("--initrd", help="with --kernel: the initrd (e.g. a cpio archive)")
-    run.add_argument("--cmdline", default="", help="the kernel command line")
-    run.add_argument(
-        "--no-cx16",
-        action="store_true",
-        help="hide CMPXCHG16B in CPUID (this machine's KVM cannot emulate it at CPL0)",
-    )
-    run.add_argument("--vcpus", type=int, default=1, help="virtual CPUs (default 1)")
-    run.add_argument("--memory", default="256Mi", help="guest memory quantity (default 256Mi)")
-    run.add_argument(
-        "--arg", type=int, default=None, help="payload argument (default: the payload's)"
-    )
-    run.add_argument(
-        "--timeout",
-        type=float,
-        default=30.0,
-        help="stop a guest idle for this many seconds (default 30), exit status 124; idle: no"
-        " console output and no exit to the monitor (doorbell, port I/O) from its vCPUs (with"
-        " --fragments: fragment 0's vCPUs; console output from any vCPU counts)",
-    )
-    run.add_argument(
-        "--fragments",
-        type=int,
-        default=1,
-        help="split the guest over this many local fragment processes (default 1: in process)",
-    )
-    run.add_argument(
-        "--netns",
-        action="store_true",
-        help="run each fragment in its own network namespace (veth + bridge); needs root",
-    )
-    run.set_defaults(func=cmd_run)
-    frag = sub.add_parser("fragment", help="run one fragment (configuration as JSON on stdin)")
-    frag.add_argument("--status-fd", type=int, default=None, help="write JSON progress lines here")
-    frag.add_argument(
-        "--parent-pid",
-        type=int,
-        default=None,
-        help="die (SIGKILL) when this parent process ends; exit at once if it already has",
-    )
-    frag.set_defaults(func=cmd_fragment)
-    info = sub.add_parser("kvm-info", help="probe KVM and this node as the agent would")
-    info.add_argument("--device", default="/dev/kvm", help="KVM device to probe")
-    info.add_argument("--json", action="store_true", help="print the full report as JSON")
-    info.set_defaults(func=cmd_kvm_info)
-    _add_operator_parser(sub)
-    _add_agent_parser(sub)
-    _add_status_parsers(sub)
-    _add_uninstall_parser(sub)
-    return parser
+@cli.command(name="kvm-info")
+@click.option("--device", default="/dev/kvm", show_default=True, help="KVM device to probe")
+@click.option("--json", "as_json", is_flag=True, help="print the full report as JSON")
+def kvm_info(device: str, as_json: bool) -> int:
+    """Probe KVM and this node as the agent would."""
+    return cmd_kvm_info(argparse.Namespace(device=device, json=as_json))
+
+
+@cli.command()
+def version() -> None:
+    """Print spanvm's version."""
+    click.echo(f"spanvm {spanvm_version()}")
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(("bash", "zsh", "fish")))
+def completion(shell: str) -> None:
+    """Print the shell completion script (bash: `source <(spanvm completion bash)`)."""
+    from click.shell_completion import get_completion_class  # noqa: PLC0415
+
+    completer = get_completion_class(shell)
+    assert completer is not None
+    prog = _prog_name()
+    variable = "_" + prog.replace("-", "_").replace(" ", "_").upper() + "_COMPLETE"
+    click.echo(completer(cli, {}, prog.replace(" ", "-"), variable).source())
+
+
+def _prog_name() -> str:
+    """`spanvm`, or `kubectl spanvm` when run as the kubectl plugin."""
+    return "kubectl spanvm" if Path(sys.argv[0]).name == "kubectl-spanvm" else "spanvm"
+
+
+def _usage_line(err: click.UsageError) -> str:
+    if isinstance(err, click.exceptions.NoArgsIsHelpError) and err.ctx is not None:
+        return err.ctx.get_help()
+    where = err.ctx.command_path if err.ctx is not None else _prog_name()
+    return f"spanvm: error: {err.format_message()} (see '{where} --help')"
+
+
+def _reader_gone() -> int:
+    """stdout's reader went away: no traceback, and nothing more to write at exit either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `spanvm` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the `spanvm` and `kubectl-spanvm` console scripts."""
     try:
-        code: int = args.func(args)
-        return code
+        code = cli.main(args=argv, prog_name=_prog_name(), standalone_mode=False)
+        sys.stdout.flush()
+    except click.UsageError as err:
+        print(_usage_line(err), file=sys.stderr)
+        return EXIT_USAGE
+    except click.ClickException as err:
+        print(f"spanvm: error: {err.format_message()}", file=sys.stderr)
+        return err.exit_code
     except UsageError as err:
         print(f"spanvm: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except CliError as err:
+        print(f"spanvm: error: {err}", file=sys.stderr)
+        return err.status
     except (VmError, PayloadBuildError) as err:
         print(f"spanvm: error: {err}", file=sys.stderr)
         return EXIT_VM_ERROR
+    except (BrokenPipeError, ReaderGone):
+        return _reader_gone()
+    except (click.Abort, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,87 @@
+"""Which cluster and namespace a command talks to, resolved as kubectl does: `--kubeconfig`,
+else $KUBECONFIG (colon-separated files, merged), else ~/.kube/config, else the in-cluster
+service account; `--context` or the current context; `-n`, else the context's namespace,
+else the service account's, else `default`."""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubernetes import client, config
+from kubernetes.config.config_exception import ConfigException
+
+from spanvm.commands.errors import CliError
+from spanvm.kube import Kube
+
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+DEFAULT_NAMESPACE = "default"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A connected client, the namespace to act in, and the server's address for messages."""
+
+    kube: Kube
+    namespace: str
+    host: str
+
+
+def _kubeconfig_files(kubeconfig: str | None) -> str | None:
+    """The kubeconfig to read (kubectl's order), or None when there is none at all."""
+    if kubeconfig:
+        if not Path(kubeconfig).expanduser().exists():
+            raise CliError(f"kubeconfig {kubeconfig} does not exist")
+        return kubeconfig
+    env = os.environ.get("KUBECONFIG")
+    if env:
+        return env
+    default = Path("~/.kube/config").expanduser()
+    return str(default) if default.exists() else None
+
+
+def _context_namespace(files: str, context: str | None) -> str | None:
+    """The namespace the chosen (or current) context names, if any."""
+    try:
+        contexts, current = config.list_kube_config_contexts(config_file=files)  # type: ignore[no-untyped-call]
+    except ConfigException as err:
+        raise CliError(f"kubeconfig: {err}") from None
+    if context is not None:
+        chosen = next((c for c in contexts if c.get("name") == context), None)
+        if chosen is None:
+            known = ", ".join(sorted(str(c.get("name")) for c in contexts)) or "none"
+            raise CliError(f'context "{context}" is not in the kubeconfig (contexts: {known})')
+    else:
+        chosen = current
+    namespace = ((chosen or {}).get("context") or {}).get("namespace")
+    return str(namespace) if namespace else None
+
+
+def connect(kubeconfig: str | None, context: str | None, namespace: str | None) -> Target:
+    """The client and namespace for these options (see the module docstring)."""
+    configuration = client.Configuration()
+    files = _kubeconfig_files(kubeconfig)
+    in_cluster_namespace = None
+    if files is not None:
+        context_namespace = _context_namespace(files, context)
+        try:
+            config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=files, context=context, client_configuration=configuration
+            )
+        except (ConfigException, OSError) as err:
+            raise CliError(f"kubeconfig: {err}") from None
+    else:
+        if context is not None:
+            raise CliError(f"--context {context}: there is no kubeconfig to find it in")
+        try:
+            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        except ConfigException:
+            raise CliError(
+                "no kubeconfig (set KUBECONFIG, use --kubeconfig, or create ~/.kube/config)"
+                " and not running in a cluster"
+            ) from None
+        context_namespace = None
+        if SERVICE_ACCOUNT_NAMESPACE.exists():
+            in_cluster_namespace = SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or None
+    configuration.retries = 0  # one try: an unreachable server is said at once, in one line
+    chosen = namespace or context_namespace or in_cluster_namespace or DEFAULT_NAMESPACE
+    return Target(Kube(client.ApiClient(configuration)), chosen, str(configuration.host))
