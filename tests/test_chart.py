@@ -219,6 +219,26 @@ def test_agent_rbac_and_admission_policy_confine_it_to_its_node(crds: Cluster) -
     by_name = _agent_kubectl(crds, token, "-n", "rbac-test", "get", "secret", "fabric-of-a-vm")
     assert by_name.returncode != 0 and "forbidden" in by_name.stderr.lower()  # keys come sealed
 
+    # Events on its fragments, as its own node only
+    def post_event(instance: str) -> subprocess.CompletedProcess[str]:
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": "frag-rbac-a.", "namespace": "rbac-test"},
+            "involvedObject": {"kind": "VMFragment", "name": "frag-rbac-a"},
+            "reason": "FabricConnected",
+            "message": "fragment VMM running; fabric connected",
+            "type": "Normal",
+            "reportingComponent": "spanvm-agent",
+            "reportingInstance": instance,
+        }
+        return _agent_kubectl(crds, token, "create", "-f", "-", stdin=json.dumps(event))
+
+    as_other = post_event("rbac-b")
+    assert as_other.returncode != 0 and "may only post Events as itself" in as_other.stderr
+    as_itself = post_event("rbac-a")
+    assert as_itself.returncode == 0, as_itself.stderr
+
     # Leases: its own only, held by its node; a 253-character node's Lease name is hashed
     long_node = "rbac-" + "l" * 248
     crds.kubectl(

@@ -15,6 +15,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from spanvm.api.constants import GROUP, SPANNINGVM_PLURAL, VERSION, VMFRAGMENT_PLURAL
+from spanvm.rfc3339 import micro_time
 
 JsonObject = dict[str, Any]
 T = TypeVar("T")
@@ -222,3 +223,41 @@ class Kube:
             lambda: self.core.create_namespaced_secret(namespace, cast(Any, body)), CONFLICT
         )
         return created is not None
+
+    # -- events ------------------------------------------------------------------------------
+    def post_event(  # noqa: PLR0917 - the fields of an Event
+        self,
+        obj: JsonObject,
+        type_: str,
+        reason: str,
+        message: str,
+        component: str,
+        instance: str,
+    ) -> None:
+        """A core/v1 Event about obj from `component` on `instance` (a node, a pod), as
+        `kubectl describe` and `kubectl get events` show them."""
+        meta = obj["metadata"]
+        now = micro_time()
+        body = {
+            "metadata": {"generateName": f"{meta['name'][:200]}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion"),
+                "kind": obj.get("kind"),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": component, "host": instance},
+            "reportingComponent": component,
+            "reportingInstance": instance,
+            "action": reason,
+            "firstTimestamp": now[:19] + "Z",
+            "lastTimestamp": now[:19] + "Z",
+            "eventTime": now,
+            "count": 1,
+        }
+        self.core.create_namespaced_event(meta["namespace"], cast(Any, body))

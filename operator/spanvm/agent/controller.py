@@ -38,6 +38,18 @@ from spanvm.sealing import SealedForAnotherKey, open_sealed
 log = logging.getLogger("spanvm.agent")
 STARTING_RESYNC = 0.2
 LIVE_PHASES = frozenset({FragmentPhase.STARTING, FragmentPhase.RUNNING, FragmentPhase.STOPPING})
+EVENT_COMPONENT = "spanvm-agent"
+# The Event (reason, type) for each phase a fragment enters: why, in one CamelCase word.
+PHASE_EVENTS = {
+    "Pending": ("Waiting", "Normal"),
+    "Starting": ("Started", "Normal"),
+    "Running": ("FabricConnected", "Normal"),
+    "Paused": ("Paused", "Normal"),
+    "Succeeded": ("GuestFinished", "Normal"),
+    "Failed": ("FragmentFailed", "Warning"),
+    "Stopping": ("Stopping", "Normal"),
+    "Stopped": ("Stopped", "Normal"),
+}
 
 
 MAX_DIR_NAME_PART = 180  # namespace (63) + name part + uid prefix stay within NAME_MAX (255)
@@ -288,7 +300,8 @@ class Agent:
         self.reported[meta["uid"]] = status
         if all(current.get(k) == v for k, v in status.items()):
             return
-        if status.get("phase") != current.get("phase"):
+        changed = status.get("phase") != current.get("phase")
+        if changed:
             log.info(
                 "fragment %s/%s: %s (%s)",
                 meta["namespace"],
@@ -297,3 +310,16 @@ class Agent:
                 status.get("message", ""),
             )
         self.kube.patch_fragment_status(meta["namespace"], meta["name"], status)
+        if changed and status.get("phase"):
+            self._event(fragment, str(status["phase"]), str(status.get("message") or ""))
+
+    def _event(self, fragment: JsonObject, phase: str, message: str) -> None:
+        """An Event on the VMFragment for each phase it enters (`kubectl describe vmf`),
+        from `spanvm-agent` on this node; never a reason for the pass to fail."""
+        reason, type_ = PHASE_EVENTS.get(phase, (phase, "Normal"))
+        try:
+            self.kube.post_event(
+                fragment, type_, reason, message or phase, EVENT_COMPONENT, self.node
+            )
+        except Exception as err:  # an Event is a courtesy: report it, carry on
+            log.warning("cannot post an Event on %s: %s", fragment["metadata"]["name"], err)

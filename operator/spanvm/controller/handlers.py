@@ -2,6 +2,8 @@
 the same idempotent reconciliation; deletion waits for fragments behind a finalizer."""
 
 import logging
+import os
+import socket
 from typing import Any, cast
 
 import kopf
@@ -19,7 +21,14 @@ from spanvm.controller.reconcile import OperatorConfig, Reconciler, WaitForStop
 from spanvm.kube import JsonObject
 
 log = logging.getLogger("spanvm.operator")
-KOPF_PREFIX = "spanvm.io"  # Kopf's own bookkeeping annotations live under our group
+KOPF_PREFIX = "spanvm.io"
+EVENT_COMPONENT = "spanvm-operator"  # Kopf's own bookkeeping annotations live under our group
+
+
+def reporting_instance() -> str:
+    """Who this operator is, for its Events: the pod (POD_NAME, set by the chart from the
+    downward API), else the host name."""
+    return os.environ.get("POD_NAME") or socket.gethostname()
 
 
 def post_event(obj: JsonObject, type_: str, reason: str, message: str) -> None:
@@ -40,6 +49,11 @@ def build_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Opera
             prefix=KOPF_PREFIX, key="last-handled-configuration"
         )
         settings.posting.level = logging.WARNING  # our own events say what happened
+        # Events say who posted them (`kubectl get events` SOURCE, `describe` From): this
+        # operator and its pod, not Kopf's defaults `kopf` and `dev`.
+        settings.posting.reporting_component = EVENT_COMPONENT
+        settings.posting.reporting_instance = reporting_instance()
+        settings.posting.event_name_prefix = f"{EVENT_COMPONENT}-"
         # A VM being deleted keeps its finalizer until its timer has stopped. Kopf's default
         # is to look again only after 60 s when the timer is mid-pass at that moment (what
         # made some deletions take a minute): wait briefly, then poll twice a second.
