@@ -228,24 +228,30 @@ def test_a_fragment_runs_its_payload_running_then_succeeded(
     assert "passes=250" in done["consoleTail"] and "errors=0" in done["consoleTail"]
 
 
-def test_two_agents_run_a_two_fragment_vm(kube: Kube, nodes: SimulatedNodes) -> None:
+def place_pair(kube: Kube, name: str, spec: JsonObject) -> list[str]:
+    """A 2-fragment VM on ag-a and ag-b, started as the operator would: fragment 1 waits
+    until fragment 0's endpoint is passed on to it."""
     wait_for(
         "both nodes with KVM",
         lambda: all(labels(kube.get_node(n)).get(KVM_LABEL) == "true" for n in ("ag-a", "ag-b")),
     )
-    arg = 1 << 18
-    names = place(kube, "pair", spec_of("smp-sum", 2, "256Mi", arg), ["ag-a", "ag-b"])
+    names = place(kube, name, spec, ["ag-a", "ag-b"])
     placed = [
         FragmentSummary(name=n, node_name=node, vcpu_ids=[i], memory="0")
         for i, (n, node) in enumerate(zip(names, ["ag-a", "ag-b"], strict=True))
     ]
-    # the operator's job: pass fragment 0's endpoint on to fragment 1
     wait_for(
         "fragment 0's endpoint",
         lambda: (fragment(kube, names[0]).get("status") or {}).get("endpoint"),
     )
     assert phase(kube, names[1]) in (None, "Pending")  # it must wait for its peer's endpoint
-    share_peers(kube, "pair", placed)
+    share_peers(kube, name, placed)
+    return names
+
+
+def test_two_agents_run_a_two_fragment_vm(kube: Kube, nodes: SimulatedNodes) -> None:
+    arg = 1 << 18
+    names = place_pair(kube, "pair", spec_of("smp-sum", 2, "256Mi", arg))
     wait_for(
         "both fragments finished",
         lambda: all(phase(kube, n) in ("Succeeded", "Failed") for n in names),
@@ -392,3 +398,41 @@ def test_a_linux_kernel_missing_on_the_node_fails_naming_node_and_path(
         "Failed", lambda: phase(kube, name) == "Failed" and fragment(kube, name), timeout=60
     )["status"]
     assert "boot.linux.kernel /nonexistent/vmlinux: no such file on node ag-b" in done["message"]
+
+
+def test_pausing_holds_the_vcpus_while_the_fabric_keeps_serving(
+    kube: Kube, nodes: SimulatedNodes
+) -> None:
+    """desiredState Paused (what the operator writes for `spanvm pause`): each agent holds its
+    fragment's vCPUs and reports Paused; the guest's console stops growing, no fragment takes
+    the other for lost (heartbeats go on past the fabric's 10 s hung-peer limit), and Running
+    again resumes the guest where it was. Every phase is an Event from the agent."""
+    names = place_pair(kube, "pause", spec_of("console-remote", 2, "64Mi", 1_000_000_000))
+    wait_for("both Running", lambda: all(phase(kube, n) == "Running" for n in names), timeout=60)
+
+    def console_bytes() -> int:
+        return int((fragment(kube, names[0]).get("status") or {}).get("consoleBytes") or 0)
+
+    before = wait_for("console output", lambda: console_bytes() or None)
+    wait_for("more console output", lambda: console_bytes() > before)
+    for name in names:
+        kube.patch_fragment(NS, name, {"spec": {"desiredState": "Paused"}})
+    wait_for("both Paused", lambda: all(phase(kube, n) == "Paused" for n in names), timeout=30)
+    time.sleep(3)  # any output in flight when the vCPUs stopped has been reported
+    held = console_bytes()
+    time.sleep(12)  # longer than the fabric's hung-peer limit (10 s)
+    assert [phase(kube, n) for n in names] == ["Paused", "Paused"]
+    assert console_bytes() == held  # guest time stood still
+    for name in names:
+        kube.patch_fragment(NS, name, {"spec": {"desiredState": "Running"}})
+    wait_for("both Running again", lambda: all(phase(kube, n) == "Running" for n in names))
+    wait_for("the guest to go on", lambda: console_bytes() > held, timeout=30)
+
+    events = kube.core.list_namespaced_event(
+        NS, field_selector=f"involvedObject.name={names[1]}"
+    ).items
+    seen = {(e.reason, e.reporting_component, e.reporting_instance) for e in events}
+    assert ("FabricConnected", "spanvm-agent", "ag-b") in seen, seen
+    assert ("Paused", "spanvm-agent", "ag-b") in seen, seen
+    for name in names:
+        kube.delete_fragment(NS, name)

@@ -15,6 +15,7 @@ Pure: no KVM, no fabric, no API server.
 """
 
 import json
+import signal
 import sys
 from collections.abc import Callable, Iterable
 from typing import IO, Annotated, Literal, TypeVar
@@ -151,6 +152,19 @@ def fragment_command(status_fd: int, parent_pid: int | None = None) -> list[str]
     return command
 
 
+# -- signals ---------------------------------------------------------------------------------
+# Besides SIGTERM/SIGINT/SIGHUP (stop), a fragment takes two real-time signals (queued, and
+# each says what it means): PAUSE_SIGNAL holds its vCPUs outside the guest, RESUME_SIGNAL
+# lets them run again; it answers with a Paused or Resumed event.
+PAUSE_SIGNAL = signal.SIGRTMIN
+RESUME_SIGNAL = signal.SIGRTMIN + 1  # an int: Signals names only SIGRTMIN and SIGRTMAX
+
+
+def pause_signal(paused: bool) -> int:
+    """The signal that asks a fragment to pause (True) or resume (False)."""
+    return PAUSE_SIGNAL if paused else RESUME_SIGNAL
+
+
 # -- events ----------------------------------------------------------------------------------
 class Listening(_Model):
     """The fabric listener is up: peers may connect to `endpoint`."""
@@ -204,7 +218,21 @@ class Failed(_Model):
     error: str
 
 
-FragmentEvent = Annotated[Listening | Connected | Finished | Failed, Field(discriminator="event")]
+class Paused(_Model):
+    """The vCPUs are held outside the guest (PAUSE_SIGNAL); the fabric serves on."""
+
+    event: Literal["paused"] = "paused"
+
+
+class Resumed(_Model):
+    """The vCPUs run the guest again (RESUME_SIGNAL)."""
+
+    event: Literal["resumed"] = "resumed"
+
+
+FragmentEvent = Annotated[
+    Listening | Connected | Finished | Failed | Paused | Resumed, Field(discriminator="event")
+]
 _EVENT: TypeAdapter[FragmentEvent] = TypeAdapter(FragmentEvent)
 
 

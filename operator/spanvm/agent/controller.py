@@ -266,6 +266,7 @@ class Agent:
             proc = self._start(fragment)
             if proc is None:
                 return
+        proc.set_paused(spec.get("desiredState") == "Paused")
         new_status = proc.status(int(spec["index"]))
         self._starting |= new_status.phase == FragmentPhase.STARTING
         self._report(fragment, new_status)

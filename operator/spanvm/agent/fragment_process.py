@@ -23,8 +23,11 @@ from spanvm.contract import (
     Finished,
     FragmentEvent,
     Listening,
+    Paused,
+    Resumed,
     last_of,
     parse_events,
+    pause_signal,
 )
 from spanvm.kube import JsonObject
 from spanvm.procs import pid_alive
@@ -39,18 +42,24 @@ POLL_INTERVAL = 0.1
 
 def tail(path: Path, size: int = TAIL_BYTES) -> str:
     """The last `size` bytes of a file as text, starting at a line boundary."""
+    return tail_and_size(path, size)[0]
+
+
+def tail_and_size(path: Path, size: int = TAIL_BYTES) -> tuple[str, int]:
+    """tail() and the file's size where that tail ends, read together (the console grows
+    while it is read: `spanvm console --follow` needs both from the same moment)."""
     try:
         with path.open("rb") as f:
             f.seek(0, os.SEEK_END)
             end = f.tell()
             f.seek(max(0, end - size))
-            data = f.read()
+            data = f.read(end - f.tell())
     except FileNotFoundError:
-        return ""
+        return "", 0
     text = data.decode(errors="replace")
     if end > size and "\n" in text:
         text = text.split("\n", 1)[1]
-    return text
+    return text, end
 
 
 class FragmentProcess:
@@ -146,7 +155,7 @@ class FragmentProcess:
             self._signal(pid, signal.SIGKILL)
 
     @staticmethod
-    def _signal(pid: int, sig: signal.Signals) -> None:
+    def _signal(pid: int, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
 
@@ -157,6 +166,18 @@ class FragmentProcess:
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def paused(self) -> bool:
+        """Whether the fragment's last word on pausing was `paused`."""
+        said = [e for e in self.events() if isinstance(e, (Paused, Resumed))]
+        return bool(said) and isinstance(said[-1], Paused)
+
+    def set_paused(self, paused: bool) -> None:
+        """Ask a running fragment to pause or resume its vCPUs, until it says it has (a
+        signal per pass: level-triggered, harmless when repeated)."""
+        pid = self.pids().get("fragment")
+        if pid and self.running() and not self.stop_requested() and self.paused() != paused:
+            self._signal(pid, pause_signal(paused))
+
     # -- reporting ---------------------------------------------------------------------------
     def status(self, index: int) -> VMFragmentStatus:
         """VMFragment status as this process stands."""
@@ -164,12 +185,13 @@ class FragmentProcess:
         events = self.events()
         listening = last_of(events, Listening)
         finished = last_of(events, Finished)
-        console = tail(self.dir / CONSOLE) if index == 0 else ""
+        console, written = tail_and_size(self.dir / CONSOLE) if index == 0 else ("", 0)
         known = VMFragmentStatus(
             started_at=self.meta().get("startedAt"),
             pid=self.pids().get("fragment") or None,
             endpoint=listening.endpoint if listening else None,
             console_tail=console or None,
+            console_bytes=written if console else None,
             counters=_api_counters(finished.counters) if finished else None,
         )
         ended = self.exit_status()
@@ -184,6 +206,9 @@ class FragmentProcess:
                 if connected
                 else "fragment VMM started; connecting to peers"
             )
+            if phase == FragmentPhase.RUNNING and self.paused():
+                phase = FragmentPhase.PAUSED
+                message = "vCPUs paused on request; the fabric keeps serving"
             return known.model_copy(update={"phase": phase, "message": message})
         phase, message, code = self._outcome(ended, finished, last_of(events, Failed))
         return known.model_copy(update={"phase": phase, "message": message, "exit_code": code})

@@ -28,6 +28,7 @@ class FragmentPhase(StrEnum):
     PENDING = "Pending"
     STARTING = "Starting"
     RUNNING = "Running"
+    PAUSED = "Paused"  # vCPUs held on request; the fabric serves on
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     STOPPING = "Stopping"
@@ -65,6 +66,7 @@ class DesiredState(StrEnum):
     """What the operator asks of a fragment."""
 
     RUNNING = "Running"
+    PAUSED = "Paused"
     STOPPED = "Stopped"
 
 
@@ -105,7 +107,13 @@ TERMINAL_FRAGMENT_PHASES = frozenset(
 )
 # The fragment was started (some may have finished since).
 STARTED_FRAGMENT_PHASES = frozenset(
-    {FragmentPhase.RUNNING, FragmentPhase.SUCCEEDED, FragmentPhase.STOPPING, FragmentPhase.STOPPED}
+    {
+        FragmentPhase.RUNNING,
+        FragmentPhase.PAUSED,
+        FragmentPhase.SUCCEEDED,
+        FragmentPhase.STOPPING,
+        FragmentPhase.STOPPED,
+    }
 )
 # The guest has ended.
 FINISHED_VM_PHASES = frozenset({VMPhase.SUCCEEDED, VMPhase.FAILED})

@@ -120,7 +120,8 @@ class VMFragmentSpec(ApiModel):
     secret_ref: SecretRef | None = Field(default=None, description="The per-VM fabric secret.")
     desired_state: DesiredState = Field(
         default=DesiredState.RUNNING,
-        description="Running, or Stopped to ask the agent to stop the fragment.",
+        description="Running; Paused to hold the fragment's vCPUs (the fabric keeps serving);"
+        " Stopped to ask the agent to stop the fragment.",
     )
 
 

@@ -13,11 +13,17 @@ Exit status (fragment 0 reports for the VM; see spanvm/exitstatus.py): the guest
 (125 if above 255), 70 on an error, 124 when `idle_timeout` stopped the guest, 128+N when
 signal N (SIGTERM, SIGINT, SIGHUP) stopped it. A stop signal stops this fragment quietly: its
 launcher or agent asked, and says so itself.
+
+PAUSE_SIGNAL holds this fragment's vCPUs outside the guest and RESUME_SIGNAL lets them run
+again (`spanvm pause`, through the agent; spanvm.contract); the fabric keeps serving pages
+and heartbeats meanwhile, so the other fragments neither stall on its pages nor take it for
+lost. Each is acknowledged with a Paused or Resumed event.
 """
 
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -25,6 +31,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from spanvm.contract import (
+    PAUSE_SIGNAL,
+    RESUME_SIGNAL,
     Connected,
     ContractError,
     Counters,
@@ -35,6 +43,8 @@ from spanvm.contract import (
     Finished,
     FragmentConfig,
     Listening,
+    Paused,
+    Resumed,
     read_config,
 )
 from spanvm.exitstatus import EXIT_TIMEOUT, guest_status, signal_status
@@ -342,6 +352,7 @@ def _run(
     stops: StopSignals,
 ) -> int:
     fragment = Fragment(config, sink, status)
+    _pausable(fragment.machine, status)
     try:
         stops.action = fragment.stop_quietly
         try:
@@ -391,3 +402,20 @@ def _run(
         return guest_status(result.exit_code)
     finally:
         fragment.close()
+
+
+def _pausable(machine: Machine, status: Emit) -> None:
+    """PAUSE_SIGNAL and RESUME_SIGNAL pause and resume the vCPUs. The handler only flips the
+    machine's flag and kicks its vCPUs; the status line is written from a thread of its own,
+    never from inside a handler that may have interrupted another status write."""
+
+    def handle(signum: int, _frame: object) -> None:
+        if signum == PAUSE_SIGNAL:
+            machine.pause()
+        else:
+            machine.resume()
+        event = Paused() if machine.paused else Resumed()
+        threading.Thread(target=status, args=(event,), daemon=True).start()
+
+    signal.signal(PAUSE_SIGNAL, handle)
+    signal.signal(RESUME_SIGNAL, handle)

@@ -113,6 +113,8 @@ class Machine:
         self.vm: Vm | None = None
         self.io_bus, self.mmio_bus = Bus("port"), Bus("MMIO")
         self._stop = threading.Event()
+        self._resumed = threading.Event()  # cleared by pause(): vCPUs hold outside the guest
+        self._resumed.set()
         self._lock = threading.Lock()
         self._exit_code: int | None = None
         self._error: str | None = None
@@ -279,6 +281,31 @@ class Machine:
             if vcpu.looping and thread is not None and thread.ident is not None:
                 signal.pthread_kill(thread.ident, KICK_SIGNAL)
 
+    def pause(self) -> None:
+        """Hold every local vCPU outside the guest until resume(): guest time stops, while
+        memory, devices and (in a fragment) the fabric keep serving. Signal-handler safe:
+        clears a flag and kicks the vCPU threads."""
+        self._resumed.clear()
+        for vcpu in self.vcpus.values():
+            self._kick(vcpu)
+
+    def resume(self) -> None:
+        """Let paused vCPUs enter the guest again, where they left it."""
+        self._resumed.set()
+
+    @property
+    def paused(self) -> bool:
+        """Whether pause() holds the vCPUs."""
+        return not self._resumed.is_set()
+
+    def _hold(self, vcpu: Vcpu) -> None:
+        """On vCPU `vcpu`'s thread: wait out a pause (or a stop), then clear the kick that
+        brought it here so KVM_RUN enters the guest again."""
+        while not self._stop.is_set() and not self._resumed.wait(0.05):
+            pass
+        if not self._stop.is_set():
+            vcpu.run.immediate_exit = 0
+
     @property
     def stop_requested(self) -> threading.Event:
         """Set once the VM was told to stop (exit, error, timeout)."""
@@ -312,6 +339,9 @@ class Machine:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.config.vcpu_nice)
         try:
             while not self._stop.is_set():
+                if not self._resumed.is_set():
+                    self._hold(vcpu)
+                    continue
                 if kvm_abi.libc.ioctl(vcpu.fd, kvm_abi.KVM_RUN, None) < 0:
                     err = ctypes.get_errno()
                     if err in (errno.EINTR, errno.EAGAIN):
