@@ -1,5 +1,6 @@
 """SpanningVM: the user-facing object asking for one guest spread over several nodes."""
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -358,6 +359,19 @@ class FragmentSummary(ApiModel):
     phase: FragmentPhase | None = Field(default=None, description="The fragment's phase.")
 
 
+class StartFailure(ApiModel):
+    """Failures in a row and the back-off before the next restart (KubeVirt's
+    status.startFailure)."""
+
+    consecutive_fail_count: int = Field(
+        ge=0, description="Runs in a row that ended in failure (reset by an exit 0 or a verb)."
+    )
+    retry_after_timestamp: datetime | None = Field(
+        default=None,
+        description="When the next restart may happen; set while in CrashLoopBackOff.",
+    )
+
+
 class SpanningVMStatus(ApiModel):
     """Observed state of a SpanningVM, written by the operator."""
 
@@ -394,6 +408,9 @@ class SpanningVMStatus(ApiModel):
     restarts: int | None = Field(
         default=None,
         description="Times the guest was restarted (by its runStrategy or `spanvm restart`).",
+    )
+    start_failure: StartFailure | None = Field(
+        default=None, description="Failures in a row and the back-off before the next restart."
     )
     last_request: str | None = Field(
         default=None,
