@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import spanvm
+from spanvm_cli import spanvm
 
 pytestmark = pytest.mark.kvm
 
