@@ -147,11 +147,13 @@ def operator_process(
     crash_after_creates: int | None = None,
     deletion_grace: float = 4.0,
     node_loss_grace: float = 3.0,
+    restart_backoff: float = 2.0,
     metrics_port: int | None = None,
+    pod_name: str | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`spanvm operator` watching one namespace; stopped (SIGTERM, then SIGKILL) after.
     `crash_after_creates`: the operator exits after that many fragment creates (its fault
-    hook, through tests/faulty_operator.py)."""
+    hook, through tests/faulty_operator.py). `pod_name`: POD_NAME as the chart sets it."""
     command = operator_command(
         kubeconfig,
         system_namespace=SYSTEM_NS,
@@ -159,12 +161,13 @@ def operator_process(
         namespaces=(namespace,),
         deletion_grace=deletion_grace,
         node_loss_grace=node_loss_grace,
+        restart_backoff=restart_backoff,
         metrics_port=metrics_port,
     )
     if crash_after_creates is not None:
         faulty = Path(__file__).with_name("faulty_operator.py")
         command = [sys.executable, str(faulty), str(crash_after_creates), *command[3:]]
-    process = start(command, log_path)
+    process = start(command, log_path, {"POD_NAME": pod_name} if pod_name else None)
     try:
         yield process
     finally:

@@ -179,14 +179,15 @@ def test_apply_runs_a_guest_spanning_two_nodes_and_delete_cleans_up(
         assert [f["vcpuIds"] for f in status["fragments"]] == [[0], [1]]
         conditions = {c["type"]: c for c in status["conditions"]}
         assert conditions["Scheduled"]["status"] == "True"
-        assert conditions["Ready"]["reason"] == "Succeeded"
+        assert conditions["Ready"]["reason"] == "GuestFinished"
         fragments = kube.list_fragments(NS, f"spanvm.io/vm={name}")
         assert {f["status"]["phase"] for f in fragments} == {"Succeeded"}
         endpoints = {f["status"]["endpoint"].rsplit(":", 1)[0] for f in fragments}
         assert endpoints == {nodes.address_of(n) for n in placed}  # fabric crossed namespaces
         header, row = crds.kubectl("get", "svm", "-n", NS, name).stdout.splitlines()
         columns = dict(zip(header.split(), row.split(), strict=True))
-        assert columns["PHASE"] == "Succeeded" and columns["NODES"] == ",".join(placed)
+        assert columns["STATUS"] == "Succeeded" and columns["NODES"] == ",".join(placed)
+        assert columns["READY"] == "False" and columns["FRAGMENTS"] == "2"
 
         # Prometheus's view of the same run: both endpoints, names, types and values
         check_agent_metrics(nodes, name, placed)

@@ -212,6 +212,60 @@ TABLE: list[tuple[str | None, str, tuple[str | None, ...] | str, str, list[str],
         "Stopped",
     ),
     ("Stopped", "Halted", NO_PLACEMENT, "healthy", ["WriteStatus"], "Stopped"),
+    # KubeVirt's Always: a guest that exits 0 is restarted too (it used to stay Succeeded)
+    (
+        "Running",
+        "Always",
+        ("Succeeded", "Stopped"),
+        "healthy",
+        ["PostEvent", "CountRestart", "DeleteFragments", "WriteStatus"],
+        "Pending",
+    ),
+    (
+        "Succeeded",
+        "Always",
+        ("Succeeded", "Stopped"),
+        "healthy",
+        ["PostEvent", "CountRestart", "DeleteFragments", "WriteStatus"],
+        "Pending",
+    ),
+    # RerunOnFailure: restarted after a failure, final after exit 0
+    (
+        "Running",
+        "RerunOnFailure",
+        ("Failed", "Running"),
+        "healthy",
+        ["PostEvent", "CountRestart", "DeleteFragments", "WriteStatus"],
+        "Pending",
+    ),
+    (
+        "Running",
+        "RerunOnFailure",
+        ("Succeeded", "Stopped"),
+        "healthy",
+        ["PostEvent", "WriteStatus"],
+        "Succeeded",
+    ),
+    ("Succeeded", "RerunOnFailure", ("Succeeded", "Stopped"), "healthy", [], None),
+    (
+        "Degraded",
+        "RerunOnFailure",
+        ("Running", "Running"),
+        "both-long",
+        ["PostEvent", "CountRestart", "DeleteFragments", "WriteStatus"],
+        "Pending",
+    ),
+    # Manual: not started until spanvm start, never restarted by the operator
+    (None, "Manual", NO_PLACEMENT, "healthy", ["WriteStatus"], "Stopped"),
+    # a Manual guest that fails stays Failed (it ran on when its strategy became Manual)
+    (
+        "Running",
+        "Manual",
+        ("Failed", "Running"),
+        "healthy",
+        ["AskStop", "PostEvent", "CountFailure", "WriteStatus"],
+        "Failed",
+    ),
     (
         "Pending",
         "Always",
@@ -296,7 +350,7 @@ def test_deletion_waits_for_fragments_then_forces_after_the_grace() -> None:
 
 
 PHASES = [None, *VMPhase]
-STRATEGIES = ["Once", "Always", "Halted"]
+STRATEGIES = ["Once", "Always", "RerunOnFailure", "Manual", "Halted"]
 FRAGMENT_STATES: list[tuple[str | None, ...] | str] = [
     NO_PLACEMENT,
     (MISSING, MISSING),
@@ -332,16 +386,117 @@ def test_every_situation_keeps_the_rules(phase: str | None, strategy: str) -> No
             if isinstance(a, lc.PatchFragment):
                 assert a.name in names, case
             if isinstance(a, lc.Place):
-                assert not placed and not frags and strategy != "Halted", case
+                assert not placed and not frags, case
+                assert strategy not in ("Halted", "Manual"), case  # Manual waits for start
             if isinstance(a, lc.Materialise):
                 assert phase not in STARTED_VM_PHASES | FINISHED_VM_PHASES, case
             if isinstance(a, lc.CountRestart):
-                assert strategy == "Always", case
+                assert strategy in ("Always", "RerunOnFailure"), case
         new_phase = written(actions).get("phase")
         assert new_phase is None or new_phase in set(VMPhase), case
-        if strategy == "Halted":
-            assert new_phase in (None, VMPhase.STOPPED), case
-        if strategy == "Once" and phase in FINISHED_VM_PHASES:
+        if strategy == "Halted" or (strategy == "Manual" and not placed):
+            assert new_phase in (None, VMPhase.STOPPED), case  # Manual: no start request
+        final = strategy == "Once" or (strategy == "RerunOnFailure" and phase == "Succeeded")
+        if final and phase in FINISHED_VM_PHASES:
             assert set(kinds(actions)) <= {"AskStop"}, case
         if strategy == "Once" and new_phase == VMPhase.PENDING:
             assert phase not in STARTED_VM_PHASES, case  # Once never restarts a guest
+
+
+def test_halted_leaves_no_stale_condition_or_count() -> None:
+    """After Halted, FabricReady used to say "waiting for fragments 0 (Starting)..." with an
+    old observedGeneration, and FRAGMENTS stayed 2 while NODES was empty."""
+    vm_obj = vm("Running", "Halted")
+    actions = lc.decide(vm_obj, fragments("Stopped", "Stopped"), nodes("healthy"))
+    status = written(actions)
+    assert status["phase"] == "Stopped"
+    assert status["fragmentCount"] is None and status["nodes"] is None
+    (write,) = [a for a in actions if isinstance(a, lc.WriteStatus)]
+    conditions = {c[0]: c for c in write.conditions}
+    assert set(conditions) == {"Scheduled", "FabricReady", "Ready"}
+    assert all(c[1] is False and c[2] == "Halted" for c in conditions.values())
+
+
+def test_the_ready_reason_says_why_not_the_phase() -> None:
+    vm_obj = vm("Starting", "Once")
+    actions = lc.decide(
+        vm_obj, with_peers(fragments("Running", "Running"), vm_obj), nodes("healthy")
+    )
+    (write,) = [a for a in actions if isinstance(a, lc.WriteStatus)]
+    ready = next(c for c in write.conditions if c[0] == "Ready")
+    assert ready[1:3] == (True, "GuestRunning")
+
+
+def annotated(vm_obj: JsonObject, **annotations: str) -> JsonObject:
+    vm_obj["metadata"]["annotations"] = annotations
+    return vm_obj
+
+
+def test_requests_start_stop_and_restart_a_manual_vm() -> None:
+    started = annotated(vm("Stopped", "Manual", placed=False), **{"spanvm.io/request": "start/1"})
+    actions = lc.decide(started, {}, nodes("healthy"))
+    status = written(actions)
+    assert status["phase"] == "Pending" and status["lastRequest"] == "start/1"
+    assert "StartRequested" in {a.reason for a in actions if isinstance(a, lc.PostEvent)}
+    started["status"]["lastRequest"] = "start/1"
+    assert kinds(lc.decide(started, {}, nodes("healthy"))) == ["Place"]
+
+    stopping = annotated(vm("Running", "Manual"), **{"spanvm.io/request": "stop/2"})
+    actions = lc.decide(stopping, fragments("Running", "Running"), nodes("healthy"))
+    assert kinds(actions) == ["AskStop", "WriteStatus"]
+    assert written(actions)["lastRequest"] == "stop/2"
+
+    again = annotated(vm("Running", "Once"), **{"spanvm.io/request": "restart/3"})
+    again["status"]["restarts"] = 1
+    again["status"]["startFailure"] = {"consecutiveFailCount": 4}
+    actions = lc.decide(again, fragments("Running", "Running"), nodes("healthy"))
+    status = written(actions)
+    assert status["restarts"] == 2 and status["lastRequest"] == "restart/3"
+    assert status["startFailure"] is None and status["exitCode"] is None
+
+
+def test_failures_in_a_row_back_off() -> None:
+    """The first failure restarts at once; the next waits 10 s (CrashLoopBackOff), then 20 s."""
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    clock = lc.Nodes(health=nodes("healthy").health, now=now, backoff_base=10.0)
+    vm_obj = vm("Running", "Always")
+    first = written(lc.decide(vm_obj, with_peers(fragments("Failed", "Running"), vm_obj), clock))
+    assert first["phase"] == "Pending"
+    assert first["startFailure"] == {"consecutiveFailCount": 1, "retryAfterTimestamp": None}
+
+    vm_obj["status"]["startFailure"] = first["startFailure"]
+    actions = lc.decide(vm_obj, with_peers(fragments("Failed", "Running"), vm_obj), clock)
+    assert "DeleteFragments" not in kinds(actions)
+    second = written(actions)
+    assert second["phase"] == "Failed" and "CrashLoopBackOff" in second["message"]
+    retry = {"consecutiveFailCount": 2, "retryAfterTimestamp": "2026-01-01T00:00:10Z"}
+    assert second["startFailure"] == retry
+    (write,) = [a for a in actions if isinstance(a, lc.WriteStatus)]
+    assert next(c for c in write.conditions if c[0] == "Ready")[2] == "CrashLoopBackOff"
+
+    vm_obj["status"].update(phase="Failed", startFailure=retry)
+    waiting = lc.decide(vm_obj, with_peers(fragments("Failed", "Stopped"), vm_obj), clock)
+    assert "CountRestart" not in kinds(waiting) and "PostEvent" not in kinds(waiting)
+    later = lc.Nodes(health=clock.health, now=now + timedelta(seconds=11))
+    due = written(lc.decide(vm_obj, with_peers(fragments("Failed", "Stopped"), vm_obj), later))
+    assert due["phase"] == "Pending"
+    assert due["startFailure"] == {"consecutiveFailCount": 2, "retryAfterTimestamp": None}
+
+
+def test_pausing_is_passed_to_every_fragment() -> None:
+    vm_obj = annotated(vm("Running", "Once"), **{"spanvm.io/paused": "true"})
+    frags = with_peers(fragments("Running", "Running"), vm_obj)
+    patches = [
+        a for a in lc.decide(vm_obj, frags, nodes("healthy")) if isinstance(a, lc.PatchFragment)
+    ]
+    assert [(p.name, p.patch["spec"]["desiredState"]) for p in patches] == [
+        ("vm-0", "Paused"),
+        ("vm-1", "Paused"),
+    ]
+    paused = with_peers(fragments("Paused", "Paused"), vm_obj)
+    for f in paused.values():
+        f["spec"]["desiredState"] = "Paused"
+    actions = lc.decide(vm_obj, paused, nodes("healthy"))
+    (write,) = [a for a in actions if isinstance(a, lc.WriteStatus)]
+    assert next(c for c in write.conditions if c[0] == "Ready")[1:3] == (False, "Paused")
+    assert write.changes["phase"] == "Running"

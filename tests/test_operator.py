@@ -40,11 +40,14 @@ from spanvm.api.spanningvm import FragmentSummary, SpanningVMSpec
 from spanvm.controller.fragments import fragment_body
 from spanvm.kube import NOT_FOUND, JsonObject, Kube, unless_status
 from spanvm.sealing import load_or_create
+from spanvm_cli import spanvm
 
 pytestmark = pytest.mark.cluster
 NS = "op-test"
 GRACE = 8.0  # the module operator's --node-loss-grace
 MiB = 1 << 20
+BACKOFF = 3.0  # its --restart-backoff
+POD_NAME = "spanvm-operator-7d9f-test"  # its POD_NAME, as the chart's downward API sets it
 
 
 def free_port() -> int:
@@ -139,7 +142,14 @@ def running_operator(
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     port = free_port()
     with operator_process(
-        crds.kubeconfig, NS, log, lease_name="op-test", metrics_port=port, node_loss_grace=GRACE
+        crds.kubeconfig,
+        NS,
+        log,
+        lease_name="op-test",
+        metrics_port=port,
+        node_loss_grace=GRACE,
+        restart_backoff=BACKOFF,
+        pod_name=POD_NAME,
     ) as process:
         yield log, port
         assert process.poll() is None, log.read_text()[-3000:]
@@ -349,7 +359,7 @@ def test_heartbeat_expiry_degrades_a_once_vm(env: Env) -> None:
     env.nodes.expire("p7-b")
     status = env.wait_phase("vm7", "Degraded")
     assert "p7-b" in status["message"] and "heartbeat" in status["message"]
-    assert condition(status, "Ready")["reason"] == "Degraded"
+    assert condition(status, "Ready")["reason"] == "NodeLost"  # why, not the phase again
     env.nodes.heartbeat("p7-b")
     env.wait_phase("vm7", "Running")
 
@@ -415,6 +425,18 @@ def test_spec_changes_immutable_rejected_runstrategy_and_labels_apply(env: Env) 
     status = env.wait_phase("vm9", "Stopped")
     wait_for("fragments removed", lambda: env.fragments("vm9") == [])
     assert condition(status, "Ready")["reason"] == "Halted"
+    # nothing stale: FabricReady used to keep "waiting for fragments 0 (Starting)..." with an
+    # old observedGeneration, and FRAGMENTS showed 2 while NODES was empty
+    generation = (env.vm("vm9") or {})["metadata"]["generation"]
+    for type_ in ("Scheduled", "FabricReady", "Ready"):
+        cond = condition(status, type_)
+        assert cond["status"] == "False" and cond["reason"] == "Halted", cond
+        assert cond["observedGeneration"] == generation, cond
+    assert "fragmentCount" not in status and "nodes" not in status
+    assert status["printableStatus"] == "Stopped"
+    row = env.cluster.kubectl("get", "svm", "vm9", "-n", NS, "--no-headers").stdout.split()
+    # NAME STATUS READY VCPUS MEMORY (FRAGMENTS and NODES empty) AGE
+    assert row[1:5] == ["Stopped", "False", "2", "256Mi"] and len(row) == 6, row
 
 
 def test_operator_killed_mid_placement_leaves_no_duplicates(
@@ -982,3 +1004,146 @@ def test_a_fragment_deleted_under_an_always_vm_restarts_it_whole(env: Env) -> No
     )
     assert all(f["spec"]["desiredState"] == "Running" for f in again)
     assert any("deleted after the guest started" in e for e in env.events("vm-k7a"))
+
+
+def finish(env: Env, frags: list[JsonObject], phase: str, code: int, message: str) -> None:
+    """Stand-in agents: fragment 0 ends the guest with `code`, the other stops with it."""
+    env.report(frags[0], phase=phase, exitCode=code, message=message)
+    for frag in frags[1:]:
+        env.report(frag, phase="Stopped", message="stopped on request")
+
+
+def placed_anew(env: Env, name: str, old: list[JsonObject]) -> list[JsonObject]:
+    """The VM's fragments once a new placement has made both anew."""
+    uids = {f["metadata"]["uid"] for f in old}
+    return wait_for(
+        f"{name} placed anew",
+        lambda: (
+            len(frags := env.fragments(name)) == 2
+            and not uids & {f["metadata"]["uid"] for f in frags}
+            and frags
+        ),
+    )
+
+
+def test_always_restarts_after_exit_0_rerun_on_failure_does_not(env: Env) -> None:
+    """KubeVirt's meanings: `Always` on a guest that exits 0 used to stay Succeeded (what
+    RerunOnFailure does); now it is restarted, and RerunOnFailure exists."""
+    for pool in ("ka", "kr"):
+        env.nodes.add(f"{pool}-a", labels={"pool": pool})
+        env.nodes.add(f"{pool}-b", labels={"pool": pool})
+    env.create_vm(vm_manifest("vm-ka", NS, "ka", run_strategy="Always"))
+    env.create_vm(vm_manifest("vm-kr", NS, "kr", run_strategy="RerunOnFailure"))
+    always, rerun = run_fragments(env, "vm-ka"), run_fragments(env, "vm-kr")
+    env.wait_phase("vm-ka", "Running")
+    status = env.wait_phase("vm-kr", "Running")
+    assert status["printableStatus"] == "Running"
+    assert condition(status, "Ready")["reason"] == "GuestRunning"  # not "Running" again
+
+    finish(env, always, "Succeeded", 0, "the guest finished")
+    wait_for("vm-ka restarted", lambda: env.status("vm-ka").get("restarts") == 1)
+    placed_anew(env, "vm-ka", always)
+    assert any(e.startswith("GuestRestarted:") for e in env.events("vm-ka"))
+
+    finish(env, rerun, "Succeeded", 0, "the guest finished")
+    status = env.wait_phase("vm-kr", "Succeeded")
+    time.sleep(3)  # a few passes: exit 0 is final for RerunOnFailure
+    status = env.status("vm-kr")
+    assert status["phase"] == "Succeeded" and not status.get("restarts")
+    assert status["printableStatus"] == "Succeeded"
+    assert condition(status, "Ready")["reason"] == "GuestFinished"
+
+
+def test_failures_in_a_row_back_off_as_crash_loop_back_off(env: Env) -> None:
+    env.nodes.add("kc-a", labels={"pool": "kc"})
+    env.nodes.add("kc-b", labels={"pool": "kc"})
+    env.create_vm(vm_manifest("vm-kc", NS, "kc", run_strategy="RerunOnFailure"))
+    frags = run_fragments(env, "vm-kc")
+    env.wait_phase("vm-kc", "Running")
+    finish(env, frags, "Failed", 3, "the guest exited with code 3")
+    wait_for("the first restart, at once", lambda: env.status("vm-kc").get("restarts") == 1)
+    frags = placed_anew(env, "vm-kc", frags)
+    for i, frag in enumerate(frags):
+        env.report(frag, phase="Running", endpoint=f"10.0.0.{i + 1}:7000")
+    env.wait_phase("vm-kc", "Running")
+    failed_at = time.monotonic()
+    finish(env, frags, "Failed", 3, "the guest exited with code 3")
+    status = wait_for(
+        "CrashLoopBackOff",
+        lambda: (s := env.status("vm-kc")).get("printableStatus") == "CrashLoopBackOff" and s,
+    )
+    assert status["startFailure"]["consecutiveFailCount"] == 2
+    assert status["startFailure"]["retryAfterTimestamp"]
+    assert condition(status, "Ready")["reason"] == "CrashLoopBackOff"
+    assert status.get("restarts") == 1  # waiting, not restarted yet
+    wait_for("the second restart", lambda: env.status("vm-kc").get("restarts") == 2)
+    assert time.monotonic() - failed_at >= BACKOFF - 1  # the API's times are whole seconds
+    assert any(e.startswith("CrashLoopBackOff:") for e in env.events("vm-kc"))
+
+
+def test_manual_runs_only_when_asked_through_the_cli(env: Env, tmp_path: Path) -> None:
+    """`spanvm start|stop|restart` against the operator: a Manual VM waits for start, stops
+    on stop (conditions and counts cleared), and a restart places it anew."""
+    env.nodes.add("km-a", labels={"pool": "km"})
+    env.nodes.add("km-b", labels={"pool": "km"})
+    env.create_vm(vm_manifest("vm-km", NS, "km", run_strategy="Manual"))
+    status = env.wait_phase("vm-km", "Stopped")
+    assert status["printableStatus"] == "Stopped"
+    assert condition(status, "Ready")["reason"] == "WaitingForStart"
+    time.sleep(2)
+    assert env.fragments("vm-km") == []
+
+    def cli(verb: str) -> None:
+        result = spanvm(verb, "vm-km", "-n", NS, kubeconfig=env.cluster.kubeconfig)
+        assert result.returncode == 0, result.stderr
+
+    cli("start")
+    frags = run_fragments(env, "vm-km")
+    status = env.wait_phase("vm-km", "Running")
+    assert status["lastRequest"].startswith("start/")
+    cli("restart")
+    frags = placed_anew(env, "vm-km", frags)
+    assert env.status("vm-km")["restarts"] == 1
+    assert any(e.startswith("RestartRequested:") for e in env.events("vm-km"))
+    for i, frag in enumerate(frags):
+        env.report(frag, phase="Running", endpoint=f"10.0.0.{i + 1}:7000")
+    env.wait_phase("vm-km", "Running")
+    cli("stop")
+    wait_for(
+        "stop requests",
+        lambda: all(f["spec"]["desiredState"] == "Stopped" for f in env.fragments("vm-km")),
+    )
+    assert env.status("vm-km")["printableStatus"] == "Stopping"
+    for frag in frags:
+        env.report(frag, phase="Stopped", message="stopped on request")
+    status = env.wait_phase("vm-km", "Stopped")
+    assert condition(status, "FabricReady")["reason"] == "StoppedByRequest"
+    assert "fragmentCount" not in status
+    assert env.vm("vm-km")["spec"]["runStrategy"] == "Manual"  # type: ignore[index]
+
+
+def test_pause_reaches_every_fragment_and_events_name_the_operator_pod(env: Env) -> None:
+    """Events used to come from component `kopf`, instance `dev`."""
+    frags = running_vm(env, "vm-kp", "kp")
+    env.kube.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, NS, SPANNINGVM_PLURAL, "vm-kp",
+        {"metadata": {"annotations": {"spanvm.io/paused": "true"}}},
+    )  # fmt: skip
+    wait_for(
+        "pause requests",
+        lambda: all(f["spec"]["desiredState"] == "Paused" for f in env.fragments("vm-kp")),
+    )
+    for frag in frags:
+        env.report(frag, phase="Paused", message="vCPUs paused on request")
+    status = wait_for(
+        "Paused", lambda: (s := env.status("vm-kp")).get("printableStatus") == "Paused" and s
+    )
+    assert status["phase"] == "Running"
+    assert condition(status, "Ready")["status"] == "False"
+    assert condition(status, "Ready")["reason"] == "Paused"
+
+    items = env.kube.core.list_namespaced_event(
+        NS, field_selector="involvedObject.name=vm-kp"
+    ).items
+    sources = {(e.reporting_component, e.reporting_instance, e.source.component) for e in items}
+    assert sources == {("spanvm-operator", POD_NAME, "spanvm-operator")}, sources

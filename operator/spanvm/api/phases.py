@@ -79,7 +79,8 @@ class ConditionType(StrEnum):
 
 
 class Reason(StrEnum):
-    """Condition and Event reasons that are not a phase's name (a phase is its own reason)."""
+    """Condition and Event reasons: one CamelCase word saying why (Events of a phase change
+    carry the phase's name)."""
 
     PLACED = "Placed"
     UNSCHEDULABLE = "Unschedulable"
@@ -99,6 +100,15 @@ class Reason(StrEnum):
     HALTED = "Halted"
     TERMINATING = "Terminating"
     FORCED_DELETION = "ForcedDeletion"
+    GUEST_RUNNING = "GuestRunning"
+    FRAGMENTS_STOPPED = "FragmentsStopped"
+    PAUSED = "Paused"
+    CRASH_LOOP_BACK_OFF = "CrashLoopBackOff"
+    STOPPED_BY_REQUEST = "StoppedByRequest"
+    WAITING_FOR_START = "WaitingForStart"
+    START_REQUESTED = "StartRequested"
+    RESTART_REQUESTED = "RestartRequested"
+    GUEST_RESTARTED = "GuestRestarted"
 
 
 # The fragment is done: it never runs again (and holds no capacity).

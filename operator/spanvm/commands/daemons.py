@@ -8,6 +8,7 @@ import click
 
 from spanvm.api.constants import OPERATOR_LEASE, SYSTEM_NAMESPACE
 from spanvm.api.quantity import parse_quantity_bytes
+from spanvm.controller.run_strategy import BACKOFF_BASE
 
 if TYPE_CHECKING:
     from spanvm.controller.reconcile import Hooks
@@ -82,6 +83,14 @@ def _with(options: list[Any], command: Any) -> Any:
     show_default=True,
     help="seconds a node must stay NotReady or silent before an Always VM is restarted",
 )
+@click.option(
+    "--restart-backoff",
+    type=POSITIVE,
+    default=BACKOFF_BASE,
+    show_default=True,
+    help="seconds before restarting a guest that failed twice in a row (CrashLoopBackOff),"
+    " doubling per further failure up to 5 minutes",
+)
 @click.option("--metrics-port", type=int, help="serve Prometheus metrics on this port")
 @click.option(
     "--health-port",
@@ -111,6 +120,7 @@ def start_operator(args: argparse.Namespace, hooks: "Hooks | None" = None) -> No
         timer_interval=args.timer_interval,
         deletion_grace=args.deletion_grace,
         node_loss_grace=args.node_loss_grace,
+        restart_backoff=args.restart_backoff,
     )
     asyncio.run(
         run_operator(

@@ -6,22 +6,28 @@ no clock (how long a node has been lost is part of `nodes`). `decide_deletion` d
 for a VM being deleted. `reconcile.py` carries the actions out. In order:
 
 1. an invalid spec fails the VM;
-2. Halted: stop every fragment, delete them once stopped, phase Stopped;
-3. Once and finished (Succeeded/Failed): final, only what still runs is asked to stop;
-4. Always with a failed fragment, or a node lost past the grace that the fabric does not
-   vouch for: restart (delete the fragments, clear the placement);
-5. a fragment missing under a started guest: Once fails, Always restarts;
-6. no placement: old fragments go first, then Place;
-7. placed, fragments missing: Materialise (the executor decides again once they exist);
-8. all there: peers and labels, then the status from the fragments.
+2. not to run (Halted, a stop request, Manual before its first start): stop every fragment,
+   delete them once stopped, phase Stopped, every condition and count saying so;
+3. a restart request, or a start request for a guest that is not running: run it anew;
+4. finished (Succeeded/Failed) and its runStrategy does not restart it (Once, Manual,
+   RerunOnFailure after exit 0): final, only what still runs is asked to stop;
+5. a failed fragment, a node lost past the grace that the fabric does not vouch for, or a
+   guest that finished: restart if the runStrategy says so (Always after any end,
+   RerunOnFailure after a failure; spanvm.controller.run_strategy), after the
+   CrashLoopBackOff delay when failures come in a row;
+6. a fragment missing under a started guest: a failure (restarted or failed as above);
+7. no placement: old fragments go first, then Place;
+8. placed, fragments missing: Materialise (the executor decides again once they exist);
+9. all there: peers, labels and pause, then the status from the fragments.
 """
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from pydantic import ValidationError
 
+from spanvm.api.constants import PAUSED_ANNOTATION
 from spanvm.api.phases import (
     FINISHED_VM_PHASES,
     STARTED_VM_PHASES,
@@ -36,9 +42,17 @@ from spanvm.api.phases import (
 from spanvm.api.spanningvm import FragmentSummary, SpanningVMSpec
 from spanvm.controller.cluster_view import NodeHealth
 from spanvm.controller.fragments import fabric_vouches, fragment_labels, peers_of
+from spanvm.controller.run_strategy import (
+    BACKOFF_BASE,
+    Request,
+    backoff,
+    pending_request,
+    restarts_after,
+    wants_running,
+)
 from spanvm.controller.status import aggregate
 from spanvm.kube import JsonObject
-from spanvm.rfc3339 import parse_time
+from spanvm.rfc3339 import format_time, parse_time
 
 ConditionSpec = tuple[ConditionType, bool, str, str]  # type, status, reason, message
 
@@ -136,6 +150,10 @@ class Nodes:
     health: dict[str, NodeHealth] = field(default_factory=dict)
     lost_for: dict[str, float] = field(default_factory=dict)
     loss_grace: float = 40.0
+    # The operator's wall clock for CrashLoopBackOff's retry time (None: restart at once)
+    # and the back-off before the second restart in a row.
+    now: datetime | None = None
+    backoff_base: float = BACKOFF_BASE
 
     def lost_long(self, node: str) -> bool:
         if node not in self.health:
@@ -189,9 +207,17 @@ def decide(vm: JsonObject, fragments: dict[int, JsonObject], nodes: Nodes) -> li
     except ValidationError as err:
         return [WriteStatus({"phase": VMPhase.FAILED, "message": f"invalid spec: {err}"})]
     placed = _placed(vm)
-    if spec.run_strategy == RunStrategy.HALTED:
-        return halt(fragments)
-    if spec.run_strategy == RunStrategy.ONCE and phase in FINISHED_VM_PHASES:
+    strategy = spec.run_strategy
+    request = pending_request(vm)
+    runs, why_not = wants_running(strategy, vm)
+    if not runs:
+        return halt(fragments, why_not, request)
+    if request is not None and request.verb in ("start", "restart"):
+        if request.verb == "restart" or phase in FINISHED_VM_PHASES | {VMPhase.STOPPED}:
+            return rerun(vm, fragments, request)
+        return [WriteStatus({"lastRequest": request.value})]  # started already: nothing to do
+    finished = phase in FINISHED_VM_PHASES
+    if finished and not restarts_after(strategy, failed=phase == VMPhase.FAILED):
         # Final: what still runs is stopped, nothing is re-created or relaunched, the
         # status (phase, first cause, exit code) stays as it was when the guest ended.
         return ask_stop(fragments)
@@ -203,15 +229,18 @@ def decide(vm: JsonObject, fragments: dict[int, JsonObject], nodes: Nodes) -> li
         lost = [n for n in agg.lost_nodes if nodes.lost_long(n)]
         if lost and fabric_vouches(placed, fragments, nodes.health):
             lost = []
-        if spec.run_strategy == RunStrategy.ALWAYS and (agg.failed or lost):
-            return restart(vm, fragments, agg.message)
+        if agg.failed or lost:
+            if restarts_after(strategy, failed=True):
+                return restart_after_end(vm, fragments, agg.message, failed=True, nodes=nodes)
+        elif agg.phase == VMPhase.SUCCEEDED and restarts_after(strategy, failed=False):
+            return restart_after_end(vm, fragments, agg.message, failed=False, nodes=nodes)
     missing = [p.name for i, p in enumerate(placed) if i not in fragments]
     if missing and phase in STARTED_VM_PHASES | FINISHED_VM_PHASES:
         # A fragment deleted under a started guest took part of it along: re-creating it
         # would relaunch a fragment into a guest that has lost its state.
         why = f"fragment(s) {', '.join(missing)} deleted after the guest started"
-        if spec.run_strategy == RunStrategy.ALWAYS:
-            return restart(vm, fragments, why)
+        if restarts_after(strategy, failed=True):
+            return restart_after_end(vm, fragments, why, failed=True, nodes=nodes)
         return fail(fragments, why)
     if not placed:
         if fragments:  # the previous run's fragments must go before a new placement
@@ -310,8 +339,11 @@ def name_taken(vm: JsonObject, kind: str, others: Sequence[JsonObject]) -> list[
 def peers_and_labels(
     vm: JsonObject, placed: list[FragmentSummary], fragments: dict[int, JsonObject]
 ) -> list[Action]:
-    """Every fragment lists every peer (endpoints as reported) and carries the VM's labels."""
+    """Every fragment lists every peer (endpoints as reported), carries the VM's labels and
+    is asked to pause while the VM's spanvm.io/paused annotation says so."""
     peers = peers_of(placed, fragments)
+    paused = (vm["metadata"].get("annotations") or {}).get(PAUSED_ANNOTATION) == "true"
+    pause = DesiredState.PAUSED if paused else DesiredState.RUNNING
     out: list[Action] = []
     for index, frag in sorted(fragments.items()):
         patch: JsonObject = {}
@@ -321,6 +353,9 @@ def peers_and_labels(
         have = frag["metadata"].get("labels") or {}
         if any(have.get(k) != v for k, v in want.items()):
             patch["metadata"] = {"labels": want}
+        state = frag["spec"].get("desiredState") or DesiredState.RUNNING
+        if state in (DesiredState.RUNNING, DesiredState.PAUSED) and state != pause:
+            patch.setdefault("spec", {})["desiredState"] = pause
         if patch:
             out.append(PatchFragment(_name(frag), patch))
     return out
@@ -343,18 +378,23 @@ def report(
         out.append(PostEvent("Warning" if failing else "Normal", agg.phase, agg.message))
         if agg.phase == VMPhase.FAILED:
             out.append(CountFailure(Reason.FRAGMENT_FAILED))
+    changes: JsonObject = {
+        "phase": agg.phase,
+        "message": agg.message,
+        "fragments": summaries,
+        "exitCode": agg.exit_code,
+        "consoleTail": agg.console_tail,
+        "consoleBytes": agg.console_bytes,
+    }
+    if agg.phase == VMPhase.SUCCEEDED:
+        changes["startFailure"] = None  # a clean exit ends a run of failures
+    ready = agg.phase == VMPhase.RUNNING and not agg.paused
     out.append(
         WriteStatus(
-            {
-                "phase": agg.phase,
-                "message": agg.message,
-                "fragments": summaries,
-                "exitCode": agg.exit_code,
-                "consoleTail": agg.console_tail,
-            },
+            changes,
             (
                 (ConditionType.FABRIC_READY, agg.fabric_ready, agg.fabric_reason, agg.message),
-                (ConditionType.READY, agg.phase == VMPhase.RUNNING, agg.phase, agg.message),
+                (ConditionType.READY, ready, agg.ready_reason, agg.message),
             ),
         )
     )
@@ -377,46 +417,158 @@ def fail(fragments: dict[int, JsonObject], why: str) -> list[Action]:
     ]
 
 
-def restart(vm: JsonObject, fragments: dict[int, JsonObject], why: str) -> list[Action]:
-    """runStrategy Always: delete the fragments and the placement; the next pass places."""
+# What a new run starts from: no placement, no result of the previous run.
+_NEW_RUN: JsonObject = {
+    "fragments": None,
+    "fragmentCount": None,
+    "nodes": None,
+    "exitCode": None,
+    "consoleTail": None,
+    "consoleBytes": None,
+}
+
+
+def restart(
+    vm: JsonObject,
+    fragments: dict[int, JsonObject],
+    why: str,
+    *,
+    reason: Reason = Reason.RESTARTING,
+    extra: JsonObject | None = None,
+) -> list[Action]:
+    """Delete the fragments and the placement; the next pass places the guest anew. Every
+    condition says so: none keeps the previous run's words."""
     restarts = int(_status(vm).get("restarts") or 0) + 1
-    message = f"restarting the guest (runStrategy Always, restart {restarts}): {why}"
+    strategy = (vm.get("spec") or {}).get("runStrategy") or RunStrategy.ONCE
+    message = f"restarting the guest (runStrategy {strategy}, restart {restarts}): {why}"
     return [
-        PostEvent("Warning", Reason.RESTARTING, message),
+        PostEvent("Warning" if reason == Reason.RESTARTING else "Normal", reason, message),
         CountRestart(),
         *delete_all(fragments),
         WriteStatus(
             {
                 "phase": VMPhase.PENDING,
                 "message": message,
-                "fragments": None,
-                "fragmentCount": None,
-                "nodes": None,
+                **_NEW_RUN,
                 "restarts": restarts,
+                **(extra or {}),
             },
             (
                 (ConditionType.SCHEDULED, False, Reason.RESCHEDULING, message),
-                (ConditionType.READY, False, Reason.RESTARTING, message),
+                (ConditionType.FABRIC_READY, False, reason, message),
+                (ConditionType.READY, False, reason, message),
             ),
         ),
     ]
 
 
-def halt(fragments: dict[int, JsonObject]) -> list[Action]:
-    """runStrategy Halted: stop every fragment, then remove them."""
+def rerun(vm: JsonObject, fragments: dict[int, JsonObject], request: Request) -> list[Action]:
+    """A start or restart request: run the guest anew, failures forgotten."""
+    verb = "restart" if request.verb == "restart" else "start"
+    reason = Reason.RESTART_REQUESTED if verb == "restart" else Reason.START_REQUESTED
+    return restart(
+        vm,
+        fragments,
+        f"{verb} requested (spanvm {verb})",
+        reason=reason,
+        extra={"lastRequest": request.value, "startFailure": None},
+    )
+
+
+def restart_after_end(
+    vm: JsonObject, fragments: dict[int, JsonObject], why: str, *, failed: bool, nodes: Nodes
+) -> list[Action]:
+    """The guest ended and its runStrategy restarts it: at once after an exit 0 or a first
+    failure, after CrashLoopBackOff's delay for a failure following failures."""
+    if not failed:
+        return restart(
+            vm, fragments, why, reason=Reason.GUEST_RESTARTED, extra={"startFailure": None}
+        )
+    record = _status(vm).get("startFailure") or {}
+    count = int(record.get("consecutiveFailCount") or 0)
+    retry_at = parse_time(record.get("retryAfterTimestamp"))
+    if retry_at is None:  # a new failure: count it
+        count += 1
+        delay = backoff(count, nodes.backoff_base)
+        if delay > 0 and nodes.now is not None:
+            return crash_loop(fragments, why, count, nodes.now + timedelta(seconds=delay), True)
+    elif nodes.now is not None and nodes.now < retry_at:
+        return crash_loop(fragments, why, count, retry_at, False)
+    failures = {"consecutiveFailCount": count, "retryAfterTimestamp": None}
+    return restart(vm, fragments, why, extra={"startFailure": failures})
+
+
+def crash_loop(
+    fragments: dict[int, JsonObject], why: str, count: int, retry_at: datetime, new: bool
+) -> list[Action]:
+    """Failed again: wait until `retry_at` before the next restart (KubeVirt's
+    CrashLoopBackOff); what still runs is stopped meanwhile."""
+    message = (
+        f"failed {count} times in a row, restarting at {format_time(retry_at)}"
+        f" (CrashLoopBackOff): {why}"
+    )
+    event: list[Action] = [PostEvent("Warning", Reason.CRASH_LOOP_BACK_OFF, message)] if new else []
+    return [
+        *ask_stop(fragments),
+        *event,
+        *([CountFailure(Reason.FRAGMENT_FAILED)] if new else []),
+        WriteStatus(
+            {
+                "phase": VMPhase.FAILED,
+                "message": message,
+                "startFailure": {
+                    "consecutiveFailCount": count,
+                    "retryAfterTimestamp": format_time(retry_at),
+                },
+            },
+            (
+                (ConditionType.FABRIC_READY, False, Reason.FRAGMENT_FAILED, message),
+                (ConditionType.READY, False, Reason.CRASH_LOOP_BACK_OFF, message),
+            ),
+        ),
+    ]
+
+
+def halt(fragments: dict[int, JsonObject], why: str, request: Request | None) -> list[Action]:
+    """Not to run (Halted, a stop request, Manual before its first start): stop every
+    fragment, then remove them; once none runs, nothing in status speaks of a run."""
+    reason = (
+        Reason.HALTED
+        if why.startswith("runStrategy is Halted")
+        else Reason.WAITING_FOR_START
+        if why.startswith("runStrategy is Manual")
+        else Reason.STOPPED_BY_REQUEST
+    )
     running = [f for _, f in sorted(fragments.items()) if not terminal(f)]
+    changes: JsonObject = {"lastRequest": request.value} if request is not None else {}
     if running:
-        message = "stopping fragments " + ", ".join(_name(f) for f in running)
-        changes: JsonObject = {"message": message}
+        message = f"{why}: stopping fragments " + ", ".join(_name(f) for f in running)
+        changes["message"] = message
         removal: list[Action] = []
     else:
-        message = "runStrategy is Halted: the guest is not running"
-        changes = {"phase": VMPhase.STOPPED, "message": message, "fragments": None, "nodes": None}
+        message = f"{why}: the guest is not running"
+        changes.update(
+            {
+                "phase": VMPhase.STOPPED,
+                "message": message,
+                "fragments": None,
+                "fragmentCount": None,
+                "nodes": None,
+                "startFailure": None,
+            }
+        )
         removal = delete_all(fragments)
     return [
         *ask_stop(fragments),
         *removal,
-        WriteStatus(changes, ((ConditionType.READY, False, Reason.HALTED, message),)),
+        WriteStatus(
+            changes,
+            (
+                (ConditionType.SCHEDULED, False, reason, message),
+                (ConditionType.FABRIC_READY, False, reason, message),
+                (ConditionType.READY, False, reason, message),
+            ),
+        ),
     ]
 
 

@@ -36,6 +36,8 @@ from spanvm.controller.fragments import (
     request_of,
 )
 from spanvm.controller.lifecycle import Action
+from spanvm.controller.printable import printable_status
+from spanvm.controller.run_strategy import BACKOFF_BASE
 from spanvm.controller.status import set_condition
 from spanvm.kube import JsonObject, Kube, api_error_text
 from spanvm.rfc3339 import parse_time
@@ -73,6 +75,7 @@ class OperatorConfig:
     timer_interval: float = 5.0
     deletion_grace: float = 60.0
     node_loss_grace: float = 40.0  # a node must stay lost this long before a restart
+    restart_backoff: float = BACKOFF_BASE  # CrashLoopBackOff before the 2nd restart in a row
 
 
 def _key(obj: JsonObject) -> tuple[str, str]:
@@ -153,6 +156,8 @@ class Reconciler:
             health=memo[2],
             lost_for={n: now - t for n, t in self._lost_since.items()},
             loss_grace=self.config.node_loss_grace,
+            now=datetime.now(UTC),
+            backoff_base=self.config.restart_backoff,
         )
         return nodes, memo[3]
 
@@ -360,6 +365,8 @@ class Reconciler:
         patch = {**changes, "observedGeneration": generation}
         if conditions:
             patch["conditions"] = conds
+        merged = {k: v for k, v in {**status, **patch}.items() if v is not None}
+        patch["printableStatus"] = printable_status(vm, merged)
         if all(status.get(k) == v for k, v in patch.items()):
             return
         meta = vm["metadata"]

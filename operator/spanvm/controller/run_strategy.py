@@ -5,7 +5,7 @@
 | Always | yes | any end: exit 0, a failure, a lost node or fragment | stop sets Halted |
 | RerunOnFailure | yes | a failure (non-zero exit, lost node or fragment), not exit 0 | requests |
 | Once | yes | never | requests (start runs it once more) |
-| Manual | no: `spanvm start` | never (only by the verbs) | requests |
+| Manual | no: `spanvm start` (a running one runs on) | never (only by the verbs) | requests |
 | Halted | no | never | start sets Always |
 
 A request is the annotation `spanvm.io/request: <verb>/<id>`; the operator acts on an id
@@ -58,7 +58,10 @@ def wants_running(strategy: str, vm: JsonObject) -> tuple[bool, str]:
         return False, "runStrategy is Halted"
     if request is not None and request.verb == "stop":
         return False, "stopped by request (spanvm stop)"
-    if strategy == "Manual" and request is None:
+    placed = bool((vm.get("status") or {}).get("fragments"))
+    if strategy == "Manual" and request is None and not placed:
+        # never started: a Manual VM waits for spanvm start (one already running when its
+        # strategy became Manual runs on, and is not restarted)
         return False, "runStrategy is Manual: waiting for spanvm start"
     return True, ""
 

@@ -60,8 +60,28 @@ class Aggregate:
     fabric_reason: Reason
     exit_code: int | None = None
     console_tail: str | None = None
+    console_bytes: int | None = None
     lost_nodes: tuple[str, ...] = ()
     failed: bool = False
+    paused: bool = False  # every fragment's vCPUs are held (spanvm pause)
+
+    @property
+    def ready_reason(self) -> Reason:
+        """Why the VM is (not) Ready, in one CamelCase word: never just the phase's name."""
+        if self.paused:
+            return Reason.PAUSED
+        return READY_REASONS.get(self.phase, self.fabric_reason)
+
+
+# The Ready condition's reason for each phase the fragments give: why, not the phase again.
+READY_REASONS = {
+    VMPhase.RUNNING: Reason.GUEST_RUNNING,
+    VMPhase.STARTING: Reason.WAITING_FOR_FRAGMENTS,
+    VMPhase.SUCCEEDED: Reason.GUEST_FINISHED,
+    VMPhase.FAILED: Reason.FRAGMENT_FAILED,
+    VMPhase.DEGRADED: Reason.NODE_LOST,
+    VMPhase.STOPPED: Reason.FRAGMENTS_STOPPED,
+}
 
 
 def _fragment_phase(fragment: JsonObject | None) -> str:
@@ -79,6 +99,7 @@ def aggregate(
     result: dict[str, Any] = {
         "exit_code": status0.get("exitCode"),
         "console_tail": status0.get("consoleTail"),
+        "console_bytes": status0.get("consoleBytes"),
     }
     failed = [
         f"fragment {i} on {placed[i].node_name} failed: "
@@ -116,11 +137,22 @@ def aggregate(
     if all(p in (FragmentPhase.STOPPED, FragmentPhase.STOPPING) for p in phases):
         message = "every fragment is stopped"
         return Aggregate(VMPhase.STOPPED, message, False, Reason.STOPPED, **result)
-    if FragmentPhase.RUNNING in phases and all(p in STARTED_FRAGMENT_PHASES for p in phases):
+    running = {FragmentPhase.RUNNING, FragmentPhase.PAUSED}
+    if running & set(phases) and all(p in STARTED_FRAGMENT_PHASES for p in phases):
         # Every fragment got going; some may have finished first (fragment 0 ends the guest
         # before the others hear of it): still Running, never back to Starting.
         nodes = ", ".join(p.node_name for p in placed)
-        ended = [f"{i} ({p})" for i, p in enumerate(phases) if p != FragmentPhase.RUNNING]
+        ended = [f"{i} ({p})" for i, p in enumerate(phases) if p not in running]
+        if all(p == FragmentPhase.PAUSED for p in phases):
+            return Aggregate(
+                VMPhase.RUNNING,
+                f"paused on request (spanvm pause): the vCPUs of {len(placed)} fragment(s) on"
+                f" {nodes} are held; memory and fabric stay",
+                True,
+                Reason.FABRIC_CONNECTED,
+                paused=True,
+                **result,
+            )
         return Aggregate(
             VMPhase.RUNNING,
             f"the guest runs on {len(placed)} fragment(s): {nodes}"

@@ -16,6 +16,7 @@ def operator_command(
     timer_interval: float = 1.0,
     deletion_grace: float = 10.0,
     node_loss_grace: float = 3.0,
+    restart_backoff: float = 10.0,
     lease_duration: int = 6,
     metrics_port: int | None = None,
     health_port: int | None = None,
@@ -39,6 +40,8 @@ def operator_command(
         str(deletion_grace),
         "--node-loss-grace",
         str(node_loss_grace),
+        "--restart-backoff",
+        str(restart_backoff),
     ]
     for ns in namespaces:
         command += ["--namespace", ns]
