@@ -437,6 +437,7 @@ def test_requests_start_stop_and_restart_a_manual_vm() -> None:
     actions = lc.decide(started, {}, nodes("healthy"))
     status = written(actions)
     assert status["phase"] == "Pending" and status["lastRequest"] == "start/1"
+    assert status["restarts"] is None and "CountRestart" not in kinds(actions)  # a start
     assert "StartRequested" in {a.reason for a in actions if isinstance(a, lc.PostEvent)}
     started["status"]["lastRequest"] = "start/1"
     assert kinds(lc.decide(started, {}, nodes("healthy"))) == ["Place"]

@@ -435,22 +435,28 @@ def restart(
     *,
     reason: Reason = Reason.RESTARTING,
     extra: JsonObject | None = None,
+    counted: bool = True,
 ) -> list[Action]:
     """Delete the fragments and the placement; the next pass places the guest anew. Every
-    condition says so: none keeps the previous run's words."""
-    restarts = int(_status(vm).get("restarts") or 0) + 1
+    condition says so: none keeps the previous run's words. `counted`: a restart (not a
+    start of a stopped guest), in status.restarts and the metric."""
+    restarts = int(_status(vm).get("restarts") or 0) + (1 if counted else 0)
     strategy = (vm.get("spec") or {}).get("runStrategy") or RunStrategy.ONCE
-    message = f"restarting the guest (runStrategy {strategy}, restart {restarts}): {why}"
+    message = (
+        f"restarting the guest (runStrategy {strategy}, restart {restarts}): {why}"
+        if counted
+        else f"starting the guest (runStrategy {strategy}): {why}"
+    )
     return [
         PostEvent("Warning" if reason == Reason.RESTARTING else "Normal", reason, message),
-        CountRestart(),
+        *([CountRestart()] if counted else []),
         *delete_all(fragments),
         WriteStatus(
             {
                 "phase": VMPhase.PENDING,
                 "message": message,
                 **_NEW_RUN,
-                "restarts": restarts,
+                "restarts": restarts or None,
                 **(extra or {}),
             },
             (
@@ -464,14 +470,15 @@ def restart(
 
 def rerun(vm: JsonObject, fragments: dict[int, JsonObject], request: Request) -> list[Action]:
     """A start or restart request: run the guest anew, failures forgotten."""
-    verb = "restart" if request.verb == "restart" else "start"
-    reason = Reason.RESTART_REQUESTED if verb == "restart" else Reason.START_REQUESTED
+    again = request.verb == "restart"
+    verb = "restart" if again else "start"
     return restart(
         vm,
         fragments,
         f"{verb} requested (spanvm {verb})",
-        reason=reason,
+        reason=Reason.RESTART_REQUESTED if again else Reason.START_REQUESTED,
         extra={"lastRequest": request.value, "startFailure": None},
+        counted=again,
     )
 
 
