@@ -2,9 +2,13 @@
 nodes (agents in their own network namespaces) and the operator; the guest spans two nodes
 and gives the right answer; deletion leaves nothing behind."""
 
+import json
 import subprocess
 import sys
+import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +21,9 @@ from k8s_sim import ensure_namespace, free_port, wait_for
 from spanvm.api.constants import SYSTEM_NAMESPACE
 from spanvm.devcluster.nodes import SimulatedNodes
 from spanvm.devcluster.operator_proc import operator_command, start, stop
-from spanvm.kube import Kube
+from spanvm.kube import JsonObject, Kube
 from spanvm.vmm.expected import smp_sum
+from spanvm_cli import cli_env, spanvm
 
 pytestmark = [pytest.mark.cluster, pytest.mark.kvm]
 EXAMPLE = REPO / "examples" / "spanningvm-2node.yaml"
@@ -128,9 +133,13 @@ def check_operator_metrics(port: int, name: str, nodes: list[str]) -> None:
     assert found["spanvm_placements"].type == "counter"
 
 
-def test_apply_runs_a_guest_spanning_two_nodes_and_delete_cleans_up(
-    crds: Cluster, tmp_path: Path
-) -> None:
+@contextmanager
+def running_cluster(
+    crds: Cluster, tmp_path: Path, names: list[str], metrics_port: int | None = None
+) -> Iterator[SimulatedNodes]:
+    """Simulated nodes (an agent each, in its own network namespace, serving metrics) and
+    the operator, both up and KVM labelled; afterwards logs shown, and nothing left: no
+    process, no network namespace, no Node."""
     kube = Kube.connect(str(crds.kubeconfig))
     ensure_namespace(kube, SYSTEM_NAMESPACE)
     ensure_namespace(kube, NS)
@@ -139,14 +148,11 @@ def test_apply_runs_a_guest_spanning_two_nodes_and_delete_cleans_up(
         kube,
         crds.kubeconfig,
         crds.plane.ports.apiserver,
-        ["e2e-1", "e2e-2", "e2e-3"],
+        names,
         tmp_path,
         system_namespace=SYSTEM_NAMESPACE,
         agent_args=("--metrics-port", str(AGENT_METRICS_PORT)),
     )
-    metrics_port = free_port()
-    manifest = yaml.safe_load(EXAMPLE.read_text())
-    name, arg = manifest["metadata"]["name"], manifest["spec"]["boot"]["payload"]["arg"]
     operator = None
     try:
         nodes.up()
@@ -161,6 +167,27 @@ def test_apply_runs_a_guest_spanning_two_nodes_and_delete_cleans_up(
             tmp_path / "operator.log",
         )
         nodes.wait_kvm_labelled()
+        yield nodes
+    finally:
+        if operator is not None:
+            stop(operator)
+        for node in nodes.names:
+            print(f"--- agent {node}:\n{nodes.log_of(node).read_text()[-2000:]}")
+        print((tmp_path / "operator.log").read_text()[-3000:])
+        nodes.down()
+    assert processes_mentioning(str(tmp_path)) == []  # no runner, fragment or agent left
+    assert netns_names() == namespaces_before
+    assert all(kube.get_node(n) is None for n in nodes.names)
+
+
+def test_apply_runs_a_guest_spanning_two_nodes_and_delete_cleans_up(
+    crds: Cluster, tmp_path: Path
+) -> None:
+    kube = Kube.connect(str(crds.kubeconfig))
+    metrics_port = free_port()
+    manifest = yaml.safe_load(EXAMPLE.read_text())
+    name, arg = manifest["metadata"]["name"], manifest["spec"]["boot"]["payload"]["arg"]
+    with running_cluster(crds, tmp_path, ["e2e-1", "e2e-2", "e2e-3"], metrics_port) as nodes:
         crds.kubectl("apply", "-n", NS, "-f", str(EXAMPLE))
         vm = wait_for(
             "the guest to finish",
@@ -207,13 +234,90 @@ def test_apply_runs_a_guest_spanning_two_nodes_and_delete_cleans_up(
             "agents to drop the fragments' state",
             lambda: not any(nodes.state_dir.glob("*/*/pids.json")),
         )
-    finally:
-        if operator is not None:
-            stop(operator)
-        for node in nodes.names:
-            print(f"--- agent {node}:\n{nodes.log_of(node).read_text()[-2000:]}")
-        print((tmp_path / "operator.log").read_text()[-3000:])
-        nodes.down()
-    assert processes_mentioning(str(tmp_path)) == []  # no runner, fragment or agent left
-    assert netns_names() == namespaces_before
-    assert all(kube.get_node(n) is None for n in nodes.names)
+
+
+def test_a_kubevirt_user_stops_starts_follows_pauses_and_restarts_the_vm(
+    crds: Cluster, tmp_path: Path
+) -> None:
+    """The daily verbs with commands a KubeVirt user would guess, against real agents and
+    KVM: wait for it, follow its console, pause and unpause it, restart it, stop it, start
+    it, and see why at each step (printableStatus, the Ready reason, Events)."""
+    kube = Kube.connect(str(crds.kubeconfig))
+    name = "verbs"
+    manifest = {
+        "apiVersion": "spanvm.io/v1alpha1",
+        "kind": "SpanningVM",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "cpu": {"vcpus": 2},
+            "memory": "64Mi",
+            "boot": {"payload": {"name": "console-remote", "arg": 1_000_000_000}},
+            "placement": {"maxFragments": 2},
+            "runStrategy": "Always",
+        },
+    }
+
+    def cli(*args: str, timeout: float = 120) -> str:
+        result = spanvm(*args, "-n", NS, kubeconfig=crds.kubeconfig, timeout=timeout)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def status() -> JsonObject:
+        return (kube.get_vm(NS, name) or {}).get("status") or {}
+
+    def console_bytes() -> int:
+        return int(status().get("consoleBytes") or 0)
+
+    with running_cluster(crds, tmp_path, ["e2e-v1", "e2e-v2"]) as nodes:
+        crds.kubectl("apply", "-f", "-", stdin=json.dumps(manifest))
+        cli("wait", name, "--for=status=Running", "--timeout=3m", timeout=240)
+        assert "GuestRunning" in cli("status", name)
+
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "spanvm.cli", "console", name, "-f", "-n", NS],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=cli_env(crds.kubeconfig),
+        )
+        try:
+            assert follower.stdout is not None
+            lines = [follower.stdout.readline() for _ in range(3)]
+        finally:
+            follower.terminate()
+            follower.wait(30)
+        # console-remote's lines: 32 letters each, crossing the fabric before printing
+        assert all(len(line) == 33 and line.strip().isalpha() for line in lines), lines
+
+        cli("pause", name)
+        cli("wait", name, "--for=status=Paused", "--timeout=60s")
+        time.sleep(3)  # what was in flight when the vCPUs stopped has been reported
+        held = console_bytes()
+        time.sleep(4)
+        assert console_bytes() == held and status()["phase"] == "Running"
+        cli("unpause", name)
+        cli("wait", name, "--for=status=Running", "--timeout=60s")
+        wait_for("the guest to go on", lambda: console_bytes() > held)
+
+        cli("restart", name)
+        wait_for("a restart", lambda: status().get("restarts") == 1, timeout=60)
+        cli("wait", name, "--for=status=Running", "--timeout=2m", timeout=180)
+
+        assert "runStrategy Always -> Halted" in cli("stop", name)
+        cli("wait", name, "--for=status=Stopped", "--timeout=2m", timeout=180)
+        stopped = status()
+        assert "fragmentCount" not in stopped and "nodes" not in stopped
+        ready = next(c for c in stopped["conditions"] if c["type"] == "Ready")
+        assert ready["reason"] == "Halted" and ready["status"] == "False"
+        wait_for("fragments gone", lambda: kube.list_fragments(NS) == [])
+
+        assert "runStrategy Halted -> Always" in cli("start", name)
+        cli("wait", name, "--for=status=Running", "--timeout=3m", timeout=240)
+        reasons = {e.reason for e in kube.core.list_namespaced_event(NS).items}
+        assert {"RestartRequested", "Running", "FabricConnected", "Paused"} <= reasons, reasons
+
+        crds.kubectl("delete", "svm", name, "-n", NS, "--wait=true", "--timeout=60s")
+        wait_for("fragments gone", lambda: kube.list_fragments(NS) == [])
+        wait_for(
+            "agents to drop the fragments' state",
+            lambda: not any(nodes.state_dir.glob("*/*/pids.json")),
+        )
