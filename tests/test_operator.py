@@ -286,7 +286,10 @@ def test_unschedulable_stays_pending_then_placed_when_a_node_appears(env: Env) -
     assert scheduled["status"] == "False" and scheduled["reason"] == "Unschedulable"
     assert "needs 8 vCPUs" in scheduled["message"] and "maxFragments=2" in scheduled["message"]
     assert env.fragments("vm3") == []
-    assert any("Unschedulable" in e for e in env.events("vm3"))
+    # Events are posted asynchronously (Kopf's poster queue): they may follow the status
+    wait_for(
+        "the Unschedulable Event", lambda: any("Unschedulable" in e for e in env.events("vm3"))
+    )
 
     env.nodes.add("p3-b", vcpus=4, labels={"pool": "p3"})
     frags = wait_for(
