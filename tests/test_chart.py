@@ -225,7 +225,11 @@ def test_agent_rbac_and_admission_policy_confine_it_to_its_node(crds: Cluster) -
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {"generateName": "frag-rbac-a.", "namespace": "rbac-test"},
-            "involvedObject": {"kind": "VMFragment", "name": "frag-rbac-a"},
+            "involvedObject": {
+                "kind": "VMFragment",
+                "name": "frag-rbac-a",
+                "namespace": "rbac-test",
+            },
             "reason": "FabricConnected",
             "message": "fragment VMM running; fabric connected",
             "type": "Normal",
