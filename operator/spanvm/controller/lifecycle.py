@@ -2,7 +2,8 @@
 
 `decide(vm, fragments, nodes)` reads the VM object, its own fragments (by index) and the
 nodes' health, and returns the actions that bring the VM a step closer to its spec; no I/O,
-no clock (how long a node has been lost is part of `nodes`). `decide_deletion` does the same
+no clock of its own (how long a node has been lost, and the time CrashLoopBackOff's retry is
+weighed against, are part of `nodes`). `decide_deletion` does the same
 for a VM being deleted. `reconcile.py` carries the actions out. In order:
 
 1. an invalid spec fails the VM;
