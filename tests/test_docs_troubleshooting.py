@@ -3,26 +3,31 @@ excluding a node and every SpanningVM phase has a row saying what to do, and eve
 the chart links to a section that exists."""
 
 import re
-from typing import get_args
 
 import yaml
 
 from conftest import REPO
-from spanvm.api.spanningvm import Phase
+from spanvm.api.phases import VMPhase
 
 GUIDE = (REPO / "docs" / "troubleshooting.md").read_text()
 
 
 def test_every_scheduler_reason_is_explained() -> None:
     source = (REPO / "operator" / "spanvm" / "scheduler" / "placement.py").read_text()
-    reasons = set(re.findall(r'rejected\["([^"]+)"\]', source))
+    table = re.search(r"^_REASONS = \((.*?)^\)", source, re.MULTILINE | re.DOTALL)
+    assert table is not None  # the scheduler's table of exclusion reasons
+    reasons = set(re.findall(r'^\s*"([^"]+)",$', table.group(1), re.MULTILINE))
     assert len(reasons) >= 6  # the parse found them
     missing = [r for r in reasons if f"| `{r}` |" not in GUIDE]
     assert missing == []
 
 
 def test_every_phase_is_explained() -> None:
-    missing = [p for p in get_args(Phase) if not re.search(rf"^\| `{p}`", GUIDE, re.MULTILINE)]
+    missing = [
+        p
+        for p in (phase.value for phase in VMPhase)
+        if not re.search(rf"^\| `{p}`", GUIDE, re.MULTILINE)
+    ]
     assert missing == []
 
 
