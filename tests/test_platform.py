@@ -172,3 +172,41 @@ def test_more_vcpus_than_kvm_allows_is_refused_before_any_vcpu(kut_dummy: Path) 
     with pytest.raises(VmError, match="4097 vCPUs: this KVM allows at most"):
         Machine(VmConfig(64 * MiB, 4097, boot=MultibootBoot(kut_dummy)))
     assert _open_fds() == before
+
+
+def _aout_kernel(tmp_path: Path, load_end: int, bss_end: int, entry: int) -> Path:
+    """A Multiboot header with flag bit 16 (address fields) at offset 0, loaded at 1 MiB."""
+    header = _multiboot_header(flags=1 << 16)
+    fields = struct.pack("<5I", 0x10_0000, 0x10_0000, load_end, bss_end, entry)
+    path = tmp_path / "aout.bin"
+    path.write_bytes(header + fields + bytes(64))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("load_end", "bss_end", "entry", "needle"),
+    [
+        (0, 0, 0x5000_0000, "entry 0x50000000 lies outside the loaded image"),
+        (0x0F_0000, 0, 0x10_0000, "load_end/bss_end lie before load_addr"),
+    ],
+    ids=["entry-outside", "end-before-start"],
+)
+def test_multiboot_address_fields_are_checked(
+    tmp_path: Path, load_end: int, bss_end: int, entry: int, needle: str
+) -> None:
+    kernel = _aout_kernel(tmp_path, load_end, bss_end, entry)
+    with pytest.raises(BootError, match=needle):
+        MultibootBoot(kernel).check(GuestShape(64 * MiB, 1))
+
+
+def test_multiboot_address_fields_cut_off_are_refused(tmp_path: Path) -> None:
+    kernel = tmp_path / "short.bin"
+    kernel.write_bytes(_multiboot_header(flags=1 << 16))  # 12 bytes: no address fields
+    with pytest.raises(BootError, match=f"{kernel}: the header's address fields"):
+        MultibootBoot(kernel).check(GuestShape(64 * MiB, 1))
+
+
+def test_fw_cfg_arch_local_keys_are_not_aliased_to_common_keys() -> None:
+    dev = fw_cfg.FwCfg(fw_cfg.standard_items(256 * MiB, 3))
+    dev.write(NO_VCPU, 0, 2, 0x8000 | fw_cfg.FW_CFG_RAM_SIZE)  # an arch-local key, not 0x03
+    assert bytes(dev.read(NO_VCPU, 1, 1) for _ in range(8)) == bytes(8)

@@ -249,25 +249,6 @@ class KvmLapicState(ctypes.Structure):
     _fields_ = [("regs", ctypes.c_uint8 * 1024)]
 
 
-class KvmMsrEntry(ctypes.Structure):
-    _fields_ = [
-        ("index", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint32),
-        ("data", ctypes.c_uint64),
-    ]
-
-
-MAX_MSR_ENTRIES = 32
-
-
-class KvmMsrs(ctypes.Structure):
-    _fields_ = [
-        ("nmsrs", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
-        ("entries", KvmMsrEntry * MAX_MSR_ENTRIES),
-    ]
-
-
 class KvmFpu(ctypes.Structure):
     _fields_ = [
         ("fpr", ctypes.c_uint8 * 128),
@@ -333,7 +314,6 @@ KVM_SET_REGS = _iow(0x82, ctypes.sizeof(KvmRegs))
 KVM_GET_SREGS = _ior(0x83, ctypes.sizeof(KvmSregs))
 KVM_SET_SREGS = _iow(0x84, ctypes.sizeof(KvmSregs))
 KVM_TRANSLATE = _iowr(0x85, ctypes.sizeof(KvmTranslation))
-KVM_SET_MSRS = _iow(0x89, 8)
 KVM_SET_FPU = _iow(0x8D, ctypes.sizeof(KvmFpu))
 KVM_GET_LAPIC = _ior(0x8E, ctypes.sizeof(KvmLapicState))
 KVM_SET_LAPIC = _iow(0x8F, ctypes.sizeof(KvmLapicState))

@@ -27,7 +27,11 @@ class Vcpu:
             vm_fd, kvm_abi.KVM_CREATE_VCPU, vcpu_id, f"KVM_CREATE_VCPU {vcpu_id}"
         )
         self.mmap_size = mmap_size
-        self.run_address = kvm_abi.mmap_fd(self.fd, mmap_size)
+        try:
+            self.run_address = kvm_abi.mmap_fd(self.fd, mmap_size)
+        except OSError:
+            os.close(self.fd)
+            raise
         self.run = kvm_abi.KvmRunHeader.from_address(self.run_address)
         self.exits = 0
         self.parked = False
@@ -58,16 +62,6 @@ class Vcpu:
 
     def set_cpuid(self, cpuid: kvm_abi.KvmCpuid2) -> None:
         kvm_abi.ioctl(self.fd, kvm_abi.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
-
-    def set_msrs(self, msrs: dict[int, int]) -> None:
-        """KVM_SET_MSRS; raises KvmError naming the first MSR KVM refused."""
-        table = kvm_abi.KvmMsrs(nmsrs=len(msrs))
-        for i, (index, value) in enumerate(msrs.items()):
-            table.entries[i] = kvm_abi.KvmMsrEntry(index=index, data=value)
-        done = kvm_abi.ioctl(self.fd, kvm_abi.KVM_SET_MSRS, table, "KVM_SET_MSRS")
-        if done != len(msrs):
-            refused = list(msrs)[done]
-            raise kvm_abi.KvmError(0, f"KVM_SET_MSRS: KVM refused MSR {refused:#x}")
 
     def set_fpu(self, fcw: int = 0x37F, mxcsr: int = 0x1F80) -> None:
         """The x87/SSE control words at their reset values (SDM vol. 1 §8.1.5, §10.2.3)."""

@@ -104,17 +104,23 @@ class MultibootBoot:
             self._parse_elf(image)
 
     def _parse_aout(self, image: bytes, offset: int) -> None:
+        """Flag bit 16: the header's own address fields (§3.1.3) say what to load where."""
+        name = f"multiboot kernel {self.kernel}"
+        if offset + 32 > len(image):
+            raise BootError(f"{name}: the header's address fields (flag bit 16) are cut off")
         header_addr, load_addr, load_end, bss_end, entry = struct.unpack_from(
             "<5I", image, offset + 12
         )
         start = offset - (header_addr - load_addr)
         if start < 0 or load_addr > header_addr:
-            raise BootError(
-                f"multiboot kernel {self.kernel}: header_addr/load_addr are inconsistent"
-            )
+            raise BootError(f"{name}: header_addr/load_addr are inconsistent")
+        if (load_end and load_end < load_addr) or (bss_end and bss_end < max(load_end, load_addr)):
+            raise BootError(f"{name}: load_end/bss_end lie before load_addr")
         end = len(image) if load_end == 0 else start + (load_end - load_addr)
         data = image[start:end]
         memsz = max(len(data), (bss_end - load_addr) if bss_end else 0)
+        if not load_addr <= entry < load_addr + memsz:
+            raise BootError(f"{name}: entry {entry:#x} lies outside the loaded image")
         self._image = ElfImage((Segment(load_addr, data, memsz),), entry, ())
 
     def _parse_elf(self, image: bytes) -> None:

@@ -54,5 +54,6 @@ class FwCfg:
 
     def write(self, vcpu: Vcpu, offset: int, size: int, value: int) -> None:
         if offset == 0:
-            self._selected = self.items.get(value & 0x3FFF, b"")
+            # bit 14 (write channel) is ignored; arch-local keys (bit 15) are none of ours
+            self._selected = self.items.get(value & 0xBFFF, b"")
             self._position = 0
