@@ -15,6 +15,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from spanvm.vmm.memmap import align_up
 from spanvm.vmm.platform_shape import (
     INTI_ACTIVE_HIGH,
     INTI_EDGE,
@@ -126,7 +127,7 @@ def build_acpi(shape: PlatformShape, base: int) -> AcpiTables:
         ("SLIT", len(slit)),
     ):
         layout[signature] = cursor
-        cursor = _align(cursor + length)
+        cursor = align_up(cursor + length, ALIGN)
     if cursor > 1 << 32:
         raise ValueError(f"ACPI tables from {base:#x} would end above 4 GiB")
     fadt = _fadt(shape, layout["DSDT"])
@@ -150,10 +151,6 @@ def build_acpi(shape: PlatformShape, base: int) -> AcpiTables:
 def checksum(data: bytes) -> int:
     """The byte that makes `data` plus itself sum to 0 mod 256 (ACPI 6.5 section 5.2.6)."""
     return -sum(data) & 0xFF
-
-
-def _align(address: int) -> int:
-    return (address + ALIGN - 1) & ~(ALIGN - 1)
 
 
 def _oem(shape: PlatformShape) -> bytes:

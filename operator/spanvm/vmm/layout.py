@@ -24,7 +24,15 @@ import struct
 from dataclasses import dataclass
 
 from spanvm.vmm import kvm_abi
-from spanvm.vmm.memmap import DOORBELL_BASE, DOORBELL_SIZE, LARGE_PAGE, MAX_MEMORY, PAGE, RamRange
+from spanvm.vmm.memmap import (
+    DOORBELL_BASE,
+    DOORBELL_SIZE,
+    LARGE_PAGE,
+    MAX_MEMORY,
+    PAGE,
+    RamRange,
+    align_up,
+)
 from spanvm.vmm.memory import GuestMemory
 
 GDT_BASE = 0x1000
@@ -102,10 +110,6 @@ class LayoutError(ValueError):
     """The requested guest does not fit the layout (too much memory, image too large, ...)."""
 
 
-def _align_up(value: int, alignment: int) -> int:
-    return (value + alignment - 1) // alignment * alignment
-
-
 @dataclass(frozen=True)
 class GuestLayout:
     """Where a guest of a given size, vCPU count and image size keeps its pieces."""
@@ -134,8 +138,8 @@ class GuestLayout:
             raise LayoutError(f"memory above {MAX_MEMORY >> 30}Gi is not supported by this VMM")
         if not 1 <= vcpu_count <= MAX_VCPUS:
             raise LayoutError(f"vcpus must be between 1 and {MAX_VCPUS}, got {vcpu_count}")
-        stacks_base = _align_up(image_end, PAGE)
-        heap_start = _align_up(stacks_base + vcpu_count * STACK_SIZE, LARGE_PAGE)
+        stacks_base = align_up(image_end, PAGE)
+        heap_start = align_up(stacks_base + vcpu_count * STACK_SIZE, LARGE_PAGE)
         low_end = ranges[0].end
         if heap_start >= low_end:
             raise LayoutError(

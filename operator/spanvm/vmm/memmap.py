@@ -76,6 +76,11 @@ class E820Entry:
         return self.start + self.size
 
 
+def align_up(value: int, alignment: int) -> int:
+    """`value` rounded up to a multiple of `alignment` (bytes; any positive alignment)."""
+    return (value + alignment - 1) // alignment * alignment
+
+
 def ram_ranges(size: int) -> tuple[RamRange, ...]:
     """Guest-physical ranges of `size` bytes of RAM: up to 3 GiB at 0, the rest at 4 GiB."""
     low = min(size, LOW_RAM_LIMIT)

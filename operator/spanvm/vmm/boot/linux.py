@@ -42,6 +42,7 @@ from spanvm.vmm.memmap import (
     LARGE_PAGE,
     PAGE,
     E820Entry,
+    align_up,
     e820_map,
     ram_ranges,
 )
@@ -178,7 +179,7 @@ class LinuxBoot:
         data = read_file(self.initrd, "initrd", memory_size)
         top = min(low_end, self._field(bz.INITRD_ADDR_MAX) + 1)
         address = (top - len(data)) // PAGE * PAGE
-        kernel_end = _page_up(self.loaded_end)
+        kernel_end = align_up(self.loaded_end, PAGE)
         if address < kernel_end:
             raise BootError(
                 f"initrd {self.initrd}: {len(data)} bytes do not fit between the kernel's end"
@@ -294,7 +295,3 @@ def zero_page(
             page, E820_TABLE + i * E820_ENTRY.size, entry.start, entry.size, entry.type
         )
     return bytes(page)
-
-
-def _page_up(value: int) -> int:
-    return (value + PAGE - 1) // PAGE * PAGE

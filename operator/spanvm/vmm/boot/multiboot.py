@@ -16,7 +16,7 @@ from spanvm.vmm import kvm_abi
 from spanvm.vmm.boot import BootError, GuestShape, read_file
 from spanvm.vmm.boot.cpu_state import protected_mode_flat, regs_at
 from spanvm.vmm.boot.elf import ElfImage, Segment, read_elf
-from spanvm.vmm.memmap import EBDA_START, HIGH_MEMORY_START, PAGE, e820_map, ram_ranges
+from spanvm.vmm.memmap import EBDA_START, HIGH_MEMORY_START, PAGE, align_up, e820_map, ram_ranges
 from spanvm.vmm.memory import GuestMemory
 from spanvm.vmm.vcpu import Vcpu
 
@@ -71,7 +71,7 @@ class MultibootBoot:
         self._module_bytes = []
         for path in self.modules:
             data = read_file(path, "multiboot module", shape.memory_size)
-            end = _page_up(end) + len(data)
+            end = align_up(end, PAGE) + len(data)
             if end > low_end:
                 raise BootError(f"multiboot module {path}: does not fit in guest RAM")
             self._module_bytes.append(data)
@@ -143,13 +143,13 @@ class MultibootBoot:
 
         cmdline_address = put(self.cmdline.encode() + b"\0")
         loader_address = put(LOADER_NAME)
-        module_address = _page_up(self._modules_start())
+        module_address = align_up(self._modules_start(), PAGE)
         entries = []
         for path, data in zip(self.modules, self._module_bytes, strict=True):
             memory.write(module_address, data)
             name = put(str(path).encode() + b"\0")
             entries.append(struct.pack("<4I", module_address, module_address + len(data), name, 0))
-            module_address = _page_up(module_address + len(data))
+            module_address = align_up(module_address + len(data), PAGE)
         mods_address = put(b"".join(entries)) if entries else 0
         mmap = b"".join(
             struct.pack("<IQQI", 20, e.start, e.size, int(e.type))
@@ -198,7 +198,3 @@ def _find_header(image: bytes) -> int | None:
         if magic == HEADER_MAGIC and (magic + flags + checksum) & 0xFFFFFFFF == 0:
             return offset
     return None
-
-
-def _page_up(value: int) -> int:
-    return (value + PAGE - 1) // PAGE * PAGE
