@@ -22,7 +22,7 @@ The floating pointer's feature byte 2 has IMCRP clear: virtual wire mode, no IMC
 import struct
 
 from spanvm.vmm.acpi import checksum
-from spanvm.vmm.platform_shape import ISA_IRQS, PlatformShape
+from spanvm.vmm.platform_shape import PlatformShape
 
 ALIGN = 16
 SPEC_REVISION = 4  # 1.4
@@ -113,16 +113,11 @@ def _entries(shape: PlatformShape) -> list[bytes]:
             ENTRY_IOAPIC, shape.ioapic_id, IOAPIC_VERSION, IOAPIC_ENABLED, shape.ioapic_address
         )
     )
-    assignments = []
-    overridden = {o.isa_irq: o for o in shape.overrides}
-    taken = {o.gsi for o in shape.overrides if o.gsi != o.isa_irq + shape.ioapic_gsi_base}
-    for irq in range(ISA_IRQS):
-        gsi = shape.gsi_of(irq)
-        if irq not in overridden and gsi in taken:
-            continue
-        flags = overridden[irq].flags if irq in overridden else 0
-        pin = gsi - shape.ioapic_gsi_base
-        assignments.append((pin, INT_VECTORED, flags, irq))
+    flags_of = {o.isa_irq: o.flags for o in shape.overrides}
+    assignments = [
+        (pin, INT_VECTORED, flags_of.get(irq, 0), irq)
+        for irq, pin in shape.isa_ioapic_pins().items()
+    ]
     if all(pin != 0 for pin, *_ in assignments):
         assignments.insert(0, (0, INT_EXTINT, 0, 0))
     for pin, kind, flags, irq in assignments:

@@ -53,8 +53,7 @@ def platform_shape(shape: GuestShape) -> PlatformShape:
 
 def route_interrupts(vm: Vm, tables: PlatformShape) -> None:
     """Route GSIs as the tables say (the PIT's IRQ 0 arrives on IOAPIC pin 2)."""
-    base = tables.ioapic_gsi_base
-    vm.route_gsis({irq: tables.gsi_of(irq) - base for irq in range(16)}, tables.ioapic_pins)
+    vm.route_gsis(tables.isa_ioapic_pins(), tables.ioapic_pins)
 
 
 def write_firmware_tables(memory: GuestMemory, tables: PlatformShape) -> None:

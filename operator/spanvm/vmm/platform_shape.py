@@ -126,6 +126,19 @@ class PlatformShape:
                 return override.gsi
         return self.ioapic_gsi_base + isa_irq
 
+    def isa_ioapic_pins(self) -> dict[int, int]:
+        """ISA IRQ -> the IOAPIC pin it arrives on, for every ISA IRQ that reaches the IOAPIC:
+        an IRQ whose identity pin another IRQ's override took (IRQ 2: the PIT's IRQ 0 is on
+        pin 2) has none. What the MP table's I/O interrupt entries and the VMM's GSI routing
+        both follow."""
+        overridden = {o.isa_irq for o in self.overrides}
+        taken = {o.gsi for o in self.overrides if o.gsi != o.isa_irq + self.ioapic_gsi_base}
+        return {
+            irq: self.gsi_of(irq) - self.ioapic_gsi_base
+            for irq in range(ISA_IRQS)
+            if irq in overridden or self.gsi_of(irq) not in taken
+        }
+
 
 def shape_for_fragments(
     vcpus: Sequence[int], memory: Sequence[Sequence[tuple[int, int]]]

@@ -49,19 +49,16 @@ class Vm:
 
     def route_gsis(self, isa_pins: dict[int, int], pins: int) -> None:
         """KVM_SET_GSI_ROUTING as the firmware tables describe the wiring: GSI i < 16 (ISA IRQ
-        i) reaches PIC pin i and IOAPIC pin `isa_pins[i]` (the PIT's IRQ 0 on pin 2); an
-        IOAPIC pin taken by another ISA IRQ's override gets no identity route (GSI 2, the
-        cascade); GSIs 16 and up reach their own pin. Replaces KVM's identity routing, as
-        QEMU's kvm_pc_setup_irq_routing does for the same tables."""
+        i) reaches PIC pin i and, if it is in `isa_pins` (PlatformShape.isa_ioapic_pins), that
+        IOAPIC pin (the PIT's IRQ 0 on pin 2; IRQ 2, the cascade, on none); GSIs 16 and up
+        reach their own pin. Replaces KVM's identity routing, as QEMU's
+        kvm_pc_setup_irq_routing does for the same tables."""
         routes = []
         for gsi in range(16):
             chip = kvm_abi.KVM_IRQCHIP_PIC_MASTER if gsi < 8 else kvm_abi.KVM_IRQCHIP_PIC_SLAVE
             routes.append((gsi, chip, gsi % 8))
-        taken = {pin for irq, pin in isa_pins.items() if pin != irq}
-        for gsi in range(pins):
-            pin = isa_pins.get(gsi, gsi)
-            if gsi not in taken or pin != gsi:
-                routes.append((gsi, kvm_abi.KVM_IRQCHIP_IOAPIC, pin))
+        routes += [(gsi, kvm_abi.KVM_IRQCHIP_IOAPIC, pin) for gsi, pin in isa_pins.items()]
+        routes += [(gsi, kvm_abi.KVM_IRQCHIP_IOAPIC, gsi) for gsi in range(16, pins)]
         table = kvm_abi.KvmIrqRouting(nr=len(routes))
         for entry, (gsi, chip, pin) in zip(table.entries, routes, strict=False):
             entry.gsi, entry.type = gsi, kvm_abi.KVM_IRQ_ROUTING_IRQCHIP
