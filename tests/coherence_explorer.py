@@ -286,7 +286,7 @@ class Explorer:
                 f.kernel.present.add(address)
                 f.kernel.writable.add(address)
         for f in self.fragments:
-            f.coherence.adopt_initial_contents(loaded_end)
+            f.coherence.adopt_initial_contents([(IMAGE_BASE, loaded_end)])
         self.vcpus = [
             SimVcpu(f.index, self._accesses(ops_per_vcpu, sequential))
             for f in self.fragments

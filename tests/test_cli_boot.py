@@ -29,7 +29,7 @@ def test_multiboot_kernel_runs_with_its_module_and_exit_code(
             "--module and --cmdline need a kernel (--kernel or --multiboot)",
         ),
         ([], "give a payload name or file, --kernel KERNEL or --multiboot KERNEL"),
-        (["--multiboot", "K", "--fragments", "2", "--vcpus", "2"], "runs in one process"),
+        (["--kernel", "K", "--fragments", "2", "--vcpus", "2"], "runs in one process"),
     ],
     ids=["both", "module-without-kernel", "nothing", "fragments"],
 )

@@ -23,7 +23,7 @@ import click
 from spanvm.agent.capabilities import discover
 from spanvm.api.quantity import parse_memory
 from spanvm.commands.errors import CliError
-from spanvm.contract import Finished, last_of
+from spanvm.contract import Finished, MultibootKernel, last_of
 from spanvm.exitstatus import (
     EXIT_TIMEOUT,
     EXIT_USAGE,
@@ -38,7 +38,7 @@ from spanvm.payloads.build import PayloadBuildError, resolve_image
 from spanvm.payloads.catalog import PAYLOAD_NAMES, PAYLOADS
 from spanvm.procs import die_with_parent
 from spanvm.stopsignals import Interrupted, StopSignals
-from spanvm.vmm.boot import BootSource
+from spanvm.vmm.boot import BootSource, GuestShape
 from spanvm.vmm.boot.linux import LinuxBoot
 from spanvm.vmm.boot.multiboot import MultibootBoot
 from spanvm.vmm.cpuid import CpuidOptions
@@ -73,6 +73,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.arg is not None and args.arg < 0:
         raise UsageError(f"--arg must be >= 0, got {args.arg}")
     boot = _boot_source(args)
+    if isinstance(boot, MultibootBoot) and (args.fragments > 1 or args.netns):
+        boot.check(GuestShape(memory, args.vcpus))  # bad input refused here, naming the file
+        with StopSignals() as stops:
+            multiboot = MultibootKernel(
+                kernel=str(boot.kernel),
+                modules=[str(m) for m in boot.modules],
+                cmdline=boot.cmdline,
+            )
+            return _run_fragments(args, "", memory, 0, stops, multiboot)
     if boot is not None:
         if args.fragments > 1 or args.netns:
             raise UsageError(
@@ -177,8 +186,13 @@ def _guest_status(code: int) -> int:
     return guest_status(code)
 
 
-def _run_fragments(
-    args: argparse.Namespace, payload: str, memory: int, arg: int, stops: StopSignals
+def _run_fragments(  # noqa: PLR0917 - what the fragments run
+    args: argparse.Namespace,
+    payload: str,
+    memory: int,
+    arg: int,
+    stops: StopSignals,
+    multiboot: MultibootKernel | None = None,
 ) -> int:
     """The guest split over local fragment processes joined by the fabric (`--fragments`
     already checked by cmd_run)."""
@@ -191,6 +205,7 @@ def _run_fragments(
             arg=arg,
             idle_timeout=args.timeout,
             netns=args.netns,
+            multiboot=multiboot,
         ) as vm:
             stops.action = vm.request_stop
             code = vm.wait()

@@ -20,9 +20,11 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import IO, Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-CONTRACT_VERSION = 2  # 2: a Linux kernel as the boot source (`linux`)
+# 2: a Linux kernel as the boot source (`linux`); 3: a Multiboot kernel (`multiboot`) and
+# which fragment runs each vCPU (`vcpu_fragments`, where interrupts go)
+CONTRACT_VERSION = 3
 E = TypeVar("E")
 
 
@@ -43,6 +45,14 @@ class LinuxKernel(_Model):
     cmdline: str = Field(default="", description="Kernel command line.")
 
 
+class MultibootKernel(_Model):
+    """A Multiboot kernel (kvm-unit-tests, say) to boot instead of a payload."""
+
+    kernel: str = Field(min_length=1, description="Multiboot kernel path (ELF or a.out kludge).")
+    modules: list[str] = Field(default_factory=list, description="Module paths, in order.")
+    cmdline: str = Field(default="", description="Kernel command line.")
+
+
 class FragmentConfig(_Model):
     """Everything one fragment process needs."""
 
@@ -57,6 +67,14 @@ class FragmentConfig(_Model):
     payload: str = Field(description="Built-in payload name, or a flat binary's path.")
     linux: LinuxKernel | None = Field(
         default=None, description="Boot this Linux kernel instead of the payload."
+    )
+    multiboot: MultibootKernel | None = Field(
+        default=None, description="Boot this Multiboot kernel instead of the payload."
+    )
+    vcpu_fragments: list[int] | None = Field(
+        default=None,
+        description="The fragment running each vCPU (index: vCPU id); unset: an interrupt for"
+        " a vCPU not run here goes to every peer and the one running it takes it.",
     )
     arg: int = Field(default=0, ge=0, description="Payload argument.")
     homes: list[tuple[int, int, int]] = Field(description="(start, end, fragment) home ranges.")
@@ -80,6 +98,16 @@ class FragmentConfig(_Model):
         description="Nice value of vCPU threads: fault service (nice 0) preempts them.",
     )
 
+    @model_validator(mode="after")
+    def _one_kernel(self) -> "FragmentConfig":
+        if self.linux is not None and self.multiboot is not None:
+            raise ValueError("linux and multiboot: give at most one kernel")
+        if self.vcpu_fragments is not None and len(self.vcpu_fragments) != self.vcpu_count:
+            raise ValueError(
+                f"vcpu_fragments: {len(self.vcpu_fragments)} entries for {self.vcpu_count} vCPUs"
+            )
+        return self
+
     def to_json(self) -> bytes:
         """What goes on the fragment's standard input."""
         return self.model_dump_json().encode()
@@ -102,6 +130,8 @@ def fragment_config(
     idle_timeout: float | None = None,
     readahead: int | None = None,
     linux: LinuxKernel | None = None,
+    multiboot: MultibootKernel | None = None,
+    vcpu_fragments: list[int] | None = None,
 ) -> FragmentConfig:
     """The one builder of a fragment's configuration (the agent's and the local launcher's).
     Only lower-index peers are kept (a fragment connects to the ones before it); idle_timeout
@@ -114,6 +144,8 @@ def fragment_config(
         memory=memory,
         payload=payload,
         linux=linux,
+        multiboot=multiboot,
+        vcpu_fragments=vcpu_fragments,
         arg=arg,
         homes=sorted(homes),
         listen_host=listen_host,

@@ -18,7 +18,7 @@ import ctypes
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -155,16 +155,23 @@ class Coherence:
     def local_state(self, page: int) -> int:
         return self.state[self._slot(page)]
 
-    def adopt_initial_contents(self, loaded_end: int) -> None:
-        """After the monitor wrote the image (guest-physical up to `loaded_end`, the only
-        coherent pages it touched): keep those this fragment is home for as Modified, drop
-        the rest. Untouched home pages stay Invalid here and start as zeros on first use."""
-        for h in self.homes.homes:
-            for page in range(h.start // PAGE, min(h.end, loaded_end + PAGE - 1) // PAGE):
-                if h.index == self.index:
-                    self.state[self._slot(page)] = MODIFIED
-                else:
-                    self.uffd.drop(self.host(page))
+    def adopt_initial_contents(self, written: Iterable[tuple[int, int]]) -> None:
+        """After the monitor wrote guest memory (guest-physical [start, end) ranges: the
+        image, boot data, firmware tables): keep the written pages this fragment is home for
+        as Modified, drop the others. Unwritten pages stay Invalid and start as zeros on first
+        use (marking them Modified would leave a fault on them unresolved)."""
+        pages: set[int] = set()
+        for start, end in written:
+            pages.update(range(start // PAGE, (end + PAGE - 1) // PAGE))
+        for page in sorted(pages):
+            try:
+                home = self.homes.home(page)
+            except KeyError:
+                continue  # not coherent memory (a payload's per-fragment system area)
+            if home == self.index:
+                self.state[self._slot(page)] = MODIFIED
+            else:
+                self.uffd.drop(self.host(page))
 
     # -- local page operations (one writer per page at a time, see module doc) -------------
     def _data(self, page: int) -> bytes:

@@ -28,7 +28,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from spanvm.contract import (
     PAUSE_SIGNAL,
@@ -50,7 +50,7 @@ from spanvm.contract import (
 from spanvm.exitstatus import EXIT_TIMEOUT, guest_status, signal_status
 from spanvm.fabric.coherence import READAHEAD, Coherence, readahead_count
 from spanvm.fabric.homes import HomeMap, HomeRange
-from spanvm.fabric.shape import vm_shape
+from spanvm.fabric.shape import image_sha256, vm_shape
 from spanvm.fabric.transport import FabricError, Handlers, PeerGoneError, Transport
 from spanvm.fabric.uffd import Fault, UffdError, Userfault
 from spanvm.fabric.wire import Frame, Kind
@@ -58,9 +58,11 @@ from spanvm.payloads.build import resolve_image
 from spanvm.stopsignals import Interrupted, StopSignals
 from spanvm.vmm.boot import BootSource
 from spanvm.vmm.boot.linux import LinuxBoot
+from spanvm.vmm.boot.multiboot import MultibootBoot
 from spanvm.vmm.boot.payload import PayloadBoot
-from spanvm.vmm.layout import IMAGE_BASE
+from spanvm.vmm.interrupts import Interrupt
 from spanvm.vmm.machine import EXIT_VM_ERROR, Machine, VmConfig, VmError, VmResult
+from spanvm.vmm.platform_shape import NumaNode
 
 log = logging.getLogger("spanvm.fragment")
 STOP_GRACE_SECONDS = 5.0
@@ -91,11 +93,43 @@ def protocol_handlers(
 
 
 def _boot_source(config: FragmentConfig) -> BootSource:
-    """The payload, or the Linux kernel the configuration names."""
+    """The payload, or the Linux or Multiboot kernel the configuration names."""
+    if config.multiboot is not None:
+        modules = tuple(Path(m) for m in config.multiboot.modules)
+        return MultibootBoot(Path(config.multiboot.kernel), config.multiboot.cmdline, modules)
     if config.linux is None:
         return PayloadBoot(resolve_image(config.payload), config.arg)
     initrd = Path(config.linux.initrd) if config.linux.initrd else None
     return LinuxBoot(Path(config.linux.kernel), initrd, config.linux.cmdline)
+
+
+def _numa_nodes(config: FragmentConfig) -> tuple[NumaNode, ...]:
+    """One NUMA node per fragment (its vCPUs, the memory it is home for), for the firmware
+    tables of a platform guest; one node for everything when the vCPUs' places are not given."""
+    if config.vcpu_fragments is None:
+        return ()
+    return tuple(
+        NumaNode(
+            index,
+            tuple(v for v, f in enumerate(config.vcpu_fragments) if f == index),
+            tuple((start, end) for start, end, home in config.homes if home == index),
+        )
+        for index in range(config.fragment_count)
+    )
+
+
+def _boot_identity(config: FragmentConfig, boot: BootSource) -> dict[str, Any]:
+    """What of the boot source the fabric handshake compares (vm_shape's image and extras)."""
+    if isinstance(boot, PayloadBoot):
+        size = boot.loaded_end - boot.image.load_address
+        return {"image": boot.image.path, "image_size": size, "boot": ()}
+    if isinstance(boot, MultibootBoot):
+        extras = [f"cmdline={boot.cmdline}"]
+        extras += [f"module={image_sha256(m, m.stat().st_size)}" for m in boot.modules]
+        return {"image": boot.kernel, "image_size": boot.kernel.stat().st_size, "boot": extras}
+    assert config.linux is not None
+    kernel = Path(config.linux.kernel)
+    return {"image": kernel, "image_size": kernel.stat().st_size, "boot": ()}
 
 
 class Fragment:
@@ -127,6 +161,12 @@ class Fragment:
         )
         sink = console_sink if config.index == 0 else self._forward_console
         boot = _boot_source(config)
+        coherent_from = min(h.start for h in self.homes.homes)
+        if boot.platform and coherent_from != 0:
+            raise VmError(
+                f"{boot.description}: a platform guest's memory must be coherent from"
+                f" guest-physical 0, but its homes start at {coherent_from:#x}"
+            )
         self.machine = Machine(
             VmConfig(
                 config.memory,
@@ -134,30 +174,25 @@ class Fragment:
                 boot=boot,
                 local_vcpus=tuple(config.vcpu_ids),
                 vcpu_nice=config.vcpu_nice,
+                nodes=_numa_nodes(config) if boot.platform else (),
             ),
             console_sink=sink,
             exit_handler=self._on_guest_exit,
+            interrupt_sink=self._forward_interrupt,
         )
         # Peers must run the same VM: the handshake compares this (the image is read only now
         # that the machine has checked its size fits).
-        if isinstance(boot, PayloadBoot):
-            image, image_size = boot.image.path, self.machine.loaded_end - boot.image.load_address
-        else:
-            assert config.linux is not None
-            image = Path(config.linux.kernel)
-            image_size = image.stat().st_size
         self.transport.shape = vm_shape(
             fragment_count=config.fragment_count,
             vcpu_count=config.vcpu_count,
             memory=config.memory,
             arg=config.arg,
             homes=config.homes,
-            image=image,
-            image_size=image_size,
+            **_boot_identity(config, boot),
         )
         assert self.machine.memory is not None
         memory = self.machine.memory
-        start = memory.host_address + memory.host_offset(IMAGE_BASE, 4096)
+        start = memory.host_address + memory.host_offset(coherent_from, 4096)
         self.uffd = Userfault(start, memory.host_address + memory.size - start)
         self.coherence = Coherence(
             config.index,
@@ -169,7 +204,7 @@ class Fragment:
             readahead=config.readahead or READAHEAD,
             submit=self.transport.submit,
         )
-        self.coherence.adopt_initial_contents(self.machine.loaded_end)
+        self.coherence.adopt_initial_contents(memory.written)
         self.transport.handlers = protocol_handlers(
             self.coherence, self._on_event, self._on_failure
         )
@@ -181,6 +216,21 @@ class Fragment:
         with contextlib.suppress(PeerGoneError):
             self.transport.send(0, Frame(Kind.CONSOLE, payload=data))
 
+    def _forward_interrupt(self, apic_id: int, interrupt: Interrupt) -> None:
+        """A local vCPU sent `interrupt` to vCPU `apic_id`, run elsewhere: to its fragment
+        (or, when the places of vCPUs are not given, to every peer: only its own takes it).
+        A peer gone is not decided here: its connection's reader reports it lost."""
+        frame = Frame(Kind.INTERRUPT, page=apic_id, request=interrupt.encode())
+        log.debug("interrupt %s for vCPU %d: to its fragment", interrupt, apic_id)
+        places = self.config.vcpu_fragments
+        if places is not None:
+            targets = [places[apic_id]]
+        else:
+            targets = [i for i in range(self.config.fragment_count) if i != self.config.index]
+        for target in targets:
+            with contextlib.suppress(PeerGoneError):
+                self.transport.send(target, frame)
+
     def _on_guest_exit(self, code: int) -> None:
         if self.config.index == 0:
             self.machine.finish(code)
@@ -189,7 +239,15 @@ class Fragment:
                 self.transport.send(0, Frame(Kind.EXIT, page=code))
 
     def _on_event(self, peer: int, frame: Frame) -> None:
-        if frame.kind == Kind.CONSOLE:
+        if frame.kind == Kind.INTERRUPT:
+            try:
+                interrupt = Interrupt.decode(frame.request)
+            except ValueError as err:
+                self._on_failure(f"fragment {peer} sent a malformed interrupt: {err}")
+                return
+            delivered = self.machine.deliver(frame.page, interrupt)
+            log.debug("interrupt %s for vCPU %d: delivered %s", interrupt, frame.page, delivered)
+        elif frame.kind == Kind.CONSOLE:
             self.machine.console.write(frame.payload)
         elif frame.kind == Kind.EXIT:
             self.machine.finish(frame.page)

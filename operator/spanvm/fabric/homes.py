@@ -19,24 +19,25 @@ class HomeRange:
     index: int
 
 
-def coherent_ranges(memory_size: int) -> list[tuple[int, int]]:
-    """Guest-physical ranges kept coherent: all RAM above the per-fragment system area."""
+def coherent_ranges(memory_size: int, platform: bool = False) -> list[tuple[int, int]]:
+    """Guest-physical ranges kept coherent: all RAM above the per-fragment system area of a
+    payload, or all RAM from 0 for a `platform` guest (it owns its whole memory)."""
     out = []
     for r in ram_ranges(memory_size):
-        start = max(r.gpa, IMAGE_BASE)
+        start = r.gpa if platform else max(r.gpa, IMAGE_BASE)
         if start < r.end:
             out.append((start, r.end))
     return out
 
 
 def plan_homes(
-    memory_size: int, shares: list[int], policy: str = "proportional"
+    memory_size: int, shares: list[int], policy: str = "proportional", platform: bool = False
 ) -> list[HomeRange]:
     """Home ranges for each fragment: `proportional` makes each fragment home for its share
     of guest memory (`spanvm.shares`: the bytes the scheduler reserved on its node), laid out
     in fragment order; `first` homes everything on fragment 0 (as GiantVM does). Only
     coherent memory has a home (`coherent_ranges`)."""
-    ranges = coherent_ranges(memory_size)
+    ranges = coherent_ranges(memory_size, platform)
     if policy == "first":
         return [HomeRange(s, e, 0) for s, e in ranges]
     if policy != "proportional":

@@ -29,6 +29,7 @@ from typing import IO
 from spanvm.contract import (
     FragmentEvent,
     Listening,
+    MultibootKernel,
     fragment_command,
     fragment_config,
     parse_event,
@@ -206,12 +207,17 @@ def launch(  # noqa: PLR0917 - mirrors `spanvm run`'s options
     readahead: int | None = None,
     stdout: int | IO[bytes] | None = None,
     stderr: int | IO[bytes] | None = None,
+    multiboot: MultibootKernel | None = None,
 ) -> Iterator[LocalVm]:
-    """Start the fragments (and namespaces); yields the running VM; always cleans up."""
+    """Start the fragments (and namespaces); yields the running VM; always cleans up.
+    `multiboot` boots that kernel (a platform guest: coherent memory from 0) instead of
+    `payload`."""
     split = split_vcpus(vcpus, fragments)
     shares = memory_shares(memory, [len(s) for s in split])
     assert shares is not None  # no room limit: always fits
-    homes = [(h.start, h.end, h.index) for h in plan_homes(memory, shares, home_policy)]
+    plan = plan_homes(memory, shares, home_policy, platform=multiboot is not None)
+    homes = [(h.start, h.end, h.index) for h in plan]
+    places = [index for index, ids in enumerate(split) for _ in ids]
     secret = secrets.token_hex(32)
     net = NamespaceNet(fragments) if netns else None
     running: list[RunningFragment] = []
@@ -235,6 +241,8 @@ def launch(  # noqa: PLR0917 - mirrors `spanvm run`'s options
                 node_name=net.namespace(index) if net else f"local-{index}",
                 idle_timeout=idle_timeout,
                 readahead=readahead,
+                multiboot=multiboot,
+                vcpu_fragments=places,
             )
             read_fd, write_fd = os.pipe()
             command = fragment_command(write_fd, parent_pid=os.getpid())

@@ -2,7 +2,8 @@
 
 SHA-256 over a canonical JSON of the fragment count, vCPU count, guest memory (bytes), the
 payload argument, the home ranges and the payload image's size and SHA-256 (its content, not
-its path: fragments on other nodes have other paths). The fabric handshake carries it (see
+its path: fragments on other nodes have other paths), and for a Multiboot kernel its command
+line and its modules' digests. The fabric handshake carries it (see
 wire.py), so a fragment started with the VM's secret but for another VM, or another payload
 build, is refused with a message naming both fragments instead of corrupting the guest.
 """
@@ -37,8 +38,10 @@ def vm_shape(
     homes: list[tuple[int, int, int]],
     image: Path,
     image_size: int,
+    boot: tuple[str, ...] = (),
 ) -> bytes:
-    """The 32-byte shape digest of a VM (memory in bytes; homes as (start, end, fragment))."""
+    """The 32-byte shape digest of a VM (memory in bytes; homes as (start, end, fragment));
+    `boot`: more of the boot source that must agree (a command line, module digests)."""
     doc = {
         "fragments": fragment_count,
         "vcpus": vcpu_count,
@@ -48,5 +51,7 @@ def vm_shape(
         "payload_size": image_size,
         "payload_sha256": image_sha256(image, image_size),
     }
+    if boot:
+        doc["boot"] = list(boot)
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(b"spanvm-vm-shape/1\n" + text.encode()).digest()

@@ -55,6 +55,7 @@ class Kind(enum.IntEnum):
     STOP = 12  # fragment 0 -> all: the VM is over (page = exit code)
     STARTED = 13  # vCPUs started on a fragment (payload: text), to fragment 0
     FAILED = 14  # a fragment failed (page: where it was seen, payload: why): all stop
+    INTERRUPT = 15  # to the fragment running vCPU `page`: deliver Interrupt.decode(request)
 
 
 EXCLUSIVE, HAS_DATA, WANT_DATA, BATCH = 1, 2, 4, 8  # BATCH: read-ahead window / several pages

@@ -294,6 +294,57 @@ class KvmIrqRouting(ctypes.Structure):
     ]
 
 
+class KvmMsi(ctypes.Structure):
+    """struct kvm_msi (KVM_SIGNAL_MSI): an MSI address/data pair to deliver."""
+
+    _fields_ = [
+        ("address_lo", ctypes.c_uint32),
+        ("address_hi", ctypes.c_uint32),
+        ("data", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("devid", ctypes.c_uint32),
+        ("pad", ctypes.c_uint8 * 12),
+    ]
+
+
+class KvmGuestDebug(ctypes.Structure):
+    """struct kvm_guest_debug (KVM_SET_GUEST_DEBUG) with x86's eight debug registers."""
+
+    _fields_ = [
+        ("control", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("debugreg", ctypes.c_uint64 * 8),
+    ]
+
+
+class KvmVcpuEvents(ctypes.Structure):
+    """struct kvm_vcpu_events (x86), the fields this monitor uses named, the rest kept as
+    bytes so a get/set round trip carries them unchanged."""
+
+    _fields_ = [
+        ("exception", ctypes.c_uint8 * 8),
+        ("interrupt", ctypes.c_uint8 * 4),
+        ("nmi_injected", ctypes.c_uint8),
+        ("nmi_pending", ctypes.c_uint8),
+        ("nmi_masked", ctypes.c_uint8),
+        ("nmi_pad", ctypes.c_uint8),
+        ("sipi_vector", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("rest", ctypes.c_uint8 * 40),
+    ]
+
+
+class KvmDeviceAttr(ctypes.Structure):
+    """struct kvm_device_attr (KVM_{GET,SET,HAS}_DEVICE_ATTR, here on a vCPU fd)."""
+
+    _fields_ = [
+        ("flags", ctypes.c_uint32),
+        ("group", ctypes.c_uint32),
+        ("attr", ctypes.c_uint64),
+        ("addr", ctypes.c_uint64),
+    ]
+
+
 KVM_EXIT_UNION_OFFSET = 32
 
 KVM_GET_API_VERSION = _io(0x00)
@@ -318,11 +369,21 @@ KVM_SET_FPU = _iow(0x8D, ctypes.sizeof(KvmFpu))
 KVM_GET_LAPIC = _ior(0x8E, ctypes.sizeof(KvmLapicState))
 KVM_SET_LAPIC = _iow(0x8F, ctypes.sizeof(KvmLapicState))
 KVM_SET_CPUID2 = _iow(0x90, 8)
+KVM_GET_MP_STATE = _ior(0x98, ctypes.sizeof(KvmMpState))
 KVM_SET_MP_STATE = _iow(0x99, ctypes.sizeof(KvmMpState))
+KVM_SET_GUEST_DEBUG = _iow(0x9B, ctypes.sizeof(KvmGuestDebug))
+KVM_GET_VCPU_EVENTS = _ior(0x9F, ctypes.sizeof(KvmVcpuEvents))
+KVM_SET_VCPU_EVENTS = _iow(0xA0, ctypes.sizeof(KvmVcpuEvents))
+KVM_SIGNAL_MSI = _iow(0xA5, ctypes.sizeof(KvmMsi))
+KVM_SET_DEVICE_ATTR = _iow(0xE1, ctypes.sizeof(KvmDeviceAttr))
 
 KVM_API_VERSION = 12
 KVM_MP_STATE_RUNNABLE = 0
 KVM_MP_STATE_UNINITIALIZED = 1  # an application processor waiting for INIT/SIPI
+KVM_MP_STATE_INIT_RECEIVED = 2
+KVM_MP_STATE_HALTED = 3
+KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP = 0x1, 0x2
+KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET = 0, 0  # vCPU attribute group and attribute
 KVM_PIT_SPEAKER_DUMMY = 1
 KVM_INTERNAL_ERROR_EMULATION = 1
 KVM_IRQ_ROUTING_IRQCHIP = 1
@@ -365,6 +426,7 @@ EXIT_REASONS = {
     37: "NOTIFY",
 }
 KVM_EXIT_IO, KVM_EXIT_MMIO, KVM_EXIT_HLT, KVM_EXIT_SHUTDOWN = 2, 6, 5, 8
+KVM_EXIT_DEBUG = 4
 KVM_EXIT_FAIL_ENTRY, KVM_EXIT_INTR, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SYSTEM_EVENT = 9, 10, 17, 24
 
 

@@ -30,10 +30,12 @@ from spanvm.vmm.bus import Bus, VcpuStopError
 from spanvm.vmm.console import Console
 from spanvm.vmm.cpuid import CpuidOptions, vcpu_cpuid
 from spanvm.vmm.errors import EXIT_VM_ERROR, VmError
+from spanvm.vmm.interrupts import Interrupt, msi
 from spanvm.vmm.layout import GuestLayout
 from spanvm.vmm.memmap import ram_ranges
 from spanvm.vmm.memory import GuestMemory
 from spanvm.vmm.platform_shape import NumaNode
+from spanvm.vmm.proxy import ProxyArea, ProxyVcpu
 from spanvm.vmm.vcpu import Vcpu
 from spanvm.vmm.vm import Vm
 
@@ -100,13 +102,21 @@ class Machine:
         config: VmConfig,
         console_sink: Callable[[bytes], None] | None = None,
         exit_handler: Callable[[int], None] | None = None,
+        interrupt_sink: Callable[[int, Interrupt], None] | None = None,
     ) -> None:
         """`exit_handler`, if given, receives the guest's exit code instead of the VM stopping
         at once (a fragment forwards it to fragment 0, which stops every fragment).
+        `interrupt_sink(apic_id, interrupt)` receives, in the order caught, every interrupt a
+        local vCPU sends to a vCPU this process does not run (a platform boot in a fragment:
+        one proxy vCPU per remote APIC id catches them, see proxy.py); the fragment running
+        that vCPU passes it to its `deliver`.
         Raises VmError (BootError for bad boot inputs) before any vCPU runs; nothing is left
         behind."""
         self.config = config
         self._exit_handler = exit_handler
+        self._interrupt_sink = interrupt_sink
+        self.proxies: dict[int, ProxyVcpu] = {}
+        self._proxy_area: ProxyArea | None = None
         self.console = Console(console_sink)
         self.vcpus: dict[int, Vcpu] = {}
         self.memory: GuestMemory | None = None
@@ -163,13 +173,13 @@ class Machine:
             vcpu = Vcpu(self.vm.fd, vcpu_id, self.vm.vcpu_mmap_size)
             self.vcpus[vcpu_id] = vcpu
             vcpu.set_cpuid(vcpu_cpuid(supported, vcpu_id, cfg.vcpu_count, cfg.cpuid))
+            vcpu.set_tsc_offset(0)  # guest TSC = host TSC in every fragment of the VM
             self.boot.setup_vcpu(vcpu, self.shape)
-
-    @property
-    def loaded_end(self) -> int:
-        """For a payload boot, the first guest-physical byte after the image (the fabric
-        adopts the pages below it as initial contents); 0 for other boot sources."""
-        return self.boot.loaded_end if isinstance(self.boot, PayloadBoot) else 0
+        remote = sorted(set(range(cfg.vcpu_count)) - set(local))
+        if remote and self.boot.platform:
+            self._proxy_area = ProxyArea(self.vm)
+            for apic_id in remote:
+                self.proxies[apic_id] = ProxyVcpu(self.vm, apic_id, cfg.vcpu_count)
 
     @property
     def layout(self) -> GuestLayout | None:
@@ -204,6 +214,14 @@ class Machine:
         if all(v.parked for v in self.vcpus.values()) and self.config.local_vcpus is None:
             self.fail("every vCPU parked and none reported an exit code")
 
+    def deliver(self, apic_id: int, interrupt: Interrupt) -> bool:
+        """Deliver an interrupt caught in another fragment to local vCPU `apic_id` (through
+        the in-kernel LAPIC, as an MSI); False if this process does not run that vCPU."""
+        if apic_id not in self.vcpus or self.vm is None:
+            return False
+        self.vm.signal_msi(*msi(apic_id, interrupt))
+        return True
+
     def feed_console(self, data: bytes) -> None:
         """Bytes typed at the guest's serial console (COM1)."""
         self.com1.feed(data)
@@ -227,6 +245,12 @@ class Machine:
                     target=self._vcpu_loop, args=(vcpu,), name=f"vcpu-{vcpu.id}", daemon=True
                 )
                 vcpu.thread.start()
+            for proxy in self.proxies.values():
+                proxy.vcpu.thread = threading.Thread(
+                    target=self._proxy_loop, args=(proxy,), name=f"proxy-{proxy.apic_id}",
+                    daemon=True,
+                )  # fmt: skip
+                proxy.vcpu.thread.start()
             exits_seen, active_at = -1, started
             while not self._stop.wait(0.05):
                 if idle_timeout is None:
@@ -262,15 +286,18 @@ class Machine:
             marks=list(self.marks),
         )
 
+    def _all_vcpus(self) -> list[Vcpu]:
+        return [*self.vcpus.values(), *(p.vcpu for p in self.proxies.values())]
+
     def _join(self) -> None:
-        for vcpu in self.vcpus.values():
+        for vcpu in self._all_vcpus():
             while vcpu.thread is not None and vcpu.thread.is_alive():
                 self._kick(vcpu)
                 vcpu.thread.join(0.05)
 
     def _request_stop(self) -> None:
         self._stop.set()
-        for vcpu in self.vcpus.values():
+        for vcpu in self._all_vcpus():
             self._kick(vcpu)
 
     @staticmethod
@@ -333,6 +360,27 @@ class Machine:
         finally:
             with vcpu.kick_lock:
                 vcpu.looping = False
+
+    def _proxy_loop(self, proxy: ProxyVcpu) -> None:
+        """A proxy vCPU's thread: run it, pass each caught interrupt to the sink."""
+        with proxy.vcpu.kick_lock:
+            proxy.vcpu.looping = True
+        try:
+            while not self._stop.is_set():
+                if kvm_abi.libc.ioctl(proxy.fd, kvm_abi.KVM_RUN, None) < 0:
+                    err = ctypes.get_errno()
+                    if err in (errno.EINTR, errno.EAGAIN):
+                        continue
+                    self.fail(f"proxy of vCPU {proxy.apic_id}: KVM_RUN failed: {os.strerror(err)}")
+                    return
+                for interrupt in proxy.catch() or ():
+                    if self._interrupt_sink is not None:
+                        self._interrupt_sink(proxy.apic_id, interrupt)
+        except Exception as err:  # a monitor bug must stop the VM, not hang it
+            self.fail(f"proxy of vCPU {proxy.apic_id}: monitor error: {err!r}")
+        finally:
+            with proxy.vcpu.kick_lock:
+                proxy.vcpu.looping = False
 
     def _run_vcpu(self, vcpu: Vcpu) -> None:
         if self.config.vcpu_nice is not None:  # per thread: setpriority on the thread id
@@ -468,12 +516,18 @@ class Machine:
         for vcpu in self.vcpus.values():
             vcpu.close()
         self.vcpus.clear()
+        for proxy in self.proxies.values():
+            proxy.close()
+        self.proxies.clear()
         if self.vm is not None:
             self.vm.close()
             self.vm = None
         if self.memory is not None:
             self.memory.close()
             self.memory = None
+        if self._proxy_area is not None:
+            self._proxy_area.close()
+            self._proxy_area = None
 
     def __enter__(self) -> "Machine":
         return self

@@ -14,6 +14,7 @@ reason about guest memory without loading the VMM.
    0xFEC0_0000              I/O APIC (in-kernel irqchip)
    0xFEE0_0000              local APICs (in-kernel irqchip)
    0xFFFB_D000              KVM's TSS for real-mode emulation (3 pages, KVM_SET_TSS_ADDR)
+   0xFFFF_0000              proxy vCPUs' private area (64 KiB; fragments of platform guests)
 0x1_0000_0000 - ...          RAM above 3 GiB, if any                   e820 usable
 ```
 E820 types follow the ACPI spec 6.5 §15 (Address Range Types): 1 usable, 2 reserved.
@@ -40,6 +41,8 @@ DOORBELL_SIZE = LARGE_PAGE
 IOAPIC_BASE = 0xFEC0_0000
 LAPIC_BASE = 0xFEE0_0000
 KVM_TSS_ADDR = 0xFFFB_D000
+PROXY_AREA = 0xFFFF_0000  # vmm/proxy.py: ends at 4 GiB, so it holds the reset vector
+PROXY_AREA_SIZE = 0x1_0000
 
 
 class E820Type(IntEnum):

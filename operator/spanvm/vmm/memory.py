@@ -17,6 +17,9 @@ class GuestMemory:
         self.ranges = ram_ranges(size)
         self.host_address = kvm_abi.mmap_anonymous(size)
         self._closed = False
+        # Guest-physical [start, end) of every `write`: what the monitor put in guest RAM
+        # (a fragment adopts these pages as the guest's initial contents; the rest is zeros).
+        self.written: list[tuple[int, int]] = []
 
     def close(self) -> None:
         """Unmap the RAM (after the VM that used it is gone)."""
@@ -43,6 +46,7 @@ class GuestMemory:
         """Copy bytes into guest RAM (without the GIL, as `read`)."""
         offset = self.host_offset(gpa, len(data))
         ctypes.memmove(self.host_address + offset, data, len(data))
+        self.written.append((gpa, gpa + len(data)))
 
     def read(self, gpa: int, length: int) -> bytes:
         """Copy bytes out of guest RAM.

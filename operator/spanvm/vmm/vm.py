@@ -3,7 +3,7 @@ PIT, interrupt lines, and what KVM supports (CPUID, vCPU limit).
 
 Source: the kernel's Documentation/virt/kvm/api.rst (KVM_CREATE_VM, KVM_SET_TSS_ADDR,
 KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2, KVM_IRQ_LINE, KVM_SET_USER_MEMORY_REGION,
-KVM_GET_SUPPORTED_CPUID, KVM_CAP_MAX_VCPUS).
+KVM_GET_SUPPORTED_CPUID, KVM_CAP_MAX_VCPUS, KVM_SIGNAL_MSI).
 """
 
 import os
@@ -84,16 +84,29 @@ class Vm:
     def map_memory(self, memory: GuestMemory) -> None:
         """One memory slot per RAM range of `memory`."""
         for slot, ram in enumerate(memory.ranges):
-            region = kvm_abi.KvmUserspaceMemoryRegion(
-                slot=slot,
-                flags=0,
-                guest_phys_addr=ram.gpa,
-                memory_size=ram.size,
-                userspace_addr=memory.host_address + ram.host_offset,
-            )
-            kvm_abi.ioctl(
-                self.fd, kvm_abi.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION"
-            )
+            self.map_region(slot, ram.gpa, ram.size, memory.host_address + ram.host_offset)
+
+    def map_region(self, slot: int, gpa: int, size: int, host_address: int) -> None:
+        """Memory slot `slot`: `size` bytes at guest-physical `gpa`, backed at `host_address`
+        (memory outside guest RAM, such as the proxy vCPUs' area)."""
+        region = kvm_abi.KvmUserspaceMemoryRegion(
+            slot=slot,
+            flags=0,
+            guest_phys_addr=gpa,
+            memory_size=size,
+            userspace_addr=host_address,
+        )
+        kvm_abi.ioctl(
+            self.fd, kvm_abi.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION"
+        )
+
+    def signal_msi(self, address: int, data: int) -> None:
+        """KVM_SIGNAL_MSI: deliver the MSI (`address`, `data`) to the in-kernel LAPICs.
+        KvmError if KVM refuses it; an MSI no LAPIC accepts is not an error."""
+        message = kvm_abi.KvmMsi(
+            address_lo=address & 0xFFFF_FFFF, address_hi=address >> 32, data=data
+        )
+        kvm_abi.ioctl(self.fd, kvm_abi.KVM_SIGNAL_MSI, message, "KVM_SIGNAL_MSI")
 
     def set_irq_line(self, irq: int, level: bool) -> None:
         """Drive GSI `irq` (ISA IRQs 0-15 reach both the PIC and the IOAPIC) high or low."""

@@ -1,0 +1,206 @@
+"""Proxy vCPUs: how a fragment catches the IPIs its vCPUs send to vCPUs run elsewhere.
+
+KVM's in-kernel LAPIC delivers an IPI only to vCPUs of the same VM and silently drops one
+for an APIC id that does not exist there. So each fragment creates, beside its own vCPUs, a
+*proxy* vCPU for every APIC id it does not run: the guest's IPIs reach it through KVM's own
+delivery (physical, shorthand and broadcast destinations, local IPIs untouched on KVM's
+fast path), and the proxy turns each accepted interrupt into an exit:
+
+- It sits in KVM_MP_STATE_HALTED in 32-bit protected mode at CPL0, IF=1, with an IDT of its
+  own in a private memory slot (`PROXY_AREA`, not guest RAM, not shared by the fabric), and
+  with KVM's single-step guest debugging on (KVM_SET_GUEST_DEBUG).
+- A fixed IPI wakes it into the IDT stub for its vector; the stub's first instruction is the
+  EOI write, after which single-step exits (KVM_EXIT_DEBUG): the stub's address names the
+  vector. An NMI enters a stub of its own.
+- INIT resets it (KVM_MP_STATE_INIT_RECEIVED, no exit); the start-up IPI then starts it in
+  real mode at the vector's page and single-step exits after one instruction: CS says the
+  vector (SDM vol. 3A §8.4.4.1, CS selector = vector << 8). The INIT is carried with the
+  SIPI that follows it: the in-kernel LAPIC reports nothing to userspace at an INIT.
+  That one instruction of the guest's trampoline runs on the proxy (its register effects
+  are discarded); trampolines begin with `cli`/`jmp`, as Linux's and kvm-unit-tests' do.
+  A proxy of the boot vCPU (APIC id 0 is KVM's BSP) restarts at the reset vector instead,
+  inside the proxy area: an INIT alone.
+
+After each catch the monitor re-arms the proxy (registers, NMI mask, LAPIC after an INIT,
+HALTED), so the proxy never executes `iret`, which this KVM cannot emulate in 32-bit mode.
+Sources: Documentation/virt/kvm/api.rst (KVM_SET_GUEST_DEBUG, KVM_SET_MP_STATE,
+KVM_SET_VCPU_EVENTS), Intel SDM vol. 3A §6.11 (IDT gates), §3.4.5 (segment descriptors),
+§10.8.5 (EOI), §11.4.7 (the reset state of the local APIC).
+"""
+
+import ctypes
+import struct
+
+from spanvm.vmm import kvm_abi
+from spanvm.vmm.cpuid import CpuidOptions, vcpu_cpuid
+from spanvm.vmm.errors import VmError
+from spanvm.vmm.interrupts import DeliveryMode, Interrupt
+from spanvm.vmm.memmap import LAPIC_BASE, PROXY_AREA, PROXY_AREA_SIZE
+from spanvm.vmm.vcpu import Vcpu
+from spanvm.vmm.vm import Vm
+
+# The proxy area (offsets from PROXY_AREA).
+GDT_OFFSET = 0x0000  # null, flat 32-bit code (0x08), flat data (0x10)
+IDT_OFFSET = 0x0800  # 256 interrupt gates
+STUBS_OFFSET = 0x1000  # stub i at +8*i; the NMI stub after the 256
+HALT_OFFSET = 0x2000  # where a re-armed proxy "is" (never executed: it is HALTED)
+STACK_TOP = 0x3000
+RESET_OFFSET = 0xFFF0  # the reset vector 0xFFFFFFF0 when PROXY_AREA is 0xFFFF0000
+STUB_SIZE = 8
+NMI_STUB = 256
+CODE_SELECTOR, DATA_SELECTOR = 0x08, 0x10
+EOI_ADDRESS = LAPIC_BASE + 0xB0
+APIC_SVR = 0xF0
+APIC_SVR_ENABLE = 0x100
+CR0_PE, CR0_ET = 0x1, 0x10
+RFLAGS_IF, RFLAGS_FIXED = 0x200, 0x2
+PROXY_SLOT = 8  # memory slot of the area (guest RAM uses slots 0 and 1)
+
+
+def _descriptor(base: int, limit: int, access: int, flags: int) -> bytes:
+    """One 8-byte segment descriptor (SDM vol. 3A §3.4.5)."""
+    return struct.pack(
+        "<HHBBBB",
+        limit & 0xFFFF,
+        base & 0xFFFF,
+        base >> 16 & 0xFF,
+        access,
+        flags << 4 | limit >> 16 & 0xF,
+        base >> 24 & 0xFF,
+    )
+
+
+def _gate(offset: int) -> bytes:
+    """A 32-bit interrupt gate to CODE_SELECTOR:offset, DPL 0 (SDM vol. 3A §6.11)."""
+    return struct.pack("<HHBBH", offset & 0xFFFF, CODE_SELECTOR, 0, 0x8E, offset >> 16)
+
+
+def area_image() -> bytes:
+    """The proxy area's contents: GDT, IDT, stubs (each `mov [EOI_ADDRESS], eax`: A3 imm32,
+    then `hlt`, never reached), and a `nop` at the reset vector."""
+    image = bytearray(PROXY_AREA_SIZE)
+    gdt = bytes(8) + _descriptor(0, 0xFFFFF, 0x9B, 0xC) + _descriptor(0, 0xFFFFF, 0x93, 0xC)
+    image[GDT_OFFSET : GDT_OFFSET + len(gdt)] = gdt
+    stub = b"\xa3" + struct.pack("<I", EOI_ADDRESS) + b"\xf4\x90\x90"
+    for vector in range(257):
+        at = STUBS_OFFSET + vector * STUB_SIZE
+        image[at : at + STUB_SIZE] = stub
+    for vector in range(256):
+        target = NMI_STUB if vector == 2 else vector
+        gate = _gate(PROXY_AREA + STUBS_OFFSET + target * STUB_SIZE)
+        image[IDT_OFFSET + vector * 8 : IDT_OFFSET + vector * 8 + 8] = gate
+    image[HALT_OFFSET] = 0xF4
+    image[RESET_OFFSET] = 0x90
+    return bytes(image)
+
+
+class ProxyArea:
+    """The proxies' private memory: one slot at PROXY_AREA holding `area_image()`."""
+
+    def __init__(self, vm: Vm) -> None:
+        self.host_address = kvm_abi.mmap_anonymous(PROXY_AREA_SIZE)
+        image = area_image()
+        ctypes.memmove(self.host_address, image, len(image))
+        vm.map_region(PROXY_SLOT, PROXY_AREA, PROXY_AREA_SIZE, self.host_address)
+
+    def close(self) -> None:
+        """Unmap (after the VM is gone)."""
+        if self.host_address:
+            kvm_abi.munmap(self.host_address, PROXY_AREA_SIZE)
+            self.host_address = 0
+
+
+def _flat(selector: int, segment_type: int) -> kvm_abi.KvmSegment:
+    return kvm_abi.KvmSegment(
+        base=0, limit=0xFFFFFFFF, selector=selector, type=segment_type, present=1, dpl=0,
+        db=1, s=1, l=0, g=1,
+    )  # fmt: skip
+
+
+class ProxyVcpu:
+    """The proxy of APIC id `apic_id` in `vm`. `catch()` after each KVM_RUN return says what
+    it caught. Raises VmError if KVM refuses the set-up (no single-step debugging)."""
+
+    def __init__(self, vm: Vm, apic_id: int, vcpu_count: int) -> None:
+        self.apic_id = apic_id
+        self.vcpu = Vcpu(vm.fd, apic_id, vm.vcpu_mmap_size)
+        self.vcpu.set_cpuid(vcpu_cpuid(vm.supported_cpuid(), apic_id, vcpu_count, CpuidOptions()))
+        lapic = kvm_abi.KvmLapicState()
+        kvm_abi.ioctl(self.vcpu.fd, kvm_abi.KVM_GET_LAPIC, lapic, "KVM_GET_LAPIC")
+        svr = int.from_bytes(bytes(lapic.regs[APIC_SVR : APIC_SVR + 4]), "little")
+        svr |= APIC_SVR_ENABLE | 0xFF  # software-enabled, spurious vector 0xFF
+        lapic.regs[APIC_SVR : APIC_SVR + 4] = list(svr.to_bytes(4, "little"))
+        self._lapic = lapic
+        self._set_lapic()
+        debug = kvm_abi.KvmGuestDebug(
+            control=kvm_abi.KVM_GUESTDBG_ENABLE | kvm_abi.KVM_GUESTDBG_SINGLESTEP
+        )
+        try:
+            kvm_abi.ioctl(self.vcpu.fd, kvm_abi.KVM_SET_GUEST_DEBUG, debug, "KVM_SET_GUEST_DEBUG")
+        except OSError as err:
+            raise VmError(
+                f"interrupts across fragments need single-step debugging: {err}"
+            ) from None
+        self.arm()
+
+    @property
+    def fd(self) -> int:
+        return self.vcpu.fd
+
+    def _set_lapic(self) -> None:
+        kvm_abi.ioctl(self.vcpu.fd, kvm_abi.KVM_SET_LAPIC, self._lapic, "KVM_SET_LAPIC")
+
+    def arm(self) -> None:
+        """Halted at CPL0 in the proxy area, interrupts and NMIs open."""
+        sregs = self.vcpu.sregs()
+        sregs.cs = _flat(CODE_SELECTOR, 0xB)
+        for name in ("ds", "es", "fs", "gs", "ss"):
+            setattr(sregs, name, _flat(DATA_SELECTOR, 0x3))
+        sregs.tr = kvm_abi.KvmSegment(base=0, limit=0x67, type=0xB, present=1)
+        sregs.gdt.base, sregs.gdt.limit = PROXY_AREA + GDT_OFFSET, 3 * 8 - 1
+        sregs.idt.base, sregs.idt.limit = PROXY_AREA + IDT_OFFSET, 256 * 8 - 1
+        sregs.cr0, sregs.cr4, sregs.efer = CR0_PE | CR0_ET, 0, 0
+        self.vcpu.set_sregs(sregs)
+        regs = kvm_abi.KvmRegs(
+            rip=PROXY_AREA + HALT_OFFSET,
+            rsp=PROXY_AREA + STACK_TOP,
+            rflags=RFLAGS_IF | RFLAGS_FIXED,
+        )
+        self.vcpu.set_regs(regs)
+        events = kvm_abi.KvmVcpuEvents()
+        kvm_abi.ioctl(self.vcpu.fd, kvm_abi.KVM_GET_VCPU_EVENTS, events, "KVM_GET_VCPU_EVENTS")
+        events.nmi_masked, events.flags = 0, 0  # no iret ran: unblock NMIs ourselves
+        kvm_abi.ioctl(self.vcpu.fd, kvm_abi.KVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS")
+        self.vcpu.set_mp_state(kvm_abi.KVM_MP_STATE_HALTED)
+
+    def catch(self) -> list[Interrupt] | None:
+        """After KVM_RUN returned: the interrupts caught (in the order to deliver them), the
+        proxy re-armed; None for an exit that caught nothing (a kick). VmError for an exit a
+        proxy never makes (the message names the exit and where)."""
+        reason = self.vcpu.run.exit_reason
+        if reason == kvm_abi.KVM_EXIT_INTR:
+            return None
+        sregs = self.vcpu.sregs()
+        if not sregs.cr0 & CR0_PE:  # INIT ran, then a SIPI (or, for the BSP, the reset vector)
+            if sregs.cs.base == PROXY_AREA:
+                caught = [Interrupt(DeliveryMode.INIT)]
+            else:
+                vector = sregs.cs.selector >> 8
+                caught = [Interrupt(DeliveryMode.INIT), Interrupt(DeliveryMode.STARTUP, vector)]
+            self._set_lapic()  # INIT reset the LAPIC: software-disabled again
+            self.arm()
+            return caught
+        rip = self.vcpu.regs().rip
+        stub = (rip - PROXY_AREA - STUBS_OFFSET) // STUB_SIZE
+        if reason != kvm_abi.KVM_EXIT_DEBUG or not 0 <= stub <= NMI_STUB:
+            raise VmError(
+                f"proxy of APIC id {self.apic_id}: unexpected {kvm_abi.exit_name(reason)}"
+                f" at rip={rip:#x}"
+            )
+        self.arm()
+        if stub == NMI_STUB:
+            return [Interrupt(DeliveryMode.NMI)]
+        return [Interrupt(DeliveryMode.FIXED, stub)]
+
+    def close(self) -> None:
+        self.vcpu.close()
