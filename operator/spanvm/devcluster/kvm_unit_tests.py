@@ -83,6 +83,29 @@ def build(source: Path | None = None, log: bool = True) -> Path:
     return out
 
 
+GUESTS_DIR = Path(__file__).parent / "kut_guests"
+
+
+def build_guest(name: str, tree: Path | None = None) -> Path:
+    """spanvm's own test guest `kut_guests/<name>.c` (such as `spanvm_ipi`), compiled with
+    the suite's x86 library and rules into `<tree>/x86/<name>.flat` (`tree`: build()'s);
+    rebuilt only when its source changed. Returns the .flat path. RuntimeError with make's
+    last lines on failure."""
+    tree = tree or build(log=False)
+    source = (GUESTS_DIR / f"{name}.c").read_bytes()
+    copy, flat = tree / "x86" / f"{name}.c", tree / "x86" / f"{name}.flat"
+    if flat.exists() and copy.exists() and copy.read_bytes() == source:
+        return flat
+    copy.write_bytes(source)
+    flat.unlink(missing_ok=True)
+    cmd = ["make", f"x86/{name}.flat"]
+    done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, check=False)
+    if done.returncode or not flat.exists():
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
+        raise RuntimeError(f"kvm-unit-tests: {' '.join(cmd)} failed:\n{tail}")
+    return flat
+
+
 def _restore_symlinks(tree: Path) -> None:
     """The snapshot stores symlinks as small files holding the target path (x86/sieve.c holds
     `../common/sieve.c`); make them links again so the C sources compile."""

@@ -79,17 +79,21 @@ class Vcpu:
             state.regs[offset : offset + 4] = list(value.to_bytes(4, "little"))
         kvm_abi.ioctl(self.fd, kvm_abi.KVM_SET_LAPIC, state, "KVM_SET_LAPIC")
 
-    def set_tsc_offset(self, offset: int) -> None:
-        """KVM_VCPU_TSC_OFFSET (api.rst, "vCPU TSC offset"): the guest's TSC reads the host's
-        TSC plus `offset` (two's complement, 64 bits). Every fragment sets the same offset,
-        so a TSC read on one vCPU never exceeds a later read on a vCPU of another fragment
-        on the same host."""
-        value = ctypes.c_uint64(offset & (1 << 64) - 1)
-        attr = kvm_abi.KvmDeviceAttr(
+    def _tsc_attr(self, value: ctypes.c_uint64) -> kvm_abi.KvmDeviceAttr:
+        return kvm_abi.KvmDeviceAttr(
             group=kvm_abi.KVM_VCPU_TSC_CTRL,
             attr=kvm_abi.KVM_VCPU_TSC_OFFSET,
             addr=ctypes.addressof(value),
         )
+
+    def set_tsc_offset(self, offset: int) -> None:
+        """KVM_VCPU_TSC_OFFSET (api.rst, "vCPU TSC offset"): the guest's TSC reads the host's
+        TSC plus `offset` (two's complement, 64 bits). Every fragment sets the same offset,
+        so a TSC read on one vCPU never exceeds a later read on a vCPU of another fragment
+        on the same host. (This machine's PVM KVM passes the host TSC through whatever is
+        set: the attribute reads back 0.)"""
+        value = ctypes.c_uint64(offset & (1 << 64) - 1)
+        attr = self._tsc_attr(value)
         kvm_abi.ioctl(self.fd, kvm_abi.KVM_SET_DEVICE_ATTR, attr, "KVM_SET_DEVICE_ATTR TSC offset")
 
     def set_mp_state(self, state: int) -> None:

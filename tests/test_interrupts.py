@@ -1,0 +1,223 @@
+"""Interrupts across fragments (issue 14): proxy vCPUs catch what the in-kernel LAPIC
+accepts for a vCPU run elsewhere, the fabric carries it, the owner delivers it as an MSI.
+
+On real KVM: the proxy's catch of every delivery mode in one process, then whole guests on
+2 and 3 fragments (kvm-unit-tests' smptest/smptest3 and spanvm's own IPI test guest), and an
+interrupt's way to a lost fragment."""
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from spanvm.contract import Connected, MultibootKernel
+from spanvm.devcluster import kvm_unit_tests as kut
+from spanvm.fabric.launcher import launch
+from spanvm.vmm import kvm_abi
+from spanvm.vmm.interrupts import DeliveryMode, Interrupt, msi
+from spanvm.vmm.memory import GuestMemory
+from spanvm.vmm.proxy import ProxyArea, ProxyVcpu
+from spanvm.vmm.vm import Vm
+
+pytestmark = pytest.mark.kvm
+FIXED, NMI, INIT, STARTUP = (DeliveryMode.FIXED, DeliveryMode.NMI, DeliveryMode.INIT,
+                             DeliveryMode.STARTUP)  # fmt: skip
+
+
+# -- encoding ----------------------------------------------------------------------------------
+def test_msi_encoding_follows_the_sdm() -> None:
+    """SDM vol. 3A §11.11: address 0xFEE | dest << 12; data vector | mode << 8 | level << 14."""
+    assert msi(3, Interrupt(FIXED, 0x40)) == (0xFEE0_3000, 0x0040)
+    assert msi(1, Interrupt(NMI)) == (0xFEE0_1000, 0x0400)
+    assert msi(1, Interrupt(INIT)) == (0xFEE0_1000, 0x4500)
+    assert msi(7, Interrupt(STARTUP, 0x9A)) == (0xFEE0_7000, 0x069A)
+    with pytest.raises(ValueError, match="APIC id 255"):
+        msi(255, Interrupt(FIXED, 0x40))
+    with pytest.raises(ValueError, match="vector must be 0-255"):
+        Interrupt(FIXED, 0x100)
+
+
+@pytest.mark.parametrize(
+    "interrupt",
+    [Interrupt(FIXED, 0xEF), Interrupt(NMI), Interrupt(INIT), Interrupt(STARTUP, 0x10)],
+    ids=str,
+)
+def test_an_interrupt_survives_the_wire(interrupt: Interrupt) -> None:
+    assert Interrupt.decode(interrupt.encode()) == interrupt
+
+
+def test_a_delivery_mode_that_does_not_cross_is_refused() -> None:
+    with pytest.raises(ValueError, match="is not a valid DeliveryMode"):
+        Interrupt.decode(0x7 << 8)  # ExtINT
+
+
+# -- the proxy, in one process -----------------------------------------------------------------
+class Catching:
+    """Proxies of `apic_ids` running on threads of their own, recording what each catches."""
+
+    def __init__(self, vm: Vm, apic_ids: tuple[int, ...]) -> None:
+        self.proxies = [ProxyVcpu(vm, a, 2) for a in apic_ids]
+        self.caught: list[tuple[int, Interrupt]] = []
+        self.stop = False
+        self.threads = [threading.Thread(target=self._loop, args=(p,)) for p in self.proxies]
+
+    def _loop(self, proxy: ProxyVcpu) -> None:
+        while not self.stop:
+            if kvm_abi.libc.ioctl(proxy.fd, kvm_abi.KVM_RUN, None) < 0:
+                continue  # the kick below
+            self.caught += [(proxy.apic_id, i) for i in proxy.catch() or ()]
+
+    def wait_for(self, count: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(self.caught) < count and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.05)  # and nothing more
+
+    def close(self) -> None:
+        self.stop = True
+        for proxy, thread in zip(self.proxies, self.threads, strict=True):
+            proxy.vcpu.run.immediate_exit = 1
+            while thread.is_alive():
+                signal.pthread_kill(thread.ident or 0, signal.SIGUSR1)
+                thread.join(0.05)
+            proxy.close()
+
+
+@contextmanager
+def proxies(apic_ids: tuple[int, ...]) -> Iterator[tuple[Vm, Catching]]:
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    vm = Vm("/dev/kvm")
+    memory = GuestMemory(16 << 20)
+    vm.map_memory(memory)
+    memory.write(0x9A000, b"\x90")  # the SIPI vector's page: its first instruction is a nop
+    area = ProxyArea(vm)
+    catching = Catching(vm, apic_ids)
+    for thread in catching.threads:
+        thread.start()
+    try:
+        yield vm, catching
+    finally:
+        catching.close()
+        vm.close()
+        area.close()
+        memory.close()
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_proxy_catches_each_delivery_mode_once_in_order() -> None:
+    """What the in-kernel LAPIC accepts for APIC id 1 (KVM_SIGNAL_MSI is the same delivery
+    an ICR write takes) comes out of its proxy once each, in order; INIT is carried with the
+    SIPI that follows it, and fixed IPIs after a start-up are caught again."""
+    sent = [
+        Interrupt(FIXED, 0x40),
+        Interrupt(FIXED, 0x41),
+        Interrupt(FIXED, 0x30),
+        Interrupt(NMI),
+        Interrupt(NMI),
+        Interrupt(INIT),
+        Interrupt(STARTUP, 0x9A),
+        Interrupt(FIXED, 0x50),
+    ]
+    with proxies((1,)) as (vm, catching):
+        for interrupt in sent:
+            vm.signal_msi(*msi(1, interrupt))
+            catching.wait_for(len(catching.caught) + (interrupt.mode != INIT))
+        assert catching.caught == [(1, i) for i in sent]
+
+
+def test_the_boot_vcpus_proxy_reports_an_init_alone() -> None:
+    """APIC id 0 is KVM's BSP: INIT restarts it at the reset vector (in the proxy area)."""
+    with proxies((0,)) as (vm, catching):
+        vm.signal_msi(*msi(0, Interrupt(INIT)))
+        catching.wait_for(1)
+        vm.signal_msi(*msi(0, Interrupt(FIXED, 0x77)))
+        catching.wait_for(2)
+        assert catching.caught == [(0, Interrupt(INIT)), (0, Interrupt(FIXED, 0x77))]
+
+
+def test_an_interrupt_to_no_apic_id_reaches_no_proxy() -> None:
+    with proxies((1,)) as (vm, catching):
+        vm.signal_msi(*msi(2, Interrupt(FIXED, 0x40)))
+        catching.wait_for(1)
+        assert catching.caught == []
+
+
+# -- whole guests across fragments ------------------------------------------------------------
+def spanvm_run(flat: Path, env: Path, vcpus: int, fragments: int, cmdline: str = "") -> str:
+    cmd = [sys.executable, "-m", "spanvm", "run", "--multiboot", str(flat), "--module", str(env)]
+    cmd += ["--vcpus", str(vcpus), "--fragments", str(fragments), "--memory", "256Mi"]
+    cmd += ["--timeout", "60"] + (["--cmdline", cmdline] if cmdline else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def kut_env(tmp_path: Path, vcpus: int) -> Path:
+    env = tmp_path / "env"
+    env.write_text(f"NR_CPUS={vcpus}\nTEST_DEVICE=0\nBOOTLOADER=spanvm\n")
+    return env
+
+
+@pytest.mark.parametrize(("vcpus", "fragments"), [(2, 2), (3, 2), (3, 3)])
+def test_kvm_unit_tests_smptest_across_fragments(
+    kut_build: Path, tmp_path: Path, vcpus: int, fragments: int
+) -> None:
+    """The boot vCPU starts every AP with INIT/SIPI (all-but-self) and sends each an IPI:
+    the APs of other fragments come online and run it, as on one machine."""
+    out = spanvm_run(kut_build / "x86" / "smptest.flat", kut_env(tmp_path, vcpus), vcpus, fragments)
+    assert f"found {vcpus} cpus" in out
+    assert [f"ipi called, cpu {i}" in out for i in range(vcpus)] == [True] * vcpus
+    assert "PASS: IPI to each CPU" in out
+
+
+IPI_CHECKS = [
+    "PASS: {rounds} pongs arrived once each, in order",
+    "PASS: {rounds} pings arrived once each, in order",
+    "PASS: {nmis} NMIs arrived once each",
+    "PASS: all-but-self IPIs arrived once each",
+    "PASS: self IPIs arrived once each",
+    "PASS: TSC never went backwards from CPU 0 to CPU 1 (0 of {tscs})",
+    "PASS: page walks under an IPI flood completed",
+]
+
+
+@pytest.mark.parametrize(("fragments", "rounds"), [(2, 10_000), (1, 1_000)])
+def test_ipis_arrive_once_in_order(
+    kut_build: Path, tmp_path: Path, fragments: int, rounds: int
+) -> None:
+    """spanvm's IPI guest: 10,000 ping-pong round trips across fragments (each way's vector
+    sequence checked), NMIs, all-but-self, self IPIs, one TSC; the same on one fragment."""
+    flat = kut.build_guest("spanvm_ipi", kut_build)
+    nmis, tscs = rounds // 10, 200
+    out = spanvm_run(flat, kut_env(tmp_path, 2), 2, fragments, f"{rounds} {nmis} {tscs} 64")
+    checks = [line for line in out.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert checks == [c.format(rounds=rounds, nmis=nmis, tscs=tscs) for c in IPI_CHECKS], out
+
+
+def test_an_interrupt_for_a_lost_fragment_stops_the_vm_naming_it(
+    kut_build: Path, tmp_path: Path
+) -> None:
+    flat = kut.build_guest("spanvm_ipi", kut_build)
+    guest = MultibootKernel(
+        kernel=str(flat), modules=[str(kut_env(tmp_path, 2))], cmdline="2000000000"
+    )
+    err_path = tmp_path / "fragments.log"
+    with (
+        err_path.open("wb") as err,
+        launch("", 2, 256 << 20, 2, stdout=subprocess.DEVNULL, stderr=err, multiboot=guest) as vm,
+    ):
+        for f in vm.fragments:
+            while not any(isinstance(e, Connected) for e in f.events):
+                f.read_status(30)
+        time.sleep(3.0)  # the ping-pong is on
+        vm.fragments[1].process.send_signal(signal.SIGKILL)
+        code = vm.fragments[0].process.wait(timeout=30)
+    log = err_path.read_text()
+    assert code == 70, log
+    assert "fragment 1 lost" in log, log
