@@ -330,7 +330,7 @@ def test_cli_refuses_memory_with_the_same_reason() -> None:
         (
             {"boot": {"linux": {"kernel": "/boot/vmlinuz"}}},
             "spec.boot.linux",
-            "boot.linux runs on one node until interrupts cross fragments",
+            "boot.linux runs on one node until logical-destination IPIs cross fragments",
         ),
         (
             {"boot": {"linux": {"kernel": "/k"}}, "placement": {"maxFragments": 2}},

@@ -149,8 +149,11 @@ def test_an_interrupt_to_no_apic_id_reaches_no_proxy() -> None:
 
 
 # -- whole guests across fragments ------------------------------------------------------------
-def spanvm_run(flat: Path, env: Path, vcpus: int, fragments: int, cmdline: str = "") -> str:
+def spanvm_run(
+    flat: Path, env: Path, vcpus: int, fragments: int, cmdline: str = "", *more: str
+) -> str:
     cmd = [sys.executable, "-m", "spanvm", "run", "--multiboot", str(flat), "--module", str(env)]
+    cmd += list(more)
     cmd += ["--vcpus", str(vcpus), "--fragments", str(fragments), "--memory", "256Mi"]
     cmd += ["--timeout", "60"] + (["--cmdline", cmdline] if cmdline else [])
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
@@ -187,15 +190,21 @@ IPI_CHECKS = [
 ]
 
 
-@pytest.mark.parametrize(("fragments", "rounds"), [(2, 10_000), (1, 1_000)])
+@pytest.mark.parametrize(
+    ("fragments", "rounds", "mode"),
+    [(2, 10_000, "x2APIC"), (2, 2_000, "xAPIC"), (1, 1_000, "x2APIC")],
+)
 def test_ipis_arrive_once_in_order(
-    kut_build: Path, tmp_path: Path, fragments: int, rounds: int
+    kut_build: Path, tmp_path: Path, fragments: int, rounds: int, mode: str
 ) -> None:
     """spanvm's IPI guest: 10,000 ping-pong round trips across fragments (each way's vector
-    sequence checked), NMIs, all-but-self, self IPIs, one TSC; the same on one fragment."""
+    sequence checked), NMIs, all-but-self, self IPIs, one TSC, in x2APIC and xAPIC mode; the
+    same on one fragment."""
     flat = kut.build_guest("spanvm_ipi", kut_build)
     nmis, tscs = rounds // 10, 200
-    out = spanvm_run(flat, kut_env(tmp_path, 2), 2, fragments, f"{rounds} {nmis} {tscs} 64")
+    more = ["--no-x2apic"] if mode == "xAPIC" else []
+    out = spanvm_run(flat, kut_env(tmp_path, 2), 2, fragments, f"{rounds} {nmis} {tscs} 64", *more)
+    assert f"APIC mode: {mode}" in out
     checks = [line for line in out.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert checks == [c.format(rounds=rounds, nmis=nmis, tscs=tscs) for c in IPI_CHECKS], out
 

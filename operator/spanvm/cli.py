@@ -23,7 +23,7 @@ import click
 from spanvm.agent.capabilities import discover
 from spanvm.api.quantity import parse_memory
 from spanvm.commands.errors import CliError
-from spanvm.contract import Finished, MultibootKernel, last_of
+from spanvm.contract import CpuFeatures, Finished, MultibootKernel, last_of
 from spanvm.exitstatus import (
     EXIT_TIMEOUT,
     EXIT_USAGE,
@@ -130,7 +130,7 @@ def _boot_source(args: argparse.Namespace) -> BootSource | None:
 
 
 def _cpuid(args: argparse.Namespace) -> CpuidOptions:
-    return CpuidOptions(cx16=not args.no_cx16)
+    return CpuidOptions(cx16=not args.no_cx16, x2apic=not args.no_x2apic)
 
 
 def _run_here(args: argparse.Namespace, config: VmConfig, stops: StopSignals) -> int:
@@ -206,6 +206,7 @@ def _run_fragments(  # noqa: PLR0917 - what the fragments run
             idle_timeout=args.timeout,
             netns=args.netns,
             multiboot=multiboot,
+            cpu=CpuFeatures(cx16=not args.no_cx16, x2apic=not args.no_x2apic),
         ) as vm:
             stops.action = vm.request_stop
             code = vm.wait()
@@ -339,6 +340,7 @@ def cli() -> None:
     is_flag=True,
     help="hide CMPXCHG16B in CPUID (this machine's KVM cannot emulate it at CPL0)",
 )
+@click.option("--no-x2apic", is_flag=True, help="hide x2APIC in CPUID (the guest uses xAPIC)")
 @click.option("--vcpus", type=int, default=1, show_default=True, help="virtual CPUs")
 @click.option("--memory", default="256Mi", show_default=True, help="guest memory quantity")
 @click.option("--arg", type=int, default=None, help="payload argument (default: the payload's)")

@@ -23,7 +23,7 @@ from typing import IO, Annotated, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 # 2: a Linux kernel as the boot source (`linux`); 3: a Multiboot kernel (`multiboot`) and
-# which fragment runs each vCPU (`vcpu_fragments`, where interrupts go)
+# which fragment runs each vCPU (`vcpu_fragments`, where interrupts go), CPUID features (`cpu`)
 CONTRACT_VERSION = 3
 E = TypeVar("E")
 
@@ -53,6 +53,13 @@ class MultibootKernel(_Model):
     cmdline: str = Field(default="", description="Kernel command line.")
 
 
+class CpuFeatures(_Model):
+    """CPUID features the guest sees (vmm/cpuid.CpuidOptions): False hides one."""
+
+    cx16: bool = Field(default=True, description="CMPXCHG16B (leaf 1 ECX[13]).")
+    x2apic: bool = Field(default=True, description="x2APIC (leaf 1 ECX[21]).")
+
+
 class FragmentConfig(_Model):
     """Everything one fragment process needs."""
 
@@ -71,6 +78,7 @@ class FragmentConfig(_Model):
     multiboot: MultibootKernel | None = Field(
         default=None, description="Boot this Multiboot kernel instead of the payload."
     )
+    cpu: CpuFeatures = Field(default_factory=CpuFeatures, description="CPUID features shown.")
     vcpu_fragments: list[int] | None = Field(
         default=None,
         description="The fragment running each vCPU (index: vCPU id); unset: an interrupt for"
@@ -132,6 +140,7 @@ def fragment_config(
     linux: LinuxKernel | None = None,
     multiboot: MultibootKernel | None = None,
     vcpu_fragments: list[int] | None = None,
+    cpu: CpuFeatures | None = None,
 ) -> FragmentConfig:
     """The one builder of a fragment's configuration (the agent's and the local launcher's).
     Only lower-index peers are kept (a fragment connects to the ones before it); idle_timeout
@@ -146,6 +155,7 @@ def fragment_config(
         linux=linux,
         multiboot=multiboot,
         vcpu_fragments=vcpu_fragments,
+        cpu=cpu or CpuFeatures(),
         arg=arg,
         homes=sorted(homes),
         listen_host=listen_host,

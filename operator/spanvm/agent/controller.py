@@ -136,7 +136,7 @@ def _linux_kernel(spec: VMFragmentSpec, node: str) -> contract.LinuxKernel | Non
     if spec.fragment_count > 1:
         raise FragmentConfigError(
             f"boot.linux over {spec.fragment_count} fragments: a Linux guest runs on one node"
-            " until interrupts cross fragments"
+            " until logical-destination IPIs cross fragments"
         )
     for field, path in (("kernel", linux.kernel), ("initrd", linux.initrd)):
         if path is not None and not os.access(path, os.R_OK):

@@ -35,7 +35,8 @@ from spanvm.vmm.memmap import LARGE_PAGE, LOW_RAM_LIMIT
 
 # What the fragment VMM and the fabric cannot do yet: refused at admission, not deep inside.
 LINUX_ONE_NODE = (
-    "boot.linux runs on one node until interrupts cross fragments: set placement.maxFragments: 1"
+    "boot.linux runs on one node until logical-destination IPIs cross fragments:"
+    " set placement.maxFragments: 1"
 )
 RDMA_UNSUPPORTED = "fabric.transport rdma is not supported yet: use auto or tcp"
 # KubeVirt's run strategies, with KubeVirt's meanings (docs/cli.md, kubectl explain).

@@ -122,12 +122,14 @@ def _restore_symlinks(tree: Path) -> None:
 
 @dataclass(frozen=True)
 class TestCase:
-    """A `[name]` section of x86/unittests.cfg: the flat file, vCPUs, the guest's arguments."""
+    """A `[name]` section of x86/unittests.cfg: the flat file, vCPUs, the guest's arguments,
+    and whether QEMU's `-cpu ...,-x2apic` hides x2APIC (spanvm run --no-x2apic)."""
 
     name: str
     file: str
     smp: int
     cmdline: str
+    no_x2apic: bool = False
 
 
 def test_cases(build: Path) -> dict[str, TestCase]:
@@ -142,7 +144,10 @@ def test_cases(build: Path) -> dict[str, TestCase]:
         smp = section.get("smp", "1").strip()
         args = shlex.split(section.get("extra_params", ""))
         cmdline = args[args.index("-append") + 1] if "-append" in args[:-1] else ""
-        cases[name] = TestCase(name, section["file"], int(smp) if smp.isdigit() else 1, cmdline)
+        no_x2apic = "-x2apic" in section.get("qemu_params", "")
+        cases[name] = TestCase(
+            name, section["file"], int(smp) if smp.isdigit() else 1, cmdline, no_x2apic
+        )
     for flat in (build / "x86").glob("*.flat"):  # tests x86/run starts by file, e.g. dummy
         cases.setdefault(flat.stem, TestCase(flat.stem, flat.name, 1, ""))
     return cases
@@ -193,6 +198,8 @@ def run_test(
     ]
     if case.cmdline:
         cmd += ["--cmdline", case.cmdline]
+    if case.no_x2apic:
+        cmd.append("--no-x2apic")
     started = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     seconds = time.monotonic() - started

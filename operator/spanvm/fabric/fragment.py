@@ -60,6 +60,7 @@ from spanvm.vmm.boot import BootSource
 from spanvm.vmm.boot.linux import LinuxBoot
 from spanvm.vmm.boot.multiboot import MultibootBoot
 from spanvm.vmm.boot.payload import PayloadBoot
+from spanvm.vmm.cpuid import CpuidOptions
 from spanvm.vmm.interrupts import Interrupt
 from spanvm.vmm.machine import EXIT_VM_ERROR, Machine, VmConfig, VmError, VmResult
 from spanvm.vmm.platform_shape import NumaNode
@@ -150,7 +151,7 @@ class Fragment:
         if config.linux is not None and config.fragment_count > 1:
             raise VmError(
                 f"a Linux guest runs in one fragment, not {config.fragment_count}, until"
-                " interrupts cross fragments"
+                " logical-destination IPIs cross fragments"
             )
         self.homes = HomeMap([HomeRange(*h) for h in config.homes])
         self.transport = Transport(
@@ -174,6 +175,7 @@ class Fragment:
                 boot=boot,
                 local_vcpus=tuple(config.vcpu_ids),
                 vcpu_nice=config.vcpu_nice,
+                cpuid=CpuidOptions(cx16=config.cpu.cx16, x2apic=config.cpu.x2apic),
                 nodes=_numa_nodes(config) if boot.platform else (),
             ),
             console_sink=sink,
@@ -242,10 +244,13 @@ class Fragment:
         if frame.kind == Kind.INTERRUPT:
             try:
                 interrupt = Interrupt.decode(frame.request)
+                delivered = self.machine.deliver(frame.page, interrupt)
             except ValueError as err:
                 self._on_failure(f"fragment {peer} sent a malformed interrupt: {err}")
                 return
-            delivered = self.machine.deliver(frame.page, interrupt)
+            except OSError as err:
+                self._on_failure(f"cannot deliver an interrupt to vCPU {frame.page}: {err}")
+                return
             log.debug("interrupt %s for vCPU %d: delivered %s", interrupt, frame.page, delivered)
         elif frame.kind == Kind.CONSOLE:
             self.machine.console.write(frame.payload)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from spanvm.contract import (
+    CpuFeatures,
     FragmentEvent,
     Listening,
     MultibootKernel,
@@ -208,6 +209,7 @@ def launch(  # noqa: PLR0917 - mirrors `spanvm run`'s options
     stdout: int | IO[bytes] | None = None,
     stderr: int | IO[bytes] | None = None,
     multiboot: MultibootKernel | None = None,
+    cpu: CpuFeatures | None = None,
 ) -> Iterator[LocalVm]:
     """Start the fragments (and namespaces); yields the running VM; always cleans up.
     `multiboot` boots that kernel (a platform guest: coherent memory from 0) instead of
@@ -243,6 +245,7 @@ def launch(  # noqa: PLR0917 - mirrors `spanvm run`'s options
                 readahead=readahead,
                 multiboot=multiboot,
                 vcpu_fragments=places,
+                cpu=cpu,
             )
             read_fd, write_fd = os.pipe()
             command = fragment_command(write_fd, parent_pid=os.getpid())

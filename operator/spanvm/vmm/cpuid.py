@@ -2,9 +2,9 @@
 that matches the VM (one thread per core, all cores in one package).
 
 Leaves as in the Intel SDM vol. 2A, CPUID: leaf 1 EBX[31:24] initial APIC id and EBX[23:16]
-logical processors per package, ECX[13] CMPXCHG16B, ECX[31] hypervisor present; leaf 4
-EAX[31:26] cores per package - 1; leaves 0xB/0x1F extended topology (EDX = x2APIC id, level
-0 SMT with 1 thread, level 1 core with `vcpu_count` processors).
+logical processors per package, ECX[13] CMPXCHG16B, ECX[21] x2APIC, ECX[31] hypervisor
+present; leaf 4 EAX[31:26] cores per package - 1; leaves 0xB/0x1F extended topology (EDX =
+x2APIC id, level 0 SMT with 1 thread, level 1 core with `vcpu_count` processors).
 """
 
 import ctypes
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from spanvm.vmm import kvm_abi
 
 CPUID_1_ECX_CX16 = 1 << 13
+CPUID_1_ECX_X2APIC = 1 << 21
 CPUID_1_ECX_HYPERVISOR = 1 << 31
 LEVEL_SMT, LEVEL_CORE = 1, 2
 
@@ -20,9 +21,11 @@ LEVEL_SMT, LEVEL_CORE = 1, 2
 @dataclass(frozen=True)
 class CpuidOptions:
     """Features to hide from the guest; `cx16=False` hides CMPXCHG16B, which this machine's
-    KVM cannot emulate at CPL0 (Linux's slab allocator uses it when advertised)."""
+    KVM cannot emulate at CPL0 (Linux's slab allocator uses it when advertised);
+    `x2apic=False` hides x2APIC (leaf 1 ECX[21]): the guest drives its LAPICs in xAPIC mode."""
 
     cx16: bool = True
+    x2apic: bool = True
 
 
 def _shift_for(count: int) -> int:
@@ -42,6 +45,8 @@ def vcpu_cpuid(
             entry.ecx |= CPUID_1_ECX_HYPERVISOR
             if not options.cx16:
                 entry.ecx &= ~CPUID_1_ECX_CX16
+            if not options.x2apic:
+                entry.ecx &= ~CPUID_1_ECX_X2APIC
             entry.edx |= 1 << 28  # HTT: leaf 1 EBX[23:16] is valid
         elif entry.function == 4:
             entry.eax = (entry.eax & 0x03FF_FFFF) | ((min(vcpu_count, 64) - 1) << 26)

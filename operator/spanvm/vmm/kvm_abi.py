@@ -345,6 +345,57 @@ class KvmDeviceAttr(ctypes.Structure):
     ]
 
 
+class KvmMsrEntry(ctypes.Structure):
+    _fields_ = [
+        ("index", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+        ("data", ctypes.c_uint64),
+    ]
+
+
+class KvmMsrs1(ctypes.Structure):
+    """struct kvm_msrs with one entry (KVM_SET_MSRS)."""
+
+    _fields_ = [("nmsrs", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("entry", KvmMsrEntry)]
+
+
+class KvmMsrFilterRange(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint32),
+        ("nmsrs", ctypes.c_uint32),
+        ("base", ctypes.c_uint32),
+        ("bitmap", ctypes.c_void_p),
+    ]
+
+
+class KvmMsrFilter(ctypes.Structure):
+    """struct kvm_msr_filter (KVM_X86_SET_MSR_FILTER): up to 16 ranges; in a range's
+    bitmap a 0 bit sends the guest's access to userspace."""
+
+    _fields_ = [("flags", ctypes.c_uint32), ("ranges", KvmMsrFilterRange * 16)]
+
+
+class KvmEnableCap(ctypes.Structure):
+    _fields_ = [
+        ("cap", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("args", ctypes.c_uint64 * 4),
+        ("pad", ctypes.c_uint8 * 64),
+    ]
+
+
+class KvmRunMsr(ctypes.Structure):
+    """The `msr` member of kvm_run's exit union (KVM_EXIT_X86_RDMSR/WRMSR)."""
+
+    _fields_ = [
+        ("error", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 7),
+        ("reason", ctypes.c_uint32),
+        ("index", ctypes.c_uint32),
+        ("data", ctypes.c_uint64),
+    ]
+
+
 KVM_EXIT_UNION_OFFSET = 32
 
 KVM_GET_API_VERSION = _io(0x00)
@@ -376,6 +427,14 @@ KVM_GET_VCPU_EVENTS = _ior(0x9F, ctypes.sizeof(KvmVcpuEvents))
 KVM_SET_VCPU_EVENTS = _iow(0xA0, ctypes.sizeof(KvmVcpuEvents))
 KVM_SIGNAL_MSI = _iow(0xA5, ctypes.sizeof(KvmMsi))
 KVM_SET_DEVICE_ATTR = _iow(0xE1, ctypes.sizeof(KvmDeviceAttr))
+KVM_SET_MSRS = _iow(0x89, 8)
+KVM_ENABLE_CAP = _iow(0xA3, ctypes.sizeof(KvmEnableCap))
+KVM_X86_SET_MSR_FILTER = _iow(0xC6, ctypes.sizeof(KvmMsrFilter))
+KVM_CAP_X86_USER_SPACE_MSR = 188
+KVM_MSR_EXIT_REASON_FILTER = 1 << 1
+KVM_MSR_FILTER_WRITE = 1 << 1
+MSR_IA32_APICBASE = 0x1B
+APICBASE_ENABLE, APICBASE_X2APIC = 1 << 11, 1 << 10
 
 KVM_API_VERSION = 12
 KVM_MP_STATE_RUNNABLE = 0
@@ -427,6 +486,7 @@ EXIT_REASONS = {
 }
 KVM_EXIT_IO, KVM_EXIT_MMIO, KVM_EXIT_HLT, KVM_EXIT_SHUTDOWN = 2, 6, 5, 8
 KVM_EXIT_DEBUG = 4
+KVM_EXIT_X86_WRMSR = 30
 KVM_EXIT_FAIL_ENTRY, KVM_EXIT_INTR, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SYSTEM_EVENT = 9, 10, 17, 24
 
 

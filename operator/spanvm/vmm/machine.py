@@ -180,6 +180,8 @@ class Machine:
             self._proxy_area = ProxyArea(self.vm)
             for apic_id in remote:
                 self.proxies[apic_id] = ProxyVcpu(self.vm, apic_id, cfg.vcpu_count)
+            # Proxies follow the local vCPUs' xAPIC/x2APIC mode: see ProxyVcpu.follow_mode.
+            self.vm.trap_msr_writes([kvm_abi.MSR_IA32_APICBASE])
 
     @property
     def layout(self) -> GuestLayout | None:
@@ -367,9 +369,12 @@ class Machine:
             proxy.vcpu.looping = True
         try:
             while not self._stop.is_set():
+                proxy.follow_mode()
                 if kvm_abi.libc.ioctl(proxy.fd, kvm_abi.KVM_RUN, None) < 0:
                     err = ctypes.get_errno()
                     if err in (errno.EINTR, errno.EAGAIN):
+                        if not self._stop.is_set():
+                            proxy.vcpu.run.immediate_exit = 0  # a mode kick, not a stop
                         continue
                     self.fail(f"proxy of vCPU {proxy.apic_id}: KVM_RUN failed: {os.strerror(err)}")
                     return
@@ -419,6 +424,11 @@ class Machine:
             return False
         if reason == kvm_abi.KVM_EXIT_INTR:
             return True
+        if reason == kvm_abi.KVM_EXIT_X86_WRMSR:
+            msr = vcpu.exit_union(kvm_abi.KvmRunMsr)
+            assert isinstance(msr, kvm_abi.KvmRunMsr)
+            self._apic_base_write(vcpu, msr)
+            return True
         if reason == kvm_abi.KVM_EXIT_SHUTDOWN:
             detail = (
                 "KVM_EXIT_SHUTDOWN (triple fault: the guest took an exception"
@@ -441,6 +451,19 @@ class Machine:
             detail = f"unexpected exit {kvm_abi.exit_name(reason)}"
         self.fail(self.describe(vcpu, detail))
         return False
+
+    def _apic_base_write(self, vcpu: Vcpu, msr: kvm_abi.KvmRunMsr) -> None:
+        """A local vCPU's WRMSR to IA32_APIC_BASE (the only MSR trapped): carry it out on the
+        vCPU (error 1 makes KVM inject the #GP it would have), then move the proxies to the
+        xAPIC/x2APIC mode it chose."""
+        done = msr.index == kvm_abi.MSR_IA32_APICBASE and vcpu.set_msr(msr.index, msr.data)
+        msr.error = 0 if done else 1
+        if done and msr.data & kvm_abi.APICBASE_ENABLE:
+            x2apic = bool(msr.data & kvm_abi.APICBASE_X2APIC)
+            for proxy in self.proxies.values():
+                if proxy.want_x2apic != x2apic:
+                    proxy.want_x2apic = x2apic
+                    self._kick(proxy.vcpu)
 
     def _port_io(self, vcpu: Vcpu, io: kvm_abi.KvmRunIo) -> None:
         """Port I/O (`count` repetitions for string I/O) to the device on the port bus.

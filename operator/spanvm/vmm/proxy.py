@@ -55,6 +55,7 @@ APIC_SVR_ENABLE = 0x100
 CR0_PE, CR0_ET = 0x1, 0x10
 RFLAGS_IF, RFLAGS_FIXED = 0x200, 0x2
 PROXY_SLOT = 8  # memory slot of the area (guest RAM uses slots 0 and 1)
+APICBASE_BSP = 1 << 8
 
 
 def _descriptor(base: int, limit: int, access: int, flags: int) -> bytes:
@@ -125,13 +126,14 @@ class ProxyVcpu:
         self.apic_id = apic_id
         self.vcpu = Vcpu(vm.fd, apic_id, vm.vcpu_mmap_size)
         self.vcpu.set_cpuid(vcpu_cpuid(vm.supported_cpuid(), apic_id, vcpu_count, CpuidOptions()))
-        lapic = kvm_abi.KvmLapicState()
-        kvm_abi.ioctl(self.vcpu.fd, kvm_abi.KVM_GET_LAPIC, lapic, "KVM_GET_LAPIC")
-        svr = int.from_bytes(bytes(lapic.regs[APIC_SVR : APIC_SVR + 4]), "little")
-        svr |= APIC_SVR_ENABLE | 0xFF  # software-enabled, spurious vector 0xFF
-        lapic.regs[APIC_SVR : APIC_SVR + 4] = list(svr.to_bytes(4, "little"))
-        self._lapic = lapic
-        self._set_lapic()
+        self.x2apic = False  # the mode it is in (KVM creates LAPICs in xAPIC mode)
+        self.want_x2apic = False  # the mode the local vCPUs use (see `follow_mode`)
+        self._enable_lapic()
+        self._halted_regs = kvm_abi.KvmRegs(
+            rip=PROXY_AREA + HALT_OFFSET,
+            rsp=PROXY_AREA + STACK_TOP,
+            rflags=RFLAGS_IF | RFLAGS_FIXED,
+        )
         debug = kvm_abi.KvmGuestDebug(
             control=kvm_abi.KVM_GUESTDBG_ENABLE | kvm_abi.KVM_GUESTDBG_SINGLESTEP
         )
@@ -147,8 +149,32 @@ class ProxyVcpu:
     def fd(self) -> int:
         return self.vcpu.fd
 
-    def _set_lapic(self) -> None:
-        kvm_abi.ioctl(self.vcpu.fd, kvm_abi.KVM_SET_LAPIC, self._lapic, "KVM_SET_LAPIC")
+    def _enable_lapic(self) -> None:
+        """Software-enable the LAPIC (SVR bit 8, spurious vector 0xFF): at creation, after an
+        INIT and after a mode change, all of which leave it disabled."""
+        lapic = kvm_abi.KvmLapicState()
+        kvm_abi.ioctl(self.vcpu.fd, kvm_abi.KVM_GET_LAPIC, lapic, "KVM_GET_LAPIC")
+        svr = int.from_bytes(bytes(lapic.regs[APIC_SVR : APIC_SVR + 4]), "little")
+        svr |= APIC_SVR_ENABLE | 0xFF
+        lapic.regs[APIC_SVR : APIC_SVR + 4] = list(svr.to_bytes(4, "little"))
+        kvm_abi.ioctl(self.vcpu.fd, kvm_abi.KVM_SET_LAPIC, lapic, "KVM_SET_LAPIC")
+
+    def follow_mode(self) -> None:
+        """On the proxy's thread, outside KVM_RUN: switch its LAPIC to `want_x2apic`, the mode
+        the local vCPUs last chose (the machine traps their IA32_APIC_BASE writes). KVM
+        matches destinations by the target's mode: an x2APIC broadcast or logical IPI reaches
+        only an x2APIC-mode LAPIC, an xAPIC broadcast only an xAPIC-mode one (SDM vol. 3A
+        §10.12.9). Leaving x2APIC goes through disabled, as it must (§10.12.5)."""
+        if self.want_x2apic == self.x2apic:
+            return
+        base = LAPIC_BASE | kvm_abi.APICBASE_ENABLE | (APICBASE_BSP if self.apic_id == 0 else 0)
+        if self.want_x2apic:
+            self.vcpu.set_msr(kvm_abi.MSR_IA32_APICBASE, base | kvm_abi.APICBASE_X2APIC)
+        else:
+            self.vcpu.set_msr(kvm_abi.MSR_IA32_APICBASE, base & ~kvm_abi.APICBASE_ENABLE)
+            self.vcpu.set_msr(kvm_abi.MSR_IA32_APICBASE, base)
+        self.x2apic = self.want_x2apic
+        self._enable_lapic()
 
     def arm(self) -> None:
         """Halted at CPL0 in the proxy area, interrupts and NMIs open."""
@@ -161,17 +187,20 @@ class ProxyVcpu:
         sregs.idt.base, sregs.idt.limit = PROXY_AREA + IDT_OFFSET, 256 * 8 - 1
         sregs.cr0, sregs.cr4, sregs.efer = CR0_PE | CR0_ET, 0, 0
         self.vcpu.set_sregs(sregs)
-        regs = kvm_abi.KvmRegs(
-            rip=PROXY_AREA + HALT_OFFSET,
-            rsp=PROXY_AREA + STACK_TOP,
-            rflags=RFLAGS_IF | RFLAGS_FIXED,
-        )
-        self.vcpu.set_regs(regs)
+        self._unmask_nmi()
+        self._halt()
+
+    def _halt(self) -> None:
+        """Back to the halt with the stack reset (an interrupt gate at the same privilege
+        changes only these: SDM vol. 3A §6.12.1), HALTED."""
+        self.vcpu.set_regs(self._halted_regs)
+        self.vcpu.set_mp_state(kvm_abi.KVM_MP_STATE_HALTED)
+
+    def _unmask_nmi(self) -> None:
         events = kvm_abi.KvmVcpuEvents()
         kvm_abi.ioctl(self.vcpu.fd, kvm_abi.KVM_GET_VCPU_EVENTS, events, "KVM_GET_VCPU_EVENTS")
         events.nmi_masked, events.flags = 0, 0  # no iret ran: unblock NMIs ourselves
         kvm_abi.ioctl(self.vcpu.fd, kvm_abi.KVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS")
-        self.vcpu.set_mp_state(kvm_abi.KVM_MP_STATE_HALTED)
 
     def catch(self) -> list[Interrupt] | None:
         """After KVM_RUN returned: the interrupts caught (in the order to deliver them), the
@@ -180,27 +209,30 @@ class ProxyVcpu:
         reason = self.vcpu.run.exit_reason
         if reason == kvm_abi.KVM_EXIT_INTR:
             return None
-        sregs = self.vcpu.sregs()
-        if not sregs.cr0 & CR0_PE:  # INIT ran, then a SIPI (or, for the BSP, the reset vector)
-            if sregs.cs.base == PROXY_AREA:
-                caught = [Interrupt(DeliveryMode.INIT)]
-            else:
-                vector = sregs.cs.selector >> 8
-                caught = [Interrupt(DeliveryMode.INIT), Interrupt(DeliveryMode.STARTUP, vector)]
-            self._set_lapic()  # INIT reset the LAPIC: software-disabled again
-            self.arm()
-            return caught
         rip = self.vcpu.regs().rip
         stub = (rip - PROXY_AREA - STUBS_OFFSET) // STUB_SIZE
-        if reason != kvm_abi.KVM_EXIT_DEBUG or not 0 <= stub <= NMI_STUB:
+        if reason == kvm_abi.KVM_EXIT_DEBUG and 0 <= stub < NMI_STUB:
+            self._halt()  # the fast path: a fixed IPI changed nothing else
+            return [Interrupt(DeliveryMode.FIXED, stub)]
+        if reason == kvm_abi.KVM_EXIT_DEBUG and stub == NMI_STUB:
+            self._unmask_nmi()
+            self._halt()
+            return [Interrupt(DeliveryMode.NMI)]
+        sregs = self.vcpu.sregs()
+        if sregs.cr0 & CR0_PE:
             raise VmError(
                 f"proxy of APIC id {self.apic_id}: unexpected {kvm_abi.exit_name(reason)}"
                 f" at rip={rip:#x}"
             )
+        # Real mode: INIT ran, then a SIPI (or, for the BSP, the reset vector).
+        if sregs.cs.base == PROXY_AREA:
+            caught = [Interrupt(DeliveryMode.INIT)]
+        else:
+            vector = sregs.cs.selector >> 8
+            caught = [Interrupt(DeliveryMode.INIT), Interrupt(DeliveryMode.STARTUP, vector)]
+        self._enable_lapic()  # INIT reset the LAPIC: software-disabled again
         self.arm()
-        if stub == NMI_STUB:
-            return [Interrupt(DeliveryMode.NMI)]
-        return [Interrupt(DeliveryMode.FIXED, stub)]
+        return caught
 
     def close(self) -> None:
         self.vcpu.close()

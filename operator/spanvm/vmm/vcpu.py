@@ -96,6 +96,12 @@ class Vcpu:
         attr = self._tsc_attr(value)
         kvm_abi.ioctl(self.fd, kvm_abi.KVM_SET_DEVICE_ATTR, attr, "KVM_SET_DEVICE_ATTR TSC offset")
 
+    def set_msr(self, index: int, data: int) -> bool:
+        """KVM_SET_MSRS of one MSR (host-initiated: MSR filters do not apply); False if KVM
+        refused the value (for a guest WRMSR: #GP)."""
+        msrs = kvm_abi.KvmMsrs1(nmsrs=1, entry=kvm_abi.KvmMsrEntry(index=index, data=data))
+        return kvm_abi.ioctl(self.fd, kvm_abi.KVM_SET_MSRS, msrs, f"KVM_SET_MSRS {index:#x}") == 1
+
     def set_mp_state(self, state: int) -> None:
         mp = kvm_abi.KvmMpState(state)
         kvm_abi.ioctl(self.fd, kvm_abi.KVM_SET_MP_STATE, mp, "KVM_SET_MP_STATE")

@@ -6,6 +6,7 @@ KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2, KVM_IRQ_LINE, KVM_SET_USER_MEMORY_REGION,
 KVM_GET_SUPPORTED_CPUID, KVM_CAP_MAX_VCPUS, KVM_SIGNAL_MSI).
 """
 
+import ctypes
 import os
 
 from spanvm.vmm import kvm_abi
@@ -99,6 +100,22 @@ class Vm:
         kvm_abi.ioctl(
             self.fd, kvm_abi.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION"
         )
+
+    def trap_msr_writes(self, indexes: list[int]) -> None:
+        """Send the guest's WRMSR of each MSR in `indexes` to userspace (KVM_EXIT_X86_WRMSR):
+        KVM_CAP_X86_USER_SPACE_MSR with KVM_MSR_EXIT_REASON_FILTER and an MSR filter that
+        denies those writes (every other access stays in KVM). api.rst, "KVM_X86_SET_MSR_FILTER";
+        the x2APIC MSRs (0x800-0x8FF) cannot be filtered."""
+        cap = kvm_abi.KvmEnableCap(cap=kvm_abi.KVM_CAP_X86_USER_SPACE_MSR)
+        cap.args[0] = kvm_abi.KVM_MSR_EXIT_REASON_FILTER
+        kvm_abi.ioctl(self.fd, kvm_abi.KVM_ENABLE_CAP, cap, "KVM_ENABLE_CAP X86_USER_SPACE_MSR")
+        self._msr_bitmap = (ctypes.c_uint8 * 1)(0)  # one MSR per range, its bit 0: denied
+        flt = kvm_abi.KvmMsrFilter()
+        for i, index in enumerate(indexes):
+            flt.ranges[i].flags = kvm_abi.KVM_MSR_FILTER_WRITE
+            flt.ranges[i].nmsrs, flt.ranges[i].base = 1, index
+            flt.ranges[i].bitmap = ctypes.addressof(self._msr_bitmap)
+        kvm_abi.ioctl(self.fd, kvm_abi.KVM_X86_SET_MSR_FILTER, flt, "KVM_X86_SET_MSR_FILTER")
 
     def signal_msi(self, address: int, data: int) -> None:
         """KVM_SIGNAL_MSI: deliver the MSI (`address`, `data`) to the in-kernel LAPICs.

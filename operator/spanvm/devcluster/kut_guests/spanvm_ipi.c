@@ -210,6 +210,7 @@ int main(int argc, char **argv)
 	for (i = 0; i < CYCLE; i++)
 		handle_irq(PONG_BASE + i, pongs[i]);
 	sti();
+	printf("APIC mode: %s\n", is_x2apic_enabled() ? "x2APIC" : "xAPIC");
 	on_cpu_async(1, responder, NULL);
 	while (!cpu1.ready)
 		pause();
