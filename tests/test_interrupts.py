@@ -21,11 +21,15 @@ from spanvm.devcluster import kvm_unit_tests as kut
 from spanvm.fabric.launcher import launch
 from spanvm.vmm import kvm_abi
 from spanvm.vmm.interrupts import DeliveryMode, Interrupt, msi
+from spanvm.vmm.machine import _apic_mode_change_allowed
 from spanvm.vmm.memory import GuestMemory
 from spanvm.vmm.proxy import ProxyArea, ProxyVcpu
 from spanvm.vmm.vm import Vm
 
 pytestmark = pytest.mark.kvm
+XAPIC = kvm_abi.APICBASE_ENABLE
+X2APIC = kvm_abi.APICBASE_ENABLE | kvm_abi.APICBASE_X2APIC
+DISABLED = 0
 FIXED, NMI, INIT, STARTUP = (DeliveryMode.FIXED, DeliveryMode.NMI, DeliveryMode.INIT,
                              DeliveryMode.STARTUP)  # fmt: skip
 
@@ -69,6 +73,7 @@ class Catching:
 
     def _loop(self, proxy: ProxyVcpu) -> None:
         while not self.stop:
+            proxy.follow_mode()  # as Machine._proxy_loop
             if kvm_abi.libc.ioctl(proxy.fd, kvm_abi.KVM_RUN, None) < 0:
                 continue  # the kick below
             self.caught += [(proxy.apic_id, i) for i in proxy.catch() or ()]
@@ -146,6 +151,38 @@ def test_an_interrupt_to_no_apic_id_reaches_no_proxy() -> None:
         vm.signal_msi(*msi(2, Interrupt(FIXED, 0x40)))
         catching.wait_for(1)
         assert catching.caught == []
+
+
+def test_a_proxy_follows_the_guests_apic_mode() -> None:
+    """The machine moves proxies to the mode its vCPUs chose; the proxy still catches."""
+    with proxies((1,)) as (vm, catching):
+        proxy = catching.proxies[0]
+        for x2apic, vector in ((True, 0x51), (False, 0x52), (True, 0x53)):
+            proxy.want_x2apic = x2apic
+            proxy.vcpu.run.immediate_exit = 1  # as Machine._kick: its thread switches it
+            signal.pthread_kill(catching.threads[0].ident or 0, signal.SIGUSR1)
+            deadline = time.monotonic() + 5
+            while proxy.x2apic != x2apic and time.monotonic() < deadline:
+                time.sleep(0.01)
+            proxy.vcpu.run.immediate_exit = 0
+            vm.signal_msi(*msi(1, Interrupt(FIXED, vector)))
+            catching.wait_for(len(catching.caught) + 1)
+            assert (proxy.x2apic, catching.caught[-1]) == (x2apic, (1, Interrupt(FIXED, vector)))
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "allowed"),
+    [
+        (XAPIC, X2APIC, True),
+        (X2APIC, XAPIC, False),  # SDM vol. 3A §10.12.5: through disabled only
+        (X2APIC, DISABLED, True),
+        (DISABLED, X2APIC, False),
+        (DISABLED, XAPIC, True),
+        (XAPIC, DISABLED, True),
+    ],
+)
+def test_apic_mode_changes_a_guest_may_make(old: int, new: int, allowed: bool) -> None:
+    assert _apic_mode_change_allowed(0xFEE0_0000 | old, 0xFEE0_0000 | new) is allowed
 
 
 # -- whole guests across fragments ------------------------------------------------------------

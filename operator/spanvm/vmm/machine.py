@@ -90,6 +90,17 @@ class VmResult:
         return self.error is None and self.exit_code == 0
 
 
+def _apic_mode_change_allowed(old: int, new: int) -> bool:
+    """Whether a guest may move its IA32_APIC_BASE from `old` to `new` (SDM vol. 3A
+    §10.12.5, Figure 10-27): not from x2APIC straight to xAPIC, not from disabled straight
+    to x2APIC (KVM_SET_MSRS, being host-initiated, would allow both; KVM itself refuses
+    EXTD without EN)."""
+    xapic = kvm_abi.APICBASE_ENABLE
+    x2apic = kvm_abi.APICBASE_ENABLE | kvm_abi.APICBASE_X2APIC
+    was, will = old & x2apic, new & x2apic  # 0: disabled
+    return not ((was == x2apic and will == xapic) or (was == 0 and will == x2apic))
+
+
 def _noop_handler(_signum: int, _frame: FrameType | None) -> None:
     """SIGUSR1 only needs to interrupt KVM_RUN; nothing to do in Python."""
 
@@ -456,7 +467,11 @@ class Machine:
         """A local vCPU's WRMSR to IA32_APIC_BASE (the only MSR trapped): carry it out on the
         vCPU (error 1 makes KVM inject the #GP it would have), then move the proxies to the
         xAPIC/x2APIC mode it chose."""
-        done = msr.index == kvm_abi.MSR_IA32_APICBASE and vcpu.set_msr(msr.index, msr.data)
+        done = (
+            msr.index == kvm_abi.MSR_IA32_APICBASE
+            and _apic_mode_change_allowed(vcpu.sregs().apic_base, msr.data)
+            and vcpu.set_msr(msr.index, msr.data)
+        )
         msr.error = 0 if done else 1
         if done and msr.data & kvm_abi.APICBASE_ENABLE:
             x2apic = bool(msr.data & kvm_abi.APICBASE_X2APIC)
