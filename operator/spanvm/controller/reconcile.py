@@ -36,9 +36,14 @@ from spanvm.controller.fragments import (
     request_of,
 )
 from spanvm.controller.lifecycle import Action
-from spanvm.controller.printable import printable_status
 from spanvm.controller.run_strategy import BACKOFF_BASE
-from spanvm.controller.status import set_condition
+from spanvm.controller.status_write import (
+    FIELDS,
+    ConditionSpec,
+    merge_patch,
+    next_status,
+    own_status,
+)
 from spanvm.kube import JsonObject, Kube, api_error_text
 from spanvm.rfc3339 import parse_time
 from spanvm.scheduler.placement import ClusterIndex, Unschedulable
@@ -353,26 +358,19 @@ class Reconciler:
         self,
         vm: JsonObject,
         changes: JsonObject,
-        conditions: Sequence[lifecycle.ConditionSpec] = (),
+        conditions: Sequence[ConditionSpec] = (),
     ) -> None:
-        """Merge-patch status (only if something changes), with observedGeneration."""
-        status: JsonObject = vm.get("status") or {}
-        generation = int(vm["metadata"].get("generation") or 0)
-        now = datetime.now(UTC)
-        conds = list(status.get("conditions") or [])
-        for type_, ok, reason, message in conditions:
-            conds = set_condition(conds, type_, ok, reason, message, generation, now)
-        patch = {**changes, "observedGeneration": generation}
-        if conditions:
-            patch["conditions"] = conds
-        merged = {k: v for k, v in {**status, **patch}.items() if v is not None}
-        patch["printableStatus"] = printable_status(vm, merged)
-        if all(status.get(k) == v for k, v in patch.items()):
+        """Write status as `status_write.next_status` builds it from the API model: a merge
+        patch of what changed, nothing if nothing does."""
+        status = vm.get("status") or {}
+        new = next_status(vm, changes, conditions, datetime.now(UTC)).to_api()
+        patch = merge_patch(own_status(vm), new)
+        if not patch:
             return
         meta = vm["metadata"]
         written = await self._call(
             self.kube.patch_vm_status, meta["namespace"], meta["name"], patch
         )
-        vm["status"] = {**status, **{k: v for k, v in patch.items() if v is not None}}
+        vm["status"] = {**{k: v for k, v in status.items() if k not in FIELDS}, **new}
         if written is not None:
             self.cache.vms.assume(written)
