@@ -109,7 +109,7 @@ def fragment_labels(vm: JsonObject, index: int, node: str) -> dict[str, str]:
 def fragment_body(
     vm: JsonObject, spec: SpanningVMSpec, placed: list[FragmentSummary], index: int
 ) -> JsonObject:
-    """The VMFragment for entry `index` of the recorded placement (peers come later)."""
+    """The VMFragment for entry `index` of the recorded placement, without peers."""
     entry = placed[index]
     fabric = spec.fabric or FabricSpec()
     homes = plan_homes(
@@ -145,6 +145,19 @@ def fragment_body(
         },
         "spec": frag_spec.to_api(),
     }
+
+
+def fragment_bodies(
+    vm: JsonObject, spec: SpanningVMSpec, placed: list[FragmentSummary], have: dict[int, JsonObject]
+) -> dict[int, JsonObject]:
+    """The VMFragments of the recorded placement missing from `have` (by index), each with
+    its peer list as it stands (every fragment's node and home ranges, the endpoints reported
+    so far): a fragment is not written a second time just to learn its peers."""
+    bodies = {i: fragment_body(vm, spec, placed, i) for i in range(len(placed)) if i not in have}
+    peers = peers_of(placed, {**have, **bodies})
+    for body in bodies.values():
+        body["spec"]["peers"] = peers
+    return bodies
 
 
 def peers_of(placed: list[FragmentSummary], fragments: dict[int, JsonObject]) -> list[JsonObject]:

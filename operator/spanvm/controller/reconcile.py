@@ -31,7 +31,7 @@ from spanvm.controller.cluster_view import (
 )
 from spanvm.controller.fragments import (
     fabric_secret,
-    fragment_body,
+    fragment_bodies,
     recorded_placement,
     request_of,
 )
@@ -301,10 +301,7 @@ class Reconciler:
         await self._call(self.kube.create_secret, ns, fabric_secret(vm))
         taken: list[JsonObject] = []
         made = False
-        for index in range(len(placed)):
-            if index in fragments:
-                continue
-            body = fragment_body(vm, spec, placed, index)
+        for index, body in fragment_bodies(vm, spec, placed, fragments).items():
             created = await self._call(self.kube.create_fragment, ns, body)
             if created is None:  # ours would be in `fragments` unless the cache lags
                 other = await self._call(self.kube.get_fragment, ns, placed[index].name)
