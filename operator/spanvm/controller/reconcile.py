@@ -32,6 +32,7 @@ from spanvm.controller.cluster_view import (
 from spanvm.controller.fragments import (
     fabric_secret,
     fragment_bodies,
+    hold_back_peers,
     recorded_placement,
     request_of,
 )
@@ -301,7 +302,9 @@ class Reconciler:
         await self._call(self.kube.create_secret, ns, fabric_secret(vm))
         taken: list[JsonObject] = []
         made = False
+        exist = set(fragments)
         for index, body in fragment_bodies(vm, spec, placed, fragments).items():
+            hold_back_peers(body, exist, len(placed))
             created = await self._call(self.kube.create_fragment, ns, body)
             if created is None:  # ours would be in `fragments` unless the cache lags
                 other = await self._call(self.kube.get_fragment, ns, placed[index].name)
@@ -309,9 +312,11 @@ class Reconciler:
                     taken.append(other["metadata"])
                 elif other is not None:
                     self.cache.fragments.assume(other)
+                    exist.add(index)
                     made = True
                 continue
             self.cache.fragments.assume(created)
+            exist.add(index)
             made = True
             metrics.FRAGMENTS_CREATED.inc()
             self._creates += 1
