@@ -5,12 +5,19 @@ own status writes."""
 import copy
 from typing import Any
 
-from spanvm.controller.handlers import NoDiffBase, Triggers
+from spanvm.api.constants import FINALIZER
+from spanvm.controller.handlers import NoDiffBase, Triggers, guarded
 
 
 def vm(**status: Any) -> dict[str, Any]:
     return {
-        "metadata": {"name": "vm", "namespace": "ns", "uid": "u1", "generation": 1},
+        "metadata": {
+            "name": "vm",
+            "namespace": "ns",
+            "uid": "u1",
+            "generation": 1,
+            "finalizers": [FINALIZER],
+        },
         "spec": {"runStrategy": "Once"},
         "status": status,
     }
@@ -47,3 +54,10 @@ def test_kopf_keeps_no_diff_base_so_writes_none() -> None:
     patch: dict[str, Any] = {}
     storage.store(body=vm(), patch=patch, essence={"spec": {}})  # type: ignore[arg-type]
     assert patch == {} and storage.fetch(body=vm()) is None  # type: ignore[arg-type]
+
+
+def test_nothing_is_written_before_kopf_has_its_finalizer() -> None:
+    fresh = vm()
+    del fresh["metadata"]["finalizers"]
+    assert not guarded(fresh)
+    assert guarded(vm())

@@ -75,6 +75,13 @@ class Triggers:
         self._handled.pop(obj["metadata"]["uid"], None)
 
 
+def guarded(obj: JsonObject) -> bool:
+    """Whether Kopf has put its finalizer on the VM: no pass writes before. Kopf adds it with
+    a JSON patch conditional on the resourceVersion, which a status write in between makes
+    fail (and retry, a write each time); the finalizer's own event starts the first pass."""
+    return FINALIZER in (obj["metadata"].get("finalizers") or [])
+
+
 def post_event(obj: JsonObject, type_: str, reason: str, message: str) -> None:
     """A Kubernetes Event on obj, through Kopf's poster (batched, never blocks a handler)."""
     kopf.event(cast(kopf.Body, obj), type=type_, reason=reason, message=message[:1000])
@@ -121,7 +128,7 @@ def build_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Opera
             return
         reconciler.seen(vm)
         namespace, name = body.metadata.namespace, body.metadata.name
-        if namespace is None or name is None or not triggers.wants_pass(vm):
+        if namespace is None or name is None or not guarded(vm) or not triggers.wants_pass(vm):
             return
         try:
             await reconciler.reconcile(namespace, name)
@@ -130,10 +137,11 @@ def build_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Opera
             raise
 
     @kopf.timer(*vms, registry=registry, interval=config.timer_interval, sharp=False)
-    async def recheck(namespace: str | None, name: str, **kwargs: Any) -> None:
+    async def recheck(namespace: str | None, name: str, body: kopf.Body, **kwargs: Any) -> None:
         """Pending VMs get placed when capacity appears; lost nodes are noticed."""
         assert namespace is not None
-        if not kwargs.get("stopped"):  # stopped: being deleted, the delete handler owns it
+        # stopped: being deleted, the delete handler owns it
+        if not kwargs.get("stopped") and guarded(cast(JsonObject, body)):
             await reconciler.reconcile(namespace, name)
 
     @kopf.on.event(GROUP, VERSION, VMFRAGMENT_PLURAL, registry=registry)
