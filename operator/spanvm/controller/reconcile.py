@@ -27,7 +27,6 @@ from spanvm.controller.cluster_view import (
     node_health,
     node_infos,
     owned_by,
-    usage_by_node,
 )
 from spanvm.controller.fragments import (
     fabric_secret,
@@ -45,6 +44,7 @@ from spanvm.controller.status_write import (
     next_status,
     own_status,
 )
+from spanvm.controller.usage import UsageMemo
 from spanvm.kube import JsonObject, Kube, api_error_text
 from spanvm.rfc3339 import parse_time
 from spanvm.scheduler.placement import ClusterIndex, Unschedulable
@@ -114,6 +114,7 @@ class Reconciler:
         self._nodes_memo = None
         self._owners: tuple[int, dict[str, dict[int, JsonObject]]] = (-1, {})
         self._assumed: dict[tuple[str, str], JsonObject] = {}  # placements being written
+        self._usage = UsageMemo()
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
@@ -272,7 +273,7 @@ class Reconciler:
         spec = SpanningVMSpec.model_validate(vm["spec"])
         async with self.schedule_lock:
             vms = [self._assumed.get(_key(v), v) for v in self.cache.vms.items()]
-            usage = usage_by_node(self.cache.fragments.items(), vms, key)
+            usage = self._usage.usage(self.cache.fragments.items(), vms, key)
             decision = index.schedule(usage, request_of(spec))
             if not isinstance(decision, Unschedulable):
                 placed = recorded_placement(meta["name"], decision)
