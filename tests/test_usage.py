@@ -82,3 +82,14 @@ def test_the_memo_answers_as_the_rule_whatever_changes_between_decisions() -> No
             vms[i] = copy.deepcopy(vms[i])
         exclude = rnd.choice([None, ("ns", f"vm{rnd.randrange(12)}")])
         assert memo.usage(frags, vms, exclude) == usage_by_node(frags, vms, exclude)
+
+
+def test_a_fragment_that_changed_while_its_vm_was_left_out_is_seen() -> None:
+    vm1, vm2 = vm(1), vm(2, nodes=("c",))
+    frags = [fragment(vm1, 0, "Running"), fragment(vm1, 1, "Running"), fragment(vm2, 0)]
+    memo = UsageMemo()
+    memo.usage(frags, [vm1, vm2])
+    frags[0] = {**frags[0], "status": {"phase": "Succeeded"}}  # a new object in the cache
+    memo.usage(frags, [vm1, vm2], ("ns", "vm1"))  # placing vm1 again: it is left out
+    assert memo.usage(frags, [vm1, vm2]) == usage_by_node(frags, [vm1, vm2])
+    assert "a" not in memo.usage(frags, [vm1, vm2])
