@@ -90,34 +90,52 @@ def _int_annotation(annotations: dict[str, str], key: str) -> int:
         return 0
 
 
-def node_infos(nodes: list[JsonObject], fresh: dict[str, bool]) -> list[NodeInfo]:
-    """Scheduler NodeInfo for every Node object."""
-    out = []
-    for node in nodes:
-        meta = node["metadata"]
-        labels = meta.get("labels") or {}
-        annotations = meta.get("annotations") or {}
-        try:
-            memory = parse_quantity_bytes(annotations.get(ALLOCATABLE_MEMORY_ANNOTATION, "0"))
-        except ValueError:
-            memory = 0
-        taints = tuple(
-            Taint(t["key"], t.get("value") or "", t.get("effect") or "NoSchedule")
-            for t in (node.get("spec") or {}).get("taints") or []
-        )
-        out.append(
-            NodeInfo(
-                name=meta["name"],
-                kvm=labels.get(KVM_LABEL) == "true",
-                ready=_ready(node),
-                heartbeat_fresh=fresh.get(meta["name"], False),
-                vcpus=_int_annotation(annotations, ALLOCATABLE_VCPUS_ANNOTATION),
-                memory=memory,
-                labels=labels,
-                taints=taints,
-            )
-        )
-    return sorted(out, key=lambda n: n.name)
+def node_info(node: JsonObject, fresh: bool) -> NodeInfo:
+    """Scheduler NodeInfo for a Node object (`fresh`: its agent's heartbeat is)."""
+    meta = node["metadata"]
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    try:
+        memory = parse_quantity_bytes(annotations.get(ALLOCATABLE_MEMORY_ANNOTATION, "0"))
+    except ValueError:
+        memory = 0
+    taints = tuple(
+        Taint(t["key"], t.get("value") or "", t.get("effect") or "NoSchedule")
+        for t in (node.get("spec") or {}).get("taints") or []
+    )
+    return NodeInfo(
+        name=meta["name"],
+        kvm=labels.get(KVM_LABEL) == "true",
+        ready=_ready(node),
+        heartbeat_fresh=fresh,
+        vcpus=_int_annotation(annotations, ALLOCATABLE_VCPUS_ANNOTATION),
+        memory=memory,
+        labels=labels,
+        taints=taints,
+    )
+
+
+class NodeInfoMemo:
+    """Scheduler NodeInfo for every Node object, by name. Each node's NodeInfo is kept (the
+    same object) while its Node object and its heartbeat's freshness stay the same: a
+    thousand agents renew their Leases all the time, their Nodes rarely change, and a
+    scheduler index of the same NodeInfos can be kept (24 ms to rebuild at 1,000 nodes)."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[JsonObject, bool, NodeInfo]] = {}
+
+    def infos(self, nodes: list[JsonObject], fresh: dict[str, bool]) -> list[NodeInfo]:
+        """The nodes' NodeInfos sorted by name (`fresh`: node -> its heartbeat is fresh)."""
+        held: dict[str, tuple[JsonObject, bool, NodeInfo]] = {}
+        for node in nodes:
+            name = node["metadata"]["name"]
+            alive = fresh.get(name, False)
+            known = self._held.get(name)
+            if known is None or known[0] is not node or known[1] != alive:
+                known = (node, alive, node_info(node, alive))
+            held[name] = known
+        self._held = held
+        return [held[name][2] for name in sorted(held)]
 
 
 def node_health(nodes: list[NodeInfo]) -> dict[str, NodeHealth]:

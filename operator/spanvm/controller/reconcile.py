@@ -24,8 +24,8 @@ from spanvm.controller.cache import ClusterCache
 from spanvm.controller.cluster_view import (
     HeartbeatObserver,
     NodeHealth,
+    NodeInfoMemo,
     node_health,
-    node_infos,
     owned_by,
 )
 from spanvm.controller.fragments import (
@@ -88,6 +88,11 @@ def _key(obj: JsonObject) -> tuple[str, str]:
     return (obj["metadata"]["namespace"], obj["metadata"]["name"])
 
 
+def _same(a: Sequence[object], b: Sequence[object]) -> bool:
+    """The same objects, in the same order."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
 def _vm_ref(vm: JsonObject) -> str:
     return f"{vm['metadata']['namespace']}/{vm['metadata']['name']}"
 
@@ -115,6 +120,7 @@ class Reconciler:
         self._owners: tuple[int, dict[str, dict[int, JsonObject]]] = (-1, {})
         self._assumed: dict[tuple[str, str], JsonObject] = {}  # placements being written
         self._usage = UsageMemo()
+        self._node_infos = NodeInfoMemo()
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
@@ -151,14 +157,17 @@ class Reconciler:
         memo = self._nodes_memo
         if memo is None or (memo[0] != version and now - memo[1] >= NODES_REFRESH):
             fresh = self.heartbeats.observe(self.cache.leases.items())
-            infos = node_infos(self.cache.nodes.items(), fresh)
-            health = node_health(infos)
-            for name, node in health.items():
-                if node.healthy:
-                    self._lost_since.pop(name, None)
-                else:
-                    self._lost_since.setdefault(name, now)
-            memo = self._nodes_memo = (version, now, health, ClusterIndex(infos))
+            infos = self._node_infos.infos(self.cache.nodes.items(), fresh)
+            if memo is not None and _same(infos, memo[3].nodes):
+                memo = self._nodes_memo = (version, now, memo[2], memo[3])  # Leases renewed
+            else:
+                health = node_health(infos)
+                for name, node in health.items():
+                    if node.healthy:
+                        self._lost_since.pop(name, None)
+                    else:
+                        self._lost_since.setdefault(name, now)
+                memo = self._nodes_memo = (version, now, health, ClusterIndex(infos))
         nodes = lifecycle.Nodes(
             health=memo[2],
             lost_for={n: now - t for n, t in self._lost_since.items()},
