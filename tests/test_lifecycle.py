@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from spanvm.api.phases import FINISHED_VM_PHASES, STARTED_VM_PHASES, VMPhase
-from spanvm.api.spanningvm import FragmentSummary
+from spanvm.api.spanningvm import FragmentSummary, SpanningVMSpec
 from spanvm.controller import lifecycle as lc
 from spanvm.controller.cluster_view import NodeHealth
-from spanvm.controller.fragments import peers_of
+from spanvm.controller.fragments import fragment_bodies, hold_back_peers, peers_of
 from spanvm.kube import JsonObject
 from spanvm.rfc3339 import format_time
 
@@ -319,6 +319,44 @@ def test_peers_are_filled_once_every_fragment_exists() -> None:
     assert [p.name for p in patches] == ["vm-0", "vm-1"]
     peers = patches[0].patch["spec"]["peers"]
     assert [p["endpoint"] for p in peers] == ["10.0.0.0:7000", "10.0.0.1:7000"]
+
+
+def test_fragments_are_created_with_the_peers_known_so_none_is_patched_for_its_peers() -> None:
+    vm_obj = vm("Scheduling", "Once")
+    placed = [FragmentSummary.model_validate(e) for e in vm_obj["status"]["fragments"]]
+    spec = SpanningVMSpec.model_validate(vm_obj["spec"])
+
+    def created(bodies: dict[int, JsonObject]) -> dict[int, JsonObject]:
+        return {i: {**b, "status": {"phase": "Pending"}} for i, b in bodies.items()}
+
+    def patched(frags: dict[int, JsonObject]) -> list[str]:
+        actions = lc.decide(vm_obj, frags, nodes("healthy"))
+        return [a.name for a in actions if isinstance(a, lc.PatchFragment)]
+
+    assert patched(created(fragment_bodies(vm_obj, spec, placed, {}))) == []
+    # fragment 0 exists and reported its endpoint: fragment 1 is created knowing it; only
+    # fragment 0 (created before 1 existed) still needs its peers
+    first = created(fragment_bodies(vm_obj, spec, placed, {}))[0]
+    first["status"]["endpoint"] = "10.0.0.0:7000"
+    second = created(fragment_bodies(vm_obj, spec, placed, {0: first}))
+    assert second[1]["spec"]["peers"][0]["endpoint"] == "10.0.0.0:7000"
+    assert patched({0: first, **second}) == ["vm-0"]
+
+
+def test_fragment_0_comes_last_and_knows_its_peers_only_once_every_other_exists() -> None:
+    vm_obj = vm("Scheduling", "Once")
+    placed = [FragmentSummary.model_validate(e) for e in vm_obj["status"]["fragments"]]
+    spec = SpanningVMSpec.model_validate(vm_obj["spec"])
+    bodies = fragment_bodies(vm_obj, spec, placed, {})
+    assert list(bodies) == [1, 0]
+    hold_back_peers(bodies[0], set(), len(placed))  # fragment 1 could not be created
+    assert "peers" not in bodies[0]["spec"]
+    again = fragment_bodies(vm_obj, spec, placed, {})[0]
+    hold_back_peers(again, {1}, len(placed))
+    assert again["spec"]["peers"]
+    # fragments other than 0 keep theirs: they wait for fragment 0's endpoint anyway
+    hold_back_peers(bodies[1], set(), len(placed))
+    assert bodies[1]["spec"]["peers"]
 
 
 def test_an_invalid_spec_fails_the_vm() -> None:

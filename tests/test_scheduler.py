@@ -5,7 +5,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spanvm.scheduler.placement import Placement, Unschedulable, schedule
+from spanvm.scheduler.placement import Placement, Unschedulable, _split_vcpus, schedule
 from spanvm.scheduler.snapshot import ZONE_LABEL, NodeInfo, Request, Taint, Toleration, Usage
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -144,3 +144,42 @@ def test_usage_from_placed_fragments_counts() -> None:
         schedule(nodes, {"a": Usage(8, 0), "b": Usage(1, 0)}, Request(8, 1 * GiB, max_fragments=1)),
         Unschedulable,
     )
+
+
+def _split_one_at_a_time(capacities: list[int], total: int, minimum: int) -> list[int] | None:
+    """The split by its definition: everyone starts at the minimum, then the vCPUs left are
+    handed out one at a time to the node with the smallest share that has room (lowest
+    index first)."""
+    if len(capacities) * minimum > total or sum(capacities) < total:
+        return None
+    if min(capacities) < minimum:
+        return None
+    shares = [minimum] * len(capacities)
+    for _ in range(total - sum(shares)):
+        room = [i for i, c in enumerate(capacities) if shares[i] < c]
+        shares[min(room, key=lambda i: (shares[i], i))] += 1
+    return shares
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.integers(0, 24), min_size=1, max_size=8),
+    st.integers(1, 100),
+    st.integers(1, 4),
+)
+def test_vcpu_split_is_the_one_at_a_time_water_filling(
+    capacities: list[int], total: int, minimum: int
+) -> None:
+    assert _split_vcpus(capacities, total, minimum) == _split_one_at_a_time(
+        capacities, total, minimum
+    )
+
+
+def test_groups_keep_to_a_zone_among_many_equal_nodes() -> None:
+    # 30 equal nodes over 3 zones, the first two zones mostly full: the two fragments
+    # must come from one zone (the third), not from the first nodes by name.
+    nodes = [_node(f"n{i:02d}", 8, 32 * GiB, "abc"[i // 10]) for i in range(30)]
+    usage = {f"n{i:02d}": Usage(6, 0) for i in range(19)}
+    result = schedule(nodes, usage, Request(16, 8 * GiB, max_fragments=2))
+    assert isinstance(result, Placement)
+    assert [f.node for f in result.fragments] == ["n20", "n21"]

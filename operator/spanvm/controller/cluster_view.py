@@ -1,16 +1,13 @@
 """The scheduler's view of the cluster, built from API objects only.
 
 Nodes (the agent's `spanvm.io/kvm` label and allocatable annotations, the Ready condition,
-taints), the agents' heartbeat Leases, and what placed fragments use, counted from VMFragment
-objects and from placements already recorded in SpanningVM status (so a placement written
-just before an operator restart still holds its capacity). Pure functions of those objects.
+taints) and the agents' heartbeat Leases; what placed fragments use is `usage.py`. Pure
+functions of those objects.
 """
 
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any
 
 from spanvm.api.constants import (
     AGENT_LEASE_PREFIX,
@@ -19,10 +16,9 @@ from spanvm.api.constants import (
     KVM_LABEL,
     agent_lease_name,
 )
-from spanvm.api.phases import FINISHED_VM_PHASES, TERMINAL_FRAGMENT_PHASES
 from spanvm.api.quantity import parse_quantity_bytes
 from spanvm.kube import JsonObject
-from spanvm.scheduler.snapshot import NodeInfo, Taint, Usage
+from spanvm.scheduler.snapshot import NodeInfo, Taint
 
 
 @dataclass(frozen=True)
@@ -94,34 +90,52 @@ def _int_annotation(annotations: dict[str, str], key: str) -> int:
         return 0
 
 
-def node_infos(nodes: list[JsonObject], fresh: dict[str, bool]) -> list[NodeInfo]:
-    """Scheduler NodeInfo for every Node object."""
-    out = []
-    for node in nodes:
-        meta = node["metadata"]
-        labels = meta.get("labels") or {}
-        annotations = meta.get("annotations") or {}
-        try:
-            memory = parse_quantity_bytes(annotations.get(ALLOCATABLE_MEMORY_ANNOTATION, "0"))
-        except ValueError:
-            memory = 0
-        taints = tuple(
-            Taint(t["key"], t.get("value") or "", t.get("effect") or "NoSchedule")
-            for t in (node.get("spec") or {}).get("taints") or []
-        )
-        out.append(
-            NodeInfo(
-                name=meta["name"],
-                kvm=labels.get(KVM_LABEL) == "true",
-                ready=_ready(node),
-                heartbeat_fresh=fresh.get(meta["name"], False),
-                vcpus=_int_annotation(annotations, ALLOCATABLE_VCPUS_ANNOTATION),
-                memory=memory,
-                labels=labels,
-                taints=taints,
-            )
-        )
-    return sorted(out, key=lambda n: n.name)
+def node_info(node: JsonObject, fresh: bool) -> NodeInfo:
+    """Scheduler NodeInfo for a Node object (`fresh`: its agent's heartbeat is)."""
+    meta = node["metadata"]
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    try:
+        memory = parse_quantity_bytes(annotations.get(ALLOCATABLE_MEMORY_ANNOTATION, "0"))
+    except ValueError:
+        memory = 0
+    taints = tuple(
+        Taint(t["key"], t.get("value") or "", t.get("effect") or "NoSchedule")
+        for t in (node.get("spec") or {}).get("taints") or []
+    )
+    return NodeInfo(
+        name=meta["name"],
+        kvm=labels.get(KVM_LABEL) == "true",
+        ready=_ready(node),
+        heartbeat_fresh=fresh,
+        vcpus=_int_annotation(annotations, ALLOCATABLE_VCPUS_ANNOTATION),
+        memory=memory,
+        labels=labels,
+        taints=taints,
+    )
+
+
+class NodeInfoMemo:
+    """Scheduler NodeInfo for every Node object, by name. Each node's NodeInfo is kept (the
+    same object) while its Node object and its heartbeat's freshness stay the same: a
+    thousand agents renew their Leases all the time, their Nodes rarely change, and a
+    scheduler index of the same NodeInfos can be kept (24 ms to rebuild at 1,000 nodes)."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[JsonObject, bool, NodeInfo]] = {}
+
+    def infos(self, nodes: list[JsonObject], fresh: dict[str, bool]) -> list[NodeInfo]:
+        """The nodes' NodeInfos sorted by name (`fresh`: node -> its heartbeat is fresh)."""
+        held: dict[str, tuple[JsonObject, bool, NodeInfo]] = {}
+        for node in nodes:
+            name = node["metadata"]["name"]
+            alive = fresh.get(name, False)
+            known = self._held.get(name)
+            if known is None or known[0] is not node or known[1] != alive:
+                known = (node, alive, node_info(node, alive))
+            held[name] = known
+        self._held = held
+        return [held[name][2] for name in sorted(held)]
 
 
 def node_health(nodes: list[NodeInfo]) -> dict[str, NodeHealth]:
@@ -141,66 +155,6 @@ def node_health(nodes: list[NodeInfo]) -> dict[str, NodeHealth]:
 
 def health_of(health: dict[str, NodeHealth], node: str) -> NodeHealth:
     return health.get(node) or NodeHealth(node, False, f"node {node} no longer exists")
-
-
-@lru_cache(maxsize=4096)
-def _bytes(quantity: str) -> int:
-    """parse_quantity_bytes, remembered: a placement reads every recorded share."""
-    return parse_quantity_bytes(quantity)
-
-
-def _fragment_usage(spec: dict[str, Any]) -> Usage:
-    """What a fragment whose VM records no placement holds: its vCPUs and home memory."""
-    memory = sum(int(r.get("size", 0)) for r in spec.get("homeMemory") or [])
-    return Usage(len(spec.get("vcpuIds") or []), memory)
-
-
-def usage_by_node(
-    fragments: list[JsonObject], vms: list[JsonObject], exclude_vm: tuple[str, str] | None = None
-) -> dict[str, Usage]:
-    """vCPUs and memory taken on each node. A VM's recorded placement counts each of its
-    fragments at the share the scheduler reserved (`spanvm.shares`), whether the fragment
-    exists yet or not, until that fragment is done (its own phase, else the recorded one);
-    a live fragment no placement accounts for (its VM restarting, or gone) counts itself.
-    `exclude_vm` (namespace, name) leaves one VM out. A finished VM (Succeeded or Failed)
-    holds nothing: its fragments are being stopped and never run again."""
-    finished = {
-        vm["metadata"]["uid"]
-        for vm in vms
-        if (vm.get("status") or {}).get("phase") in FINISHED_VM_PHASES
-    }
-    by_name = {(f["metadata"]["namespace"], f["metadata"]["name"]): f for f in fragments}
-    accounted: set[tuple[str, str]] = set()
-    taken: list[tuple[str, Usage]] = []
-    for vm in vms:
-        meta = vm["metadata"]
-        if (meta["namespace"], meta["name"]) == exclude_vm or meta["uid"] in finished:
-            continue
-        for entry in (vm.get("status") or {}).get("fragments") or []:
-            key = (meta["namespace"], entry["name"])
-            frag = by_name.get(key)
-            phase = entry.get("phase")
-            if frag is not None and owned_by(frag, meta["uid"]):
-                accounted.add(key)
-                phase = (frag.get("status") or {}).get("phase")
-            if phase in TERMINAL_FRAGMENT_PHASES:
-                continue
-            usage = Usage(len(entry.get("vcpuIds") or []), _bytes(entry["memory"]))
-            taken.append((entry["nodeName"], usage))
-    for key, frag in by_name.items():
-        meta, spec = frag["metadata"], frag.get("spec") or {}
-        if key in accounted or (meta["namespace"], spec.get("vmName")) == exclude_vm:
-            continue
-        if (frag.get("status") or {}).get("phase") in TERMINAL_FRAGMENT_PHASES:
-            continue
-        if any(o.get("uid") in finished for o in meta.get("ownerReferences") or []):
-            continue
-        taken.append((spec["nodeName"], _fragment_usage(spec)))
-    out: dict[str, Usage] = {}
-    for node, use in taken:
-        prev = out.get(node, Usage())
-        out[node] = Usage(prev.vcpus + use.vcpus, prev.memory + use.memory)
-    return out
 
 
 def owned_by(obj: JsonObject, uid: str) -> bool:

@@ -109,7 +109,7 @@ def fragment_labels(vm: JsonObject, index: int, node: str) -> dict[str, str]:
 def fragment_body(
     vm: JsonObject, spec: SpanningVMSpec, placed: list[FragmentSummary], index: int
 ) -> JsonObject:
-    """The VMFragment for entry `index` of the recorded placement (peers come later)."""
+    """The VMFragment for entry `index` of the recorded placement, without peers."""
     entry = placed[index]
     fabric = spec.fabric or FabricSpec()
     homes = plan_homes(
@@ -145,6 +145,34 @@ def fragment_body(
         },
         "spec": frag_spec.to_api(),
     }
+
+
+def fragment_bodies(
+    vm: JsonObject, spec: SpanningVMSpec, placed: list[FragmentSummary], have: dict[int, JsonObject]
+) -> dict[int, JsonObject]:
+    """The VMFragments of the recorded placement missing from `have` (by index), in the
+    order to create them, each with its peer list as it stands (every fragment's node and
+    home ranges, the endpoints reported so far): a fragment is not written a second time
+    just to learn its peers.
+
+    Fragment 0 comes last and its peers tell its agent that every fragment exists (the
+    others cannot start before fragment 0 reports an endpoint): the executor creates it
+    without them (`hold_back_peers`) when another one could not be created."""
+    missing = [i for i in range(1, len(placed)) if i not in have]
+    if 0 not in have:
+        missing.append(0)
+    bodies = {i: fragment_body(vm, spec, placed, i) for i in missing}
+    peers = peers_of(placed, {**have, **bodies})
+    for body in bodies.values():
+        body["spec"]["peers"] = peers
+    return bodies
+
+
+def hold_back_peers(body: JsonObject, exist: set[int], count: int) -> None:
+    """Fragment 0 is created without peers unless every other fragment exists (indexes in
+    `exist`): its agent would start the guest with part of it missing."""
+    if body["spec"]["index"] == 0 and not exist.issuperset(range(1, count)):
+        del body["spec"]["peers"]
 
 
 def peers_of(placed: list[FragmentSummary], fragments: dict[int, JsonObject]) -> list[JsonObject]:

@@ -1,5 +1,11 @@
-"""Kopf handlers: every trigger (create, resume, update, a timer, a fragment's change) runs
-the same idempotent reconciliation; deletion waits for fragments behind a finalizer."""
+"""Kopf handlers: every trigger (a VM first seen or changed, a timer, a fragment's change)
+runs the same idempotent reconciliation; deletion waits for fragments behind a finalizer.
+
+A SpanningVM's changes come through a watch-event handler rather than Kopf's create, resume
+and update handlers: those keep the last handled spec in an annotation, one more write per
+VM and per change, to tell an update from a creation, a distinction the reconciliation does
+not need. `Triggers` tells which events ask for a pass; Kopf keeps no diff-base at all.
+"""
 
 import logging
 import os
@@ -31,6 +37,51 @@ def reporting_instance() -> str:
     return os.environ.get("POD_NAME") or socket.gethostname()
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """Kopf remembers no last-handled state: no SpanningVM handler asks for a diff (only the
+    deletion handler is Kopf's to track, and deletion is told by deletionTimestamp)."""
+
+    def fetch(self, *, body: kopf.Body) -> None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        pass
+
+
+class Triggers:
+    """Which SpanningVM watch events ask for a pass: the first one of a VM in this process
+    (created, or there when the operator starts) and any change of its spec (generation),
+    labels or annotations (verbs, pause). A change of status alone is the echo of the
+    operator's own write and asks for nothing; the timer looks again every few seconds."""
+
+    def __init__(self) -> None:
+        self._handled: dict[str, tuple[Any, ...]] = {}  # VM uid -> essence last handled
+
+    @staticmethod
+    def _essence(obj: JsonObject) -> tuple[Any, ...]:
+        meta = obj["metadata"]
+        return (meta.get("generation"), meta.get("labels"), meta.get("annotations"))
+
+    def wants_pass(self, obj: JsonObject) -> bool:
+        """Whether this event asks for a pass (then it is taken as handled)."""
+        uid, essence = obj["metadata"]["uid"], self._essence(obj)
+        if self._handled.get(uid) == essence:
+            return False
+        self._handled[uid] = essence
+        return True
+
+    def forget(self, obj: JsonObject) -> None:
+        """The VM is gone, or its pass failed (the next event of it asks for one again)."""
+        self._handled.pop(obj["metadata"]["uid"], None)
+
+
+def guarded(obj: JsonObject) -> bool:
+    """Whether Kopf has put its finalizer on the VM: no pass writes before. Kopf adds it with
+    a JSON patch conditional on the resourceVersion, which a status write in between makes
+    fail (and retry, a write each time); the finalizer's own event starts the first pass."""
+    return FINALIZER in (obj["metadata"].get("finalizers") or [])
+
+
 def post_event(obj: JsonObject, type_: str, reason: str, message: str) -> None:
     """A Kubernetes Event on obj, through Kopf's poster (batched, never blocks a handler)."""
     kopf.event(cast(kopf.Body, obj), type=type_, reason=reason, message=message[:1000])
@@ -45,9 +96,7 @@ def build_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Opera
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.finalizer = FINALIZER
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=KOPF_PREFIX, key="last-handled-configuration"
-        )
+        settings.persistence.diffbase_storage = NoDiffBase()
         settings.posting.level = logging.WARNING  # our own events say what happened
         # Events say who posted them (`kubectl get events` SOURCE, `describe` From): this
         # operator and its pod, not Kopf's defaults `kopf` and `dev`.
@@ -69,19 +118,30 @@ def build_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Opera
         ) or kopf.login_with_kubeconfig(**kwargs)
         return info
 
-    @kopf.on.resume(*vms, registry=registry)
-    @kopf.on.create(*vms, registry=registry)
-    @kopf.on.update(*vms, registry=registry)
-    async def changed(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
-        assert namespace is not None  # SpanningVM is namespaced
-        reconciler.seen(cast(JsonObject, dict(body)))
-        await reconciler.reconcile(namespace, name)
+    triggers = Triggers()
+
+    @kopf.on.event(*vms, registry=registry)
+    async def changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+        vm = cast(JsonObject, dict(body))
+        if type == "DELETED":
+            triggers.forget(vm)
+            return
+        reconciler.seen(vm)
+        namespace, name = body.metadata.namespace, body.metadata.name
+        if namespace is None or name is None or not guarded(vm) or not triggers.wants_pass(vm):
+            return
+        try:
+            await reconciler.reconcile(namespace, name)
+        except Exception:
+            triggers.forget(vm)
+            raise
 
     @kopf.timer(*vms, registry=registry, interval=config.timer_interval, sharp=False)
-    async def recheck(namespace: str | None, name: str, **kwargs: Any) -> None:
+    async def recheck(namespace: str | None, name: str, body: kopf.Body, **kwargs: Any) -> None:
         """Pending VMs get placed when capacity appears; lost nodes are noticed."""
         assert namespace is not None
-        if not kwargs.get("stopped"):  # stopped: being deleted, the delete handler owns it
+        # stopped: being deleted, the delete handler owns it
+        if not kwargs.get("stopped") and guarded(cast(JsonObject, body)):
             await reconciler.reconcile(namespace, name)
 
     @kopf.on.event(GROUP, VERSION, VMFRAGMENT_PLURAL, registry=registry)

@@ -52,10 +52,9 @@ from spanvm.controller.run_strategy import (
     wants_running,
 )
 from spanvm.controller.status import aggregate
+from spanvm.controller.status_write import ConditionSpec
 from spanvm.kube import JsonObject
 from spanvm.rfc3339 import format_time, parse_time
-
-ConditionSpec = tuple[ConditionType, bool, str, str]  # type, status, reason, message
 
 
 # -- actions ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ endpoint once this replica leads.
 """
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -31,6 +32,18 @@ from spanvm.observability import exposition
 log = logging.getLogger("spanvm.operator")
 EXIT_LOST_LEADERSHIP = 4
 API_THREADS = 32
+GC_THRESHOLD = 20_000  # allocations between young-generation passes (Python's default: 700)
+
+
+def settle_heap() -> None:
+    """Keep the garbage collector off what the caches hold. The operator holds every Node,
+    Lease, SpanningVM and VMFragment as parsed JSON (hundreds of thousands of objects at a
+    thousand nodes); its garbage is freed by reference counting (JSON has no cycles), yet
+    the collector's full passes walked all of it, stalling the event loop for ~0.2 s each
+    while 150 VMs were being placed. The objects listed at start are frozen out of its view,
+    and it runs an order of magnitude less often."""
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 20)
 
 
 async def _keep_lease(lease: LeaderLease, stop: asyncio.Event, renew: float) -> None:
@@ -103,6 +116,7 @@ async def run(
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(API_THREADS))
     cache = ClusterCache(kube, config.system_namespace)
     await asyncio.to_thread(cache.start)
+    settle_heap()
     reconciler = Reconciler(kube, config, post_event, cache, hooks)
     try:
         await kopf.operator(

@@ -24,21 +24,27 @@ from spanvm.controller.cache import ClusterCache
 from spanvm.controller.cluster_view import (
     HeartbeatObserver,
     NodeHealth,
+    NodeInfoMemo,
     node_health,
-    node_infos,
     owned_by,
-    usage_by_node,
 )
 from spanvm.controller.fragments import (
     fabric_secret,
-    fragment_body,
+    fragment_bodies,
+    hold_back_peers,
     recorded_placement,
     request_of,
 )
 from spanvm.controller.lifecycle import Action
-from spanvm.controller.printable import printable_status
 from spanvm.controller.run_strategy import BACKOFF_BASE
-from spanvm.controller.status import set_condition
+from spanvm.controller.status_write import (
+    FIELDS,
+    ConditionSpec,
+    merge_patch,
+    next_status,
+    own_status,
+)
+from spanvm.controller.usage import UsageMemo
 from spanvm.kube import JsonObject, Kube, api_error_text
 from spanvm.rfc3339 import parse_time
 from spanvm.scheduler.placement import ClusterIndex, Unschedulable
@@ -82,6 +88,11 @@ def _key(obj: JsonObject) -> tuple[str, str]:
     return (obj["metadata"]["namespace"], obj["metadata"]["name"])
 
 
+def _same(a: Sequence[object], b: Sequence[object]) -> bool:
+    """The same objects, in the same order."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
 def _vm_ref(vm: JsonObject) -> str:
     return f"{vm['metadata']['namespace']}/{vm['metadata']['name']}"
 
@@ -108,6 +119,8 @@ class Reconciler:
         self._nodes_memo = None
         self._owners: tuple[int, dict[str, dict[int, JsonObject]]] = (-1, {})
         self._assumed: dict[tuple[str, str], JsonObject] = {}  # placements being written
+        self._usage = UsageMemo()
+        self._node_infos = NodeInfoMemo()
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
@@ -144,14 +157,17 @@ class Reconciler:
         memo = self._nodes_memo
         if memo is None or (memo[0] != version and now - memo[1] >= NODES_REFRESH):
             fresh = self.heartbeats.observe(self.cache.leases.items())
-            infos = node_infos(self.cache.nodes.items(), fresh)
-            health = node_health(infos)
-            for name, node in health.items():
-                if node.healthy:
-                    self._lost_since.pop(name, None)
-                else:
-                    self._lost_since.setdefault(name, now)
-            memo = self._nodes_memo = (version, now, health, ClusterIndex(infos))
+            infos = self._node_infos.infos(self.cache.nodes.items(), fresh)
+            if memo is not None and _same(infos, memo[3].nodes):
+                memo = self._nodes_memo = (version, now, memo[2], memo[3])  # Leases renewed
+            else:
+                health = node_health(infos)
+                for name, node in health.items():
+                    if node.healthy:
+                        self._lost_since.pop(name, None)
+                    else:
+                        self._lost_since.setdefault(name, now)
+                memo = self._nodes_memo = (version, now, health, ClusterIndex(infos))
         nodes = lifecycle.Nodes(
             health=memo[2],
             lost_for={n: now - t for n, t in self._lost_since.items()},
@@ -266,7 +282,7 @@ class Reconciler:
         spec = SpanningVMSpec.model_validate(vm["spec"])
         async with self.schedule_lock:
             vms = [self._assumed.get(_key(v), v) for v in self.cache.vms.items()]
-            usage = usage_by_node(self.cache.fragments.items(), vms, key)
+            usage = self._usage.usage(self.cache.fragments.items(), vms, key)
             decision = index.schedule(usage, request_of(spec))
             if not isinstance(decision, Unschedulable):
                 placed = recorded_placement(meta["name"], decision)
@@ -296,10 +312,9 @@ class Reconciler:
         await self._call(self.kube.create_secret, ns, fabric_secret(vm))
         taken: list[JsonObject] = []
         made = False
-        for index in range(len(placed)):
-            if index in fragments:
-                continue
-            body = fragment_body(vm, spec, placed, index)
+        exist = set(fragments)
+        for index, body in fragment_bodies(vm, spec, placed, fragments).items():
+            hold_back_peers(body, exist, len(placed))
             created = await self._call(self.kube.create_fragment, ns, body)
             if created is None:  # ours would be in `fragments` unless the cache lags
                 other = await self._call(self.kube.get_fragment, ns, placed[index].name)
@@ -307,9 +322,11 @@ class Reconciler:
                     taken.append(other["metadata"])
                 elif other is not None:
                     self.cache.fragments.assume(other)
+                    exist.add(index)
                     made = True
                 continue
             self.cache.fragments.assume(created)
+            exist.add(index)
             made = True
             metrics.FRAGMENTS_CREATED.inc()
             self._creates += 1
@@ -353,26 +370,19 @@ class Reconciler:
         self,
         vm: JsonObject,
         changes: JsonObject,
-        conditions: Sequence[lifecycle.ConditionSpec] = (),
+        conditions: Sequence[ConditionSpec] = (),
     ) -> None:
-        """Merge-patch status (only if something changes), with observedGeneration."""
-        status: JsonObject = vm.get("status") or {}
-        generation = int(vm["metadata"].get("generation") or 0)
-        now = datetime.now(UTC)
-        conds = list(status.get("conditions") or [])
-        for type_, ok, reason, message in conditions:
-            conds = set_condition(conds, type_, ok, reason, message, generation, now)
-        patch = {**changes, "observedGeneration": generation}
-        if conditions:
-            patch["conditions"] = conds
-        merged = {k: v for k, v in {**status, **patch}.items() if v is not None}
-        patch["printableStatus"] = printable_status(vm, merged)
-        if all(status.get(k) == v for k, v in patch.items()):
+        """Write status as `status_write.next_status` builds it from the API model: a merge
+        patch of what changed, nothing if nothing does."""
+        status = vm.get("status") or {}
+        new = next_status(vm, changes, conditions, datetime.now(UTC)).to_api()
+        patch = merge_patch(own_status(vm), new)
+        if not patch:
             return
         meta = vm["metadata"]
         written = await self._call(
             self.kube.patch_vm_status, meta["namespace"], meta["name"], patch
         )
-        vm["status"] = {**status, **{k: v for k, v in patch.items() if v is not None}}
+        vm["status"] = {**{k: v for k, v in status.items() if k not in FIELDS}, **new}
         if written is not None:
             self.cache.vms.assume(written)

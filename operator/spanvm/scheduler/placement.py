@@ -8,11 +8,15 @@ same input always gives the same output. All or nothing: a VM is placed whole or
 Memory is split by `spanvm.shares.memory_shares` (in proportion to vCPUs, 2 MiB units).
 
 Fast at 5,000 nodes: `ClusterIndex` holds the nodes as arrays, so the filter is a few vector
-operations and only the top `maxFragments` candidates of each group become Python objects.
+operations; each group's best `maxFragments` nodes are picked by one partial sort of a key
+that orders them (most capacity, then name), and only those become Python objects. The
+search tries a fragment count only where the group's best nodes can hold the vCPUs at all.
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from itertools import accumulate, repeat
+from operator import attrgetter
 from typing import NamedTuple
 
 import numpy as np
@@ -66,7 +70,9 @@ _REASONS = (
     "too full",
 )
 _KVM, _READY, _HEARTBEAT, _SELECTOR, _TAINTS, _FULL = range(1, 7)
+_NEVER = np.iinfo(np.int64).max  # the order key of an excluded node: after every candidate
 Ints = npt.NDArray[np.int64]
+_VCPUS, _MEMORY = attrgetter("vcpus"), attrgetter("memory")
 
 
 class ClusterIndex:
@@ -95,8 +101,14 @@ class ClusterIndex:
         ]
         zones = {z: c for c, z in enumerate(sorted({n.zone for n in self.nodes}))}
         racks = {r: c for c, r in enumerate(sorted({(n.zone, n.rack) for n in self.nodes}))}
-        self.zone = np.array([zones[n.zone] for n in self.nodes], dtype=np.int32)
-        self.rack = np.array([racks[(n.zone, n.rack)] for n in self.nodes], dtype=np.int32)
+        zone = np.array([zones[n.zone] for n in self.nodes], dtype=np.int64)
+        rack = np.array([racks[(n.zone, n.rack)] for n in self.nodes], dtype=np.int64)
+        # The nodes of each zone, then of each rack (positions): the groups a placement may
+        # keep to, besides the whole cluster.
+        self.groups = [np.flatnonzero(zone == z) for z in range(len(zones))] + [
+            np.flatnonzero(rack == r) for r in range(len(racks))
+        ]
+        self._order_base = int(self.vcpus.max(initial=0)) + 1
         self._labels: dict[tuple[str, str], npt.NDArray[np.bool_]] = {}
 
     def _label(self, key: str, value: str) -> npt.NDArray[np.bool_]:
@@ -106,16 +118,23 @@ class ClusterIndex:
             self._labels[(key, value)] = mask
         return mask
 
-    def filter(self, usage: dict[str, Usage], request: Request) -> tuple[Ints, Ints, Ints, Ints]:
-        """Per node: why it is excluded (0: a candidate), free vCPUs, free memory, and the
-        vCPUs it can take with their proportional memory share."""
+    def used(self, usage: Mapping[str, Usage]) -> tuple[Ints, Ints]:
+        """vCPUs and memory used per node (positions), from usage by node name; names of
+        nodes not in the index are left out."""
         used_v = np.zeros(len(self.nodes), dtype=np.int64)
         used_m = np.zeros(len(self.nodes), dtype=np.int64)
-        known = [(self.position[n], u) for n, u in usage.items() if n in self.position]
-        if known:
-            at = np.fromiter((i for i, _ in known), dtype=np.int64, count=len(known))
-            used_v[at] = np.fromiter((u.vcpus for _, u in known), np.int64, len(known))
-            used_m[at] = np.fromiter((u.memory for _, u in known), np.int64, len(known))
+        if usage:
+            count, values = len(usage), usage.values()
+            at = np.fromiter(map(self.position.get, usage, repeat(-1)), np.int64, count)
+            known = at >= 0
+            used_v[at[known]] = np.fromiter(map(_VCPUS, values), np.int64, count)[known]
+            used_m[at[known]] = np.fromiter(map(_MEMORY, values), np.int64, count)[known]
+        return used_v, used_m
+
+    def filter(self, usage: Mapping[str, Usage], request: Request) -> tuple[Ints, Ints, Ints, Ints]:
+        """Per node: why it is excluded (0: a candidate), free vCPUs, free memory, and the
+        vCPUs it can take with their proportional memory share."""
+        used_v, used_m = self.used(usage)
         free_v, free_m = self.vcpus - used_v, self.memory - used_m
         capacity = np.minimum(free_v, free_m * request.vcpus // request.memory)
         code = self.static.copy()
@@ -131,25 +150,29 @@ class ClusterIndex:
         code[(code == 0) & (capacity < request.min_vcpus_per_fragment)] = _FULL
         return code, free_v, free_m, capacity
 
-    def schedule(self, usage: dict[str, Usage], request: Request) -> Placement | Unschedulable:
+    def schedule(self, usage: Mapping[str, Usage], request: Request) -> Placement | Unschedulable:
         """Place the VM whole, or say why not."""
         code, free_v, free_m, capacity = self.filter(usage, request)
         limit = min(request.max_fragments or MAX_FRAGMENTS, request.vcpus, MAX_FRAGMENTS)
-        eligible = np.flatnonzero(code == 0)
-        # by capacity, most first; ties by name (positions are in name order)
-        ordered = eligible[np.lexsort((eligible, -capacity[eligible]))]
-
-        def candidates(picked: Ints) -> list[_Candidate]:
-            return [
-                _Candidate(self.nodes[i], int(free_v[i]), int(free_m[i]), int(capacity[i]))
-                for i in picked[:limit]
-            ]
-
-        groups = [candidates(ordered)]
-        for codes in (self.zone, self.rack):
-            of_ordered = codes[ordered]
-            for value in np.unique(of_ordered):
-                groups.append(candidates(ordered[of_ordered == value]))
+        count = len(self.nodes)
+        # One order key per node, unique: most capacity first, ties by name (positions are
+        # in name order); excluded nodes last. A group's best nodes are its smallest keys.
+        key = np.where(code == 0, (self._order_base - capacity) * count, _NEVER)
+        key[code == 0] += np.flatnonzero(code == 0)
+        picks = [_best(key, limit, count)] + [_best(key[g], limit, count) for g in self.groups]
+        chosen = sorted({i for pick in picks for i in pick})
+        at = np.array(chosen, dtype=np.int64)
+        candidate = {
+            i: _Candidate(self.nodes[i], v, m, c)
+            for i, v, m, c in zip(
+                chosen,
+                free_v[at].tolist(),
+                free_m[at].tolist(),
+                capacity[at].tolist(),
+                strict=True,
+            )
+        }
+        groups = [[candidate[i] for i in pick] for pick in picks]
         found = _search(groups, request, limit)
         if found is not None:
             return found
@@ -161,23 +184,38 @@ class ClusterIndex:
         return Unschedulable(_explain(groups[0], rejected, request, limit))
 
 
+def _best(key: Ints, limit: int, count: int) -> list[int]:
+    """The positions of the `limit` candidates with the smallest keys, best first."""
+    if len(key) > limit:
+        key = np.partition(key, limit - 1)[:limit]
+    key = np.sort(key)
+    return (key[key != _NEVER] % count).tolist()  # type: ignore[no-any-return]
+
+
 def _split_vcpus(capacities: list[int], total: int, minimum: int) -> list[int] | None:
-    """vCPUs per chosen node: at least `minimum` each, within capacity, as even as possible
-    (deterministic water-filling); None if impossible."""
+    """vCPUs per chosen node: at least `minimum` each, within capacity, as even as possible;
+    None if impossible. Water-filling: every node gets min(capacity, level) for the highest
+    level that fits, and the remainder goes one vCPU each to the lowest-index nodes that
+    have room above the level (the order of raising every share one vCPU at a time)."""
     k = len(capacities)
     if k * minimum > total or sum(capacities) < total or min(capacities) < minimum:
         return None
-    shares = [minimum] * k
-    left = total - k * minimum
-    while left:
-        open_slots = [i for i in range(k) if shares[i] < capacities[i]]
-        if not open_slots:
-            return None
-        for i in sorted(open_slots, key=lambda i: (shares[i], i)):
-            if not left:
-                break
-            shares[i] += 1
-            left -= 1
+    left, open_slots = total, k
+    for cap in sorted(capacities):
+        if cap * open_slots > left:
+            break
+        left -= cap  # this node is filled to its capacity below the level
+        open_slots -= 1
+    if not open_slots:
+        return list(capacities)
+    level, extra = divmod(left, open_slots)
+    shares = []
+    for cap in capacities:
+        if cap <= level:
+            shares.append(cap)
+        else:
+            shares.append(level + (1 if extra else 0))
+            extra -= 1 if extra else 0
     return shares
 
 
@@ -204,14 +242,23 @@ def _try(chosen: list[_Candidate], request: Request) -> tuple[tuple[int, ...], P
 
 
 def _search(groups: list[list[_Candidate]], request: Request, limit: int) -> Placement | None:
-    """Fewest fragments first; for each count, the best-scoring group's top nodes."""
-    for k in range(1, limit + 1):
+    """Fewest fragments first; for each count, the best-scoring group's top nodes. A group
+    is tried from the count at which its best nodes can take every vCPU."""
+    fewest = []
+    for group in groups:
+        held = accumulate(c.capacity for c in group)
+        fewest.append(next((k for k, s in enumerate(held, 1) if s >= request.vcpus), limit + 1))
+    for k in range(min(fewest, default=limit + 1), limit + 1):
+        if k * request.min_vcpus_per_fragment > request.vcpus:
+            return None  # more fragments cannot each hold the minimum either
         best: tuple[tuple[int, ...], tuple[str, ...], Placement] | None = None
         tried_sets: set[tuple[str, ...]] = set()
-        for group in groups:
+        for group, need in zip(groups, fewest, strict=True):
+            if k < need or len(group) < k:
+                continue  # too small: its best k nodes cannot take the vCPUs
             chosen = tuple(c.node.name for c in group[:k])
-            if len(chosen) < k or chosen in tried_sets:
-                continue  # too small, or the same nodes as a group already tried
+            if chosen in tried_sets:
+                continue  # the same nodes as a group already tried
             tried_sets.add(chosen)
             tried = _try(group[:k], request)
             if tried is None:
@@ -226,7 +273,7 @@ def _search(groups: list[list[_Candidate]], request: Request, limit: int) -> Pla
 
 
 def schedule(
-    nodes: list[NodeInfo], usage: dict[str, Usage], request: Request
+    nodes: list[NodeInfo], usage: Mapping[str, Usage], request: Request
 ) -> Placement | Unschedulable:
     """Place the VM whole, or say why not (the operator keeps a ClusterIndex between
     decisions instead: building one reads every node)."""
