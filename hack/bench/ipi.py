@@ -78,7 +78,7 @@ def _handlers(on_event: object) -> Handlers:
 def _echo(secret: bytes, endpoint: str, ready: "multiprocessing.synchronize.Event") -> None:
     """Fragment 1: connect to 0 and send every INTERRUPT frame back from its reader."""
     transport = Transport(1, 2, secret, _handlers(lambda peer, frame: None))
-    transport.handlers = _handlers(lambda peer, frame: transport.send(peer, frame))
+    transport.handlers = _handlers(transport.send)  # the frame goes back whence it came
     transport.listen("127.0.0.1")
     transport.connect({0: endpoint})
     transport.wait_connected()
@@ -131,7 +131,9 @@ def main() -> int:
         ("cross-fragment IPI round trip (2 fragments)", cross_us, f"{cross_us / local_us:.2f}"),
         ("raw fabric round trip (Transport echo)", raw_us, f"{raw_us / local_us:.2f}"),
     ]
-    print(f"IPI round trips ({args.rounds} per guest, {args.echoes} echoes), TSC {hz / 1e6:.0f} MHz")
+    print(
+        f"IPI round trips ({args.rounds} per guest, {args.echoes} echoes), TSC {hz / 1e6:.0f} MHz"
+    )  # noqa: E501
     print("| path | µs per round trip | ratio to local |")
     print("|---|---|---|")
     for name, micros, ratio in rows:
