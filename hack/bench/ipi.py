@@ -133,7 +133,7 @@ def main() -> int:
     ]
     print(
         f"IPI round trips ({args.rounds} per guest, {args.echoes} echoes), TSC {hz / 1e6:.0f} MHz"
-    )  # noqa: E501
+    )
     print("| path | µs per round trip | ratio to local |")
     print("|---|---|---|")
     for name, micros, ratio in rows:
