@@ -77,6 +77,7 @@ class Catching:
             if kvm_abi.libc.ioctl(proxy.fd, kvm_abi.KVM_RUN, None) < 0:
                 continue  # the kick below
             self.caught += [(proxy.apic_id, i) for i in proxy.catch() or ()]
+            proxy.rearm()
 
     def wait_for(self, count: int) -> None:
         deadline = time.monotonic() + 10

@@ -113,11 +113,12 @@ class Machine:
         config: VmConfig,
         console_sink: Callable[[bytes], None] | None = None,
         exit_handler: Callable[[int], None] | None = None,
-        interrupt_sink: Callable[[int, Interrupt], None] | None = None,
+        interrupt_sink: Callable[[int, Interrupt, int], None] | None = None,
     ) -> None:
         """`exit_handler`, if given, receives the guest's exit code instead of the VM stopping
         at once (a fragment forwards it to fragment 0, which stops every fragment).
-        `interrupt_sink(apic_id, interrupt)` receives, in the order caught, every interrupt a
+        `interrupt_sink(apic_id, interrupt, caught_ns)` receives, in the order caught (at
+        time.monotonic_ns() `caught_ns`, when KVM_RUN returned), every interrupt a
         local vCPU sends to a vCPU this process does not run (a platform boot in a fragment:
         one proxy vCPU per remote APIC id catches them, see proxy.py); the fragment running
         that vCPU passes it to its `deliver`.
@@ -389,9 +390,11 @@ class Machine:
                         continue
                     self.fail(f"proxy of vCPU {proxy.apic_id}: KVM_RUN failed: {os.strerror(err)}")
                     return
+                caught_ns = time.monotonic_ns()
                 for interrupt in proxy.catch() or ():
                     if self._interrupt_sink is not None:
-                        self._interrupt_sink(proxy.apic_id, interrupt)
+                        self._interrupt_sink(proxy.apic_id, interrupt, caught_ns)
+                proxy.rearm()
         except Exception as err:  # a monitor bug must stop the VM, not hang it
             self.fail(f"proxy of vCPU {proxy.apic_id}: monitor error: {err!r}")
         finally:

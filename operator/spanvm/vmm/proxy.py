@@ -21,8 +21,9 @@ fast path), and the proxy turns each accepted interrupt into an exit:
   A proxy of the boot vCPU (APIC id 0 is KVM's BSP) restarts at the reset vector instead,
   inside the proxy area: an INIT alone.
 
-After each catch the monitor re-arms the proxy (registers, NMI mask, LAPIC after an INIT,
-HALTED), so the proxy never executes `iret`, which this KVM cannot emulate in 32-bit mode.
+After each catch (and after sending it on) the monitor re-arms the proxy (registers, NMI
+mask, LAPIC after an INIT, HALTED), so the proxy never executes `iret`, which this KVM cannot
+emulate in 32-bit mode.
 Sources: Documentation/virt/kvm/api.rst (KVM_SET_GUEST_DEBUG, KVM_SET_MP_STATE,
 KVM_SET_VCPU_EVENTS), Intel SDM vol. 3A §6.11 (IDT gates), §3.4.5 (segment descriptors),
 §10.8.5 (EOI), §11.4.7 (the reset state of the local APIC).
@@ -30,6 +31,7 @@ KVM_SET_VCPU_EVENTS), Intel SDM vol. 3A §6.11 (IDT gates), §3.4.5 (segment des
 
 import ctypes
 import struct
+from collections.abc import Callable
 
 from spanvm.vmm import kvm_abi
 from spanvm.vmm.cpuid import CpuidOptions, vcpu_cpuid
@@ -126,6 +128,7 @@ class ProxyVcpu:
         self.apic_id = apic_id
         self.vcpu = Vcpu(vm.fd, apic_id, vm.vcpu_mmap_size)
         self.vcpu.set_cpuid(vcpu_cpuid(vm.supported_cpuid(), apic_id, vcpu_count, CpuidOptions()))
+        self._rearm: Callable[[], None] | None = None
         self.x2apic = False  # the mode it is in (KVM creates LAPICs in xAPIC mode)
         self.want_x2apic = False  # the mode the local vCPUs use (see `follow_mode`)
         self._enable_lapic()
@@ -203,20 +206,20 @@ class ProxyVcpu:
         kvm_abi.ioctl(self.vcpu.fd, kvm_abi.KVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS")
 
     def catch(self) -> list[Interrupt] | None:
-        """After KVM_RUN returned: the interrupts caught (in the order to deliver them), the
-        proxy re-armed; None for an exit that caught nothing (a kick). VmError for an exit a
-        proxy never makes (the message names the exit and where)."""
+        """After KVM_RUN returned: the interrupts caught (in the order to deliver them), or
+        None for an exit that caught nothing (a kick). Call `rearm()` before the next
+        KVM_RUN (after sending them on: the send does not wait for the re-arming ioctls).
+        VmError for an exit a proxy never makes (the message names the exit and where)."""
         reason = self.vcpu.run.exit_reason
         if reason == kvm_abi.KVM_EXIT_INTR:
             return None
         rip = self.vcpu.regs().rip
         stub = (rip - PROXY_AREA - STUBS_OFFSET) // STUB_SIZE
         if reason == kvm_abi.KVM_EXIT_DEBUG and 0 <= stub < NMI_STUB:
-            self._halt()  # the fast path: a fixed IPI changed nothing else
+            self._rearm = self._halt  # the fast path: a fixed IPI changed nothing else
             return [Interrupt(DeliveryMode.FIXED, stub)]
         if reason == kvm_abi.KVM_EXIT_DEBUG and stub == NMI_STUB:
-            self._unmask_nmi()
-            self._halt()
+            self._rearm = self._after_nmi
             return [Interrupt(DeliveryMode.NMI)]
         sregs = self.vcpu.sregs()
         if sregs.cr0 & CR0_PE:
@@ -225,14 +228,25 @@ class ProxyVcpu:
                 f" at rip={rip:#x}"
             )
         # Real mode: INIT ran, then a SIPI (or, for the BSP, the reset vector).
+        self._rearm = self._after_init
         if sregs.cs.base == PROXY_AREA:
-            caught = [Interrupt(DeliveryMode.INIT)]
-        else:
-            vector = sregs.cs.selector >> 8
-            caught = [Interrupt(DeliveryMode.INIT), Interrupt(DeliveryMode.STARTUP, vector)]
+            return [Interrupt(DeliveryMode.INIT)]
+        vector = sregs.cs.selector >> 8
+        return [Interrupt(DeliveryMode.INIT), Interrupt(DeliveryMode.STARTUP, vector)]
+
+    def rearm(self) -> None:
+        """Undo what the last catch left (see `catch`); nothing after a kick."""
+        rearm, self._rearm = self._rearm, None
+        if rearm is not None:
+            rearm()
+
+    def _after_nmi(self) -> None:
+        self._unmask_nmi()
+        self._halt()
+
+    def _after_init(self) -> None:
         self._enable_lapic()  # INIT reset the LAPIC: software-disabled again
         self.arm()
-        return caught
 
     def close(self) -> None:
         self.vcpu.close()
