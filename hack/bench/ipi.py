@@ -43,7 +43,9 @@ from spanvm.fabric.wire import Frame, Kind
 
 
 def tsc_hz() -> float:
-    """The host TSC's frequency: /proc/cpuinfo's "cpu MHz" (constant_tsc, tsc_known_freq)."""
+    """The host TSC's frequency as /proc/cpuinfo's "cpu MHz" gives it: in this VM (constant_tsc,
+    tsc_known_freq, no frequency scaling) the TSC's; on a host that scales its clock, an
+    approximation."""
     text = Path("/proc/cpuinfo").read_text()
     if "constant_tsc" not in text:
         raise SystemExit("this host's TSC is not constant: cycles cannot be converted")
@@ -115,7 +117,8 @@ def raw_fabric_rtts(echoes: int) -> list[float]:
             back.clear()
             started = time.perf_counter()
             transport.send(1, frame)
-            back.wait(5)
+            if not back.wait(5):
+                raise SystemExit("the echo did not come back within 5 s")
             samples.append(time.perf_counter() - started)
         return samples
     finally:
@@ -149,8 +152,9 @@ def main() -> int:
     flat = kut.build_guest("spanvm_ipi")
     local, _, _, _ = run_guest(flat, 1, args.rounds, 0)
     cross, quiet, flooded, one_way = run_guest(flat, 2, args.rounds, args.pages)
-    raw = statistics.median(raw_fabric_rtts(args.echoes))
-    busy_us = statistics.median(raw_fabric_rtts_one_core_busy(args.echoes)) * 1e6
+    # Means, as the guest's figure (total cycles / round trips) is one.
+    raw = statistics.mean(raw_fabric_rtts(args.echoes))
+    busy_us = statistics.mean(raw_fabric_rtts_one_core_busy(args.echoes)) * 1e6
     local_us, cross_us, raw_us = local / hz * 1e6, cross / hz * 1e6, raw * 1e6
     rows = [
         ("local IPI round trip (1 fragment)", local_us, "1.00 (baseline)"),

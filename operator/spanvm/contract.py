@@ -110,10 +110,20 @@ class FragmentConfig(_Model):
     def _one_kernel(self) -> "FragmentConfig":
         if self.linux is not None and self.multiboot is not None:
             raise ValueError("linux and multiboot: give at most one kernel")
-        if self.vcpu_fragments is not None and len(self.vcpu_fragments) != self.vcpu_count:
-            raise ValueError(
-                f"vcpu_fragments: {len(self.vcpu_fragments)} entries for {self.vcpu_count} vCPUs"
-            )
+        places = self.vcpu_fragments
+        if places is not None:
+            if len(places) != self.vcpu_count:
+                raise ValueError(
+                    f"vcpu_fragments: {len(places)} entries for {self.vcpu_count} vCPUs"
+                )
+            mine = [v for v, f in enumerate(places) if f == self.index]
+            if mine != sorted(self.vcpu_ids) or any(
+                not 0 <= f < self.fragment_count for f in places
+            ):
+                raise ValueError(
+                    f"vcpu_fragments {places} disagree with vcpu_ids {self.vcpu_ids} of fragment"
+                    f" {self.index} of {self.fragment_count}"
+                )
         return self
 
     def to_json(self) -> bytes:

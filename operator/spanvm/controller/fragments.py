@@ -116,6 +116,7 @@ def fragment_body(
         parse_memory(spec.memory),
         [parse_quantity_bytes(p.memory) for p in placed],
         fabric.home_policy,
+        platform=spec.boot.linux is not None,  # a kernel owns its memory from 0
     )
     frag_spec = VMFragmentSpec(
         vm_name=vm["metadata"]["name"],

@@ -294,6 +294,11 @@ class Fragment:
                 return
             if delivered and len(frame.payload) == CAUGHT_AT.size:
                 self.interrupt_latency.record(frame.payload)
+            elif not delivered and self.config.vcpu_fragments is not None:
+                self._on_failure(
+                    f"fragment {peer} sent an interrupt for vCPU {frame.page}, which fragment"
+                    f" {self.config.index} does not run"
+                )
             log.debug("interrupt %s for vCPU %d: delivered %s", interrupt, frame.page, delivered)
         elif frame.kind == Kind.CONSOLE:
             self.machine.console.write(frame.payload)

@@ -81,7 +81,7 @@ class Handlers:
     try_inline: Callable[[int, Frame], bool]  # serve now if no other fragment must act
     on_directive: Callable[[Frame], Frame]  # DOWNGRADE/INVALIDATE -> reply
     on_grant: Callable[[Frame], None]
-    on_event: Callable[[int, Frame], None]  # CONSOLE, EXIT, STOP, STARTED, FAILED
+    on_event: Callable[[int, Frame], None]  # CONSOLE, EXIT, STOP, STARTED, FAILED, INTERRUPT
     on_failure: Callable[[str], None]
 
 

@@ -43,6 +43,7 @@ __all__ = ["EXIT_VM_ERROR", "Machine", "VmConfig", "VmError", "VmResult"]
 
 KVM_DEVICE = "/dev/kvm"
 KICK_SIGNAL = signal.SIGUSR1
+PROXY_SWITCH_TIMEOUT = 5.0  # seconds the proxies get to follow an APIC mode change
 log = logging.getLogger(__name__)
 
 
@@ -99,6 +100,18 @@ def _apic_mode_change_allowed(old: int, new: int) -> bool:
     x2apic = kvm_abi.APICBASE_ENABLE | kvm_abi.APICBASE_X2APIC
     was, will = old & x2apic, new & x2apic  # 0: disabled
     return not ((was == x2apic and will == xapic) or (was == 0 and will == x2apic))
+
+
+def _common_tsc(vcpu: Vcpu) -> None:
+    """Guest TSC = host TSC (offset 0), as in every other fragment of the VM; VmError naming
+    what is missing on a KVM without KVM_VCPU_TSC_CTRL (Linux 5.16)."""
+    try:
+        vcpu.set_tsc_offset(0)
+    except OSError as err:
+        raise VmError(
+            f"vCPU {vcpu.id}: cannot set the TSC offset ({err}): this KVM lacks"
+            " KVM_VCPU_TSC_CTRL (Linux 5.16+), and fragments would disagree on time"
+        ) from None
 
 
 def _noop_handler(_signum: int, _frame: FrameType | None) -> None:
@@ -185,7 +198,8 @@ class Machine:
             vcpu = Vcpu(self.vm.fd, vcpu_id, self.vm.vcpu_mmap_size)
             self.vcpus[vcpu_id] = vcpu
             vcpu.set_cpuid(vcpu_cpuid(supported, vcpu_id, cfg.vcpu_count, cfg.cpuid))
-            vcpu.set_tsc_offset(0)  # guest TSC = host TSC in every fragment of the VM
+            if cfg.local_vcpus is not None:  # a fragment: one TSC for all fragments
+                _common_tsc(vcpu)
             self.boot.setup_vcpu(vcpu, self.shape)
         remote = sorted(set(range(cfg.vcpu_count)) - set(local))
         if remote and self.boot.platform:
@@ -478,10 +492,19 @@ class Machine:
         msr.error = 0 if done else 1
         if done and msr.data & kvm_abi.APICBASE_ENABLE:
             x2apic = bool(msr.data & kvm_abi.APICBASE_X2APIC)
-            for proxy in self.proxies.values():
-                if proxy.want_x2apic != x2apic:
-                    proxy.want_x2apic = x2apic
-                    self._kick(proxy.vcpu)
+            moving = [p for p in self.proxies.values() if p.want_x2apic != x2apic]
+            for proxy in moving:
+                proxy.want_x2apic = x2apic
+                self._kick(proxy.vcpu)
+            # The guest's next IPI may rely on the new mode (an x2APIC broadcast): the WRMSR
+            # completes only once every proxy has switched.
+            deadline = time.monotonic() + PROXY_SWITCH_TIMEOUT
+            while any(p.x2apic != x2apic for p in moving) and not self._stop.is_set():
+                if time.monotonic() > deadline:
+                    late = [p.apic_id for p in moving if p.x2apic != x2apic]
+                    self.fail(f"proxies of APIC ids {late} did not switch APIC mode in time")
+                    return
+                time.sleep(0.0002)
 
     def _port_io(self, vcpu: Vcpu, io: kvm_abi.KvmRunIo) -> None:
         """Port I/O (`count` repetitions for string I/O) to the device on the port bus.

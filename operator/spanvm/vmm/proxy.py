@@ -58,6 +58,7 @@ CR0_PE, CR0_ET = 0x1, 0x10
 RFLAGS_IF, RFLAGS_FIXED = 0x200, 0x2
 PROXY_SLOT = 8  # memory slot of the area (guest RAM uses slots 0 and 1)
 APICBASE_BSP = 1 << 8
+X2APIC_EOI_MSR = 0x80B
 
 
 def _descriptor(base: int, limit: int, access: int, flags: int) -> bytes:
@@ -126,17 +127,26 @@ class ProxyVcpu:
 
     def __init__(self, vm: Vm, apic_id: int, vcpu_count: int) -> None:
         self.apic_id = apic_id
-        self.vcpu = Vcpu(vm.fd, apic_id, vm.vcpu_mmap_size)
-        self.vcpu.set_cpuid(vcpu_cpuid(vm.supported_cpuid(), apic_id, vcpu_count, CpuidOptions()))
         self._rearm: Callable[[], None] | None = None
         self.x2apic = False  # the mode it is in (KVM creates LAPICs in xAPIC mode)
         self.want_x2apic = False  # the mode the local vCPUs use (see `follow_mode`)
-        self._enable_lapic()
         self._halted_regs = kvm_abi.KvmRegs(
             rip=PROXY_AREA + HALT_OFFSET,
             rsp=PROXY_AREA + STACK_TOP,
             rflags=RFLAGS_IF | RFLAGS_FIXED,
         )
+        self.vcpu = Vcpu(vm.fd, apic_id, vm.vcpu_mmap_size)
+        try:
+            self._setup(vm, vcpu_count)
+        except BaseException:
+            self.vcpu.close()
+            raise
+
+    def _setup(self, vm: Vm, vcpu_count: int) -> None:
+        self.vcpu.set_cpuid(
+            vcpu_cpuid(vm.supported_cpuid(), self.apic_id, vcpu_count, CpuidOptions())
+        )
+        self._enable_lapic()
         debug = kvm_abi.KvmGuestDebug(
             control=kvm_abi.KVM_GUESTDBG_ENABLE | kvm_abi.KVM_GUESTDBG_SINGLESTEP
         )
@@ -172,10 +182,14 @@ class ProxyVcpu:
             return
         base = LAPIC_BASE | kvm_abi.APICBASE_ENABLE | (APICBASE_BSP if self.apic_id == 0 else 0)
         if self.want_x2apic:
-            self.vcpu.set_msr(kvm_abi.MSR_IA32_APICBASE, base | kvm_abi.APICBASE_X2APIC)
+            steps = [base | kvm_abi.APICBASE_X2APIC]
         else:
-            self.vcpu.set_msr(kvm_abi.MSR_IA32_APICBASE, base & ~kvm_abi.APICBASE_ENABLE)
-            self.vcpu.set_msr(kvm_abi.MSR_IA32_APICBASE, base)
+            steps = [base & ~kvm_abi.APICBASE_ENABLE, base]
+        for value in steps:
+            if not self.vcpu.set_msr(kvm_abi.MSR_IA32_APICBASE, value):
+                raise VmError(
+                    f"proxy of APIC id {self.apic_id}: KVM refused IA32_APIC_BASE {value:#x}"
+                )
         self.x2apic = self.want_x2apic
         self._enable_lapic()
 
@@ -195,7 +209,11 @@ class ProxyVcpu:
 
     def _halt(self) -> None:
         """Back to the halt with the stack reset (an interrupt gate at the same privilege
-        changes only these: SDM vol. 3A §6.12.1), HALTED."""
+        changes only these: SDM vol. 3A §6.12.1), HALTED. In x2APIC mode the EOI is also
+        written to its MSR: KVM may ignore the stub's MMIO write then (SDM vol. 3A §10.12.1.2;
+        an EOI with nothing in service does nothing)."""
+        if self.x2apic:
+            self.vcpu.set_msr(X2APIC_EOI_MSR, 0)
         self.vcpu.set_regs(self._halted_regs)
         self.vcpu.set_mp_state(kvm_abi.KVM_MP_STATE_HALTED)
 
@@ -212,7 +230,7 @@ class ProxyVcpu:
         VmError for an exit a proxy never makes (the message names the exit and where)."""
         reason = self.vcpu.run.exit_reason
         if reason == kvm_abi.KVM_EXIT_INTR:
-            return None
+            return None  # a kick that found the proxy outside KVM_RUN's wait
         rip = self.vcpu.regs().rip
         stub = (rip - PROXY_AREA - STUBS_OFFSET) // STUB_SIZE
         if reason == kvm_abi.KVM_EXIT_DEBUG and 0 <= stub < NMI_STUB:
@@ -227,7 +245,9 @@ class ProxyVcpu:
                 f"proxy of APIC id {self.apic_id}: unexpected {kvm_abi.exit_name(reason)}"
                 f" at rip={rip:#x}"
             )
-        # Real mode: INIT ran, then a SIPI (or, for the BSP, the reset vector).
+        # Real mode: INIT ran, then a SIPI (or, for the BSP, the reset vector). The exit may
+        # be the first instruction's I/O rather than the single-step: its completion on the
+        # next entry only writes a register of the re-armed proxy.
         self._rearm = self._after_init
         if sregs.cs.base == PROXY_AREA:
             return [Interrupt(DeliveryMode.INIT)]
