@@ -23,6 +23,7 @@ from spanvm.controller.fragments import fragment_body
 from spanvm.devcluster import kvm_unit_tests as kut
 from spanvm.fabric.launcher import launch
 from spanvm.vmm import kvm_abi
+from spanvm.vmm import proxy as px
 from spanvm.vmm.interrupts import DeliveryMode, Interrupt, msi
 from spanvm.vmm.machine import _apic_mode_change_allowed
 from spanvm.vmm.memory import GuestMemory
@@ -68,8 +69,9 @@ def test_a_delivery_mode_that_does_not_cross_is_refused() -> None:
 class Catching:
     """Proxies of `apic_ids` running on threads of their own, recording what each catches."""
 
-    def __init__(self, vm: Vm, apic_ids: tuple[int, ...]) -> None:
-        self.proxies = [ProxyVcpu(vm, a, 2) for a in apic_ids]
+    def __init__(self, vm: Vm, area: ProxyArea, apic_ids: tuple[int, ...]) -> None:
+        self.area = area
+        self.proxies = [ProxyVcpu(vm, a, 2, area, slot) for slot, a in enumerate(apic_ids)]
         self.caught: list[tuple[int, Interrupt]] = []
         self.stop = False
         self.threads = [threading.Thread(target=self._loop, args=(p,)) for p in self.proxies]
@@ -106,7 +108,7 @@ def proxies(apic_ids: tuple[int, ...]) -> Iterator[tuple[Vm, Catching]]:
     vm.map_memory(memory)
     memory.write(0x9A000, b"\x90")  # the SIPI vector's page: its first instruction is a nop
     area = ProxyArea(vm)
-    catching = Catching(vm, apic_ids)
+    catching = Catching(vm, area, apic_ids)
     for thread in catching.threads:
         thread.start()
     try:
@@ -148,6 +150,25 @@ def test_the_boot_vcpus_proxy_reports_an_init_alone() -> None:
         vm.signal_msi(*msi(0, Interrupt(FIXED, 0x77)))
         catching.wait_for(2)
         assert catching.caught == [(0, Interrupt(INIT)), (0, Interrupt(FIXED, 0x77))]
+
+
+def test_an_nmi_arriving_as_a_fixed_ipi_enters_its_stub_reports_both() -> None:
+    """The proxy as a fixed IPI (0x45) has just entered its stub, IF clear, when an NMI is
+    delivered before the stub's first instruction: both come out, the fixed one first."""
+    with proxies(()) as (vm, catching):
+        proxy = ProxyVcpu(vm, 1, 2, catching.area, 5)
+        try:
+            stub = px.PROXY_AREA + px.STUBS_OFFSET + 0x45 * px.STUB_SIZE
+            regs = proxy.vcpu.regs()
+            regs.rip, regs.rflags = stub, 0x2
+            regs.rsp -= 12  # the fixed IPI's frame
+            proxy.vcpu.set_regs(regs)
+            proxy.vcpu.set_mp_state(kvm_abi.KVM_MP_STATE_RUNNABLE)
+            vm.signal_msi(*msi(1, Interrupt(NMI)))
+            assert kvm_abi.libc.ioctl(proxy.fd, kvm_abi.KVM_RUN, None) == 0
+            assert proxy.catch() == [Interrupt(FIXED, 0x45), Interrupt(NMI)]
+        finally:
+            proxy.close()
 
 
 def test_an_interrupt_to_no_apic_id_reaches_no_proxy() -> None:

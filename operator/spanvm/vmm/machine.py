@@ -204,8 +204,10 @@ class Machine:
         remote = sorted(set(range(cfg.vcpu_count)) - set(local))
         if remote and self.boot.platform:
             self._proxy_area = ProxyArea(self.vm)
-            for apic_id in remote:
-                self.proxies[apic_id] = ProxyVcpu(self.vm, apic_id, cfg.vcpu_count)
+            for slot, apic_id in enumerate(remote):
+                self.proxies[apic_id] = ProxyVcpu(
+                    self.vm, apic_id, cfg.vcpu_count, self._proxy_area, slot
+                )
             # Proxies follow the local vCPUs' xAPIC/x2APIC mode: see ProxyVcpu.follow_mode.
             self.vm.trap_msr_writes([kvm_abi.MSR_IA32_APICBASE])
 

@@ -6,9 +6,9 @@ for an APIC id that does not exist there. So each fragment creates, beside its o
 delivery (physical, shorthand and broadcast destinations, local IPIs untouched on KVM's
 fast path), and the proxy turns each accepted interrupt into an exit:
 
-- It sits in KVM_MP_STATE_HALTED in 32-bit protected mode at CPL0, IF=1, with an IDT of its
-  own in a private memory slot (`PROXY_AREA`, not guest RAM, not shared by the fabric), and
-  with KVM's single-step guest debugging on (KVM_SET_GUEST_DEBUG).
+- It sits in KVM_MP_STATE_HALTED in 32-bit protected mode at CPL0, IF=1, with an IDT and a
+  stack of its own in a private memory slot (`PROXY_AREA`, not guest RAM, not shared by the
+  fabric), and with KVM's single-step guest debugging on (KVM_SET_GUEST_DEBUG).
 - A fixed IPI wakes it into the IDT stub for its vector; the stub's first instruction is the
   EOI write, after which single-step exits (KVM_EXIT_DEBUG): the stub's address names the
   vector. An NMI enters a stub of its own.
@@ -46,7 +46,8 @@ GDT_OFFSET = 0x0000  # null, flat 32-bit code (0x08), flat data (0x10)
 IDT_OFFSET = 0x0800  # 256 interrupt gates
 STUBS_OFFSET = 0x1000  # stub i at +8*i; the NMI stub after the 256
 HALT_OFFSET = 0x2000  # where a re-armed proxy "is" (never executed: it is HALTED)
-STACK_TOP = 0x3000
+STACKS_OFFSET, STACK_SIZE = 0x3000, 0x100  # one stack per proxy
+MAX_PROXIES = 128  # stacks up to 0xB000
 RESET_OFFSET = 0xFFF0  # the reset vector 0xFFFFFFF0 when PROXY_AREA is 0xFFFF0000
 STUB_SIZE = 8
 NMI_STUB = 256
@@ -107,6 +108,12 @@ class ProxyArea:
         ctypes.memmove(self.host_address, image, len(image))
         vm.map_region(PROXY_SLOT, PROXY_AREA, PROXY_AREA_SIZE, self.host_address)
 
+    def read_u32(self, offset: int) -> int:
+        """The 32-bit little-endian word at `offset` in the area (a proxy's stack)."""
+        if not 0 <= offset <= PROXY_AREA_SIZE - 4:
+            return 0
+        return int.from_bytes(ctypes.string_at(self.host_address + offset, 4), "little")
+
     def close(self) -> None:
         """Unmap (after the VM is gone)."""
         if self.host_address:
@@ -125,14 +132,19 @@ class ProxyVcpu:
     """The proxy of APIC id `apic_id` in `vm`. `catch()` after each KVM_RUN return says what
     it caught. Raises VmError if KVM refuses the set-up (no single-step debugging)."""
 
-    def __init__(self, vm: Vm, apic_id: int, vcpu_count: int) -> None:
+    def __init__(self, vm: Vm, apic_id: int, vcpu_count: int, area: ProxyArea, slot: int) -> None:
+        """`slot` (0 to MAX_PROXIES - 1) picks the proxy's stack in `area`."""
+        if not 0 <= slot < MAX_PROXIES:
+            raise VmError(f"at most {MAX_PROXIES} proxy vCPUs per fragment, not {slot + 1}")
         self.apic_id = apic_id
+        self._area = area
+        self._stack_top = STACKS_OFFSET + (slot + 1) * STACK_SIZE
         self._rearm: Callable[[], None] | None = None
         self.x2apic = False  # the mode it is in (KVM creates LAPICs in xAPIC mode)
         self.want_x2apic = False  # the mode the local vCPUs use (see `follow_mode`)
         self._halted_regs = kvm_abi.KvmRegs(
             rip=PROXY_AREA + HALT_OFFSET,
-            rsp=PROXY_AREA + STACK_TOP,
+            rsp=PROXY_AREA + self._stack_top,
             rflags=RFLAGS_IF | RFLAGS_FIXED,
         )
         self.vcpu = Vcpu(vm.fd, apic_id, vm.vcpu_mmap_size)
@@ -231,13 +243,21 @@ class ProxyVcpu:
         reason = self.vcpu.run.exit_reason
         if reason == kvm_abi.KVM_EXIT_INTR:
             return None  # a kick that found the proxy outside KVM_RUN's wait
-        rip = self.vcpu.regs().rip
+        regs = self.vcpu.regs()
+        rip = regs.rip
         stub = (rip - PROXY_AREA - STUBS_OFFSET) // STUB_SIZE
         if reason == kvm_abi.KVM_EXIT_DEBUG and 0 <= stub < NMI_STUB:
             self._rearm = self._halt  # the fast path: a fixed IPI changed nothing else
             return [Interrupt(DeliveryMode.FIXED, stub)]
         if reason == kvm_abi.KVM_EXIT_DEBUG and stub == NMI_STUB:
             self._rearm = self._after_nmi
+            # The NMI may have arrived as a fixed IPI entered its stub, before the stub's
+            # first instruction: the NMI's frame (EIP on top) then points at that stub, whose
+            # EOI the NMI stub's own EOI did. Report both, the fixed one first.
+            interrupted = self._area.read_u32(regs.rsp - PROXY_AREA)
+            fixed, offset = divmod(interrupted - PROXY_AREA - STUBS_OFFSET, STUB_SIZE)
+            if 0 <= fixed < NMI_STUB and offset == 0:
+                return [Interrupt(DeliveryMode.FIXED, fixed), Interrupt(DeliveryMode.NMI)]
             return [Interrupt(DeliveryMode.NMI)]
         sregs = self.vcpu.sregs()
         if sregs.cr0 & CR0_PE:
