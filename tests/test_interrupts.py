@@ -18,12 +18,15 @@ import pytest
 
 from k8s_sim import vm_manifest
 from spanvm.api.spanningvm import FragmentSummary, SpanningVMSpec
-from spanvm.contract import Connected, MultibootKernel
+from spanvm.contract import Connected, CpuFeatures, MultibootKernel, fragment_config
 from spanvm.controller.fragments import fragment_body
 from spanvm.devcluster import kvm_unit_tests as kut
+from spanvm.fabric.fragment import _boot_identity
 from spanvm.fabric.launcher import launch
+from spanvm.fabric.shape import vm_shape
 from spanvm.vmm import kvm_abi
 from spanvm.vmm import proxy as px
+from spanvm.vmm.boot.multiboot import MultibootBoot
 from spanvm.vmm.interrupts import DeliveryMode, Interrupt, msi
 from spanvm.vmm.machine import _apic_mode_change_allowed
 from spanvm.vmm.memory import GuestMemory
@@ -213,6 +216,31 @@ def test_a_linux_vm_is_coherent_from_guest_physical_0() -> None:
     vm = {"metadata": {"name": "linux", "namespace": "ns", "uid": "u"}}
     body = fragment_body(vm, spec, placed, 0)
     assert body["spec"]["homeMemory"][0]["start"] == 0
+
+
+def test_fragments_that_disagree_on_cpu_features_or_places_are_different_vms(
+    kut_build: Path,
+) -> None:
+    """The handshake's shape digest covers CPUID features and where each vCPU runs."""
+    kernel = MultibootKernel(kernel=str(kut_build / "x86" / "smptest.flat"))
+
+    def shape(cpu: CpuFeatures, places: list[int]) -> bytes:
+        config = fragment_config(
+            index=0, vcpu_ids=[v for v, f in enumerate(places) if f == 0], vcpu_count=3,
+            fragment_count=2, memory=64 << 20, payload="", arg=0, homes=[(0, 64 << 20, 0)],
+            peers={}, secret="00" * 32, listen_host="127.0.0.1", node_name="n",
+            multiboot=kernel, vcpu_fragments=places, cpu=cpu,
+        )  # fmt: skip
+        boot = MultibootBoot(Path(kernel.kernel))
+        return vm_shape(
+            fragment_count=2, vcpu_count=3, memory=64 << 20, arg=0, homes=config.homes,
+            **_boot_identity(config, boot),
+        )  # fmt: skip
+
+    base = shape(CpuFeatures(), [0, 1, 1])
+    assert base == shape(CpuFeatures(), [0, 1, 1])
+    assert base != shape(CpuFeatures(x2apic=False), [0, 1, 1])
+    assert base != shape(CpuFeatures(), [0, 0, 1])
 
 
 @pytest.mark.parametrize(

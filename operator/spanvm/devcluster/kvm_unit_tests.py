@@ -122,7 +122,8 @@ def _restore_symlinks(tree: Path) -> None:
 
 @dataclass(frozen=True)
 class TestCase:
-    """A `[name]` section of x86/unittests.cfg: the flat file, vCPUs, the guest's arguments,
+    """A `[name]` section of x86/unittests.cfg: the flat file, vCPUs, the guest's arguments
+    (`test_args`, or `-append` in `extra_params`),
     and whether QEMU's `-cpu ...,-x2apic` hides x2APIC (spanvm run --no-x2apic)."""
 
     name: str
@@ -144,6 +145,7 @@ def test_cases(build: Path) -> dict[str, TestCase]:
         smp = section.get("smp", "1").strip()
         args = shlex.split(section.get("extra_params", ""))
         cmdline = args[args.index("-append") + 1] if "-append" in args[:-1] else ""
+        cmdline = cmdline or " ".join(shlex.split(section.get("test_args", "")))
         no_x2apic = "-x2apic" in section.get("qemu_params", "")
         cases[name] = TestCase(
             name, section["file"], int(smp) if smp.isdigit() else 1, cmdline, no_x2apic

@@ -38,6 +38,7 @@ from spanvm.contract import (
     Connected,
     ContractError,
     Counters,
+    CpuFeatures,
     Emit,
     EventWriter,
     Failed,
@@ -154,17 +155,20 @@ def _numa_nodes(config: FragmentConfig) -> tuple[NumaNode, ...]:
 
 
 def _boot_identity(config: FragmentConfig, boot: BootSource) -> dict[str, Any]:
-    """What of the boot source the fabric handshake compares (vm_shape's image and extras)."""
+    """What of the boot source the fabric handshake compares (vm_shape's image and extras):
+    the image; for a Multiboot kernel its command line, modules and where each vCPU runs;
+    CPUID features when not the defaults."""
+    extras = [] if config.cpu == CpuFeatures() else [f"cpu={config.cpu.model_dump_json()}"]
     if isinstance(boot, PayloadBoot):
         size = boot.loaded_end - boot.image.load_address
-        return {"image": boot.image.path, "image_size": size, "boot": ()}
+        return {"image": boot.image.path, "image_size": size, "boot": tuple(extras)}
     if isinstance(boot, MultibootBoot):
-        extras = [f"cmdline={boot.cmdline}"]
+        extras += [f"cmdline={boot.cmdline}", f"vcpu_fragments={config.vcpu_fragments}"]
         extras += [f"module={image_sha256(m, m.stat().st_size)}" for m in boot.modules]
         return {"image": boot.kernel, "image_size": boot.kernel.stat().st_size, "boot": extras}
     assert config.linux is not None
     kernel = Path(config.linux.kernel)
-    return {"image": kernel, "image_size": kernel.stat().st_size, "boot": ()}
+    return {"image": kernel, "image_size": kernel.stat().st_size, "boot": tuple(extras)}
 
 
 class Fragment:
