@@ -4,8 +4,9 @@ SHA-256 over a canonical JSON of the fragment count, vCPU count, guest memory (b
 payload argument, the home ranges and the payload image's size and SHA-256 (its content, not
 its path: fragments on other nodes have other paths), and for a Multiboot kernel its command
 line, its modules' digests and where each vCPU runs; CPUID features when not the defaults.
-The fabric handshake carries it (see wire.py), so a fragment started with the VM's secret but for another VM, or another payload
-build, is refused with a message naming both fragments instead of corrupting the guest.
+The fabric handshake carries it (see wire.py), so a fragment started with the VM's secret
+but for another VM, or another payload build, is refused with a message naming both
+fragments instead of corrupting the guest.
 """
 
 import hashlib
