@@ -289,6 +289,27 @@ def test_kvm_unit_tests_smptest_across_fragments(
     assert "PASS: IPI to each CPU" in out
 
 
+APIC_IPI_CHECKS = [
+    "PASS: self_ipi_xapic: self ipi",
+    "PASS: self_ipi_x2apic: self ipi",
+    "PASS: APIC physical broadcast address",
+    "PASS: APIC physical broadcast shorthand",
+    "PASS: nmi-after-sti",
+]
+
+
+def test_kvm_unit_tests_apic_ipi_checks_across_fragments(kut_build: Path, tmp_path: Path) -> None:
+    """kvm-unit-tests apic (x2APIC mode) with its 2 vCPUs on 2 fragments: its IPI checks pass
+    as on one fragment (self IPIs, the x2APIC physical broadcast, which needs the proxies in
+    the guest's APIC mode, the shorthand, 30,000 NMIs to the other vCPU); the checks that
+    fail here on one fragment too (NMI queueing, timers: docs/vmm.md) are not asserted."""
+    case = kut.test_cases(kut_build)["x2apic"]
+    outcome = kut.run_test(case, kut_build, fragments=2, timeout=600)
+    assert [c for c in outcome.checks if c in APIC_IPI_CHECKS] == APIC_IPI_CHECKS, (
+        outcome.summary() + "\n" + outcome.console[-3000:]
+    )
+
+
 IPI_CHECKS = [
     "PASS: {rounds} pongs arrived once each, in order",
     "PASS: {rounds} pings arrived once each, in order",
