@@ -109,12 +109,12 @@ class Vm:
         cap = kvm_abi.KvmEnableCap(cap=kvm_abi.KVM_CAP_X86_USER_SPACE_MSR)
         cap.args[0] = kvm_abi.KVM_MSR_EXIT_REASON_FILTER
         kvm_abi.ioctl(self.fd, kvm_abi.KVM_ENABLE_CAP, cap, "KVM_ENABLE_CAP X86_USER_SPACE_MSR")
-        self._msr_bitmap = (ctypes.c_uint8 * 1)(0)  # one MSR per range, its bit 0: denied
+        bitmap = (ctypes.c_uint8 * 1)(0)  # one MSR per range, its bit 0: denied (KVM copies it)
         flt = kvm_abi.KvmMsrFilter()
         for i, index in enumerate(indexes):
             flt.ranges[i].flags = kvm_abi.KVM_MSR_FILTER_WRITE
             flt.ranges[i].nmsrs, flt.ranges[i].base = 1, index
-            flt.ranges[i].bitmap = ctypes.addressof(self._msr_bitmap)
+            flt.ranges[i].bitmap = ctypes.addressof(bitmap)
         kvm_abi.ioctl(self.fd, kvm_abi.KVM_X86_SET_MSR_FILTER, flt, "KVM_X86_SET_MSR_FILTER")
 
     def signal_msi(self, address: int, data: int) -> None:
