@@ -7,7 +7,6 @@ interrupt's way to a lost fragment."""
 
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -259,22 +258,19 @@ def test_apic_mode_changes_a_guest_may_make(old: int, new: int, allowed: bool) -
 
 
 # -- whole guests across fragments ------------------------------------------------------------
-def spanvm_run(
-    flat: Path, env: Path, vcpus: int, fragments: int, cmdline: str = "", *more: str
+def spanvm_run(  # noqa: PLR0917 - the run's options
+    flat: Path, env: Path, vcpus: int, fragments: int, cmdline: str = "", no_x2apic: bool = False
 ) -> str:
-    cmd = [sys.executable, "-m", "spanvm", "run", "--multiboot", str(flat), "--module", str(env)]
-    cmd += list(more)
-    cmd += ["--vcpus", str(vcpus), "--fragments", str(fragments), "--memory", "256Mi"]
-    cmd += ["--timeout", "60"] + (["--cmdline", cmdline] if cmdline else [])
+    cmd = kut.spanvm_command(
+        flat, env, vcpus, fragments=fragments, cmdline=cmdline, no_x2apic=no_x2apic
+    )
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
 
 def kut_env(tmp_path: Path, vcpus: int) -> Path:
-    env = tmp_path / "env"
-    env.write_text(f"NR_CPUS={vcpus}\nTEST_DEVICE=0\nBOOTLOADER=spanvm\n")
-    return env
+    return kut.write_env(tmp_path / "env", vcpus)
 
 
 @pytest.mark.parametrize(("vcpus", "fragments"), [(2, 2), (3, 2), (3, 3)])
@@ -333,8 +329,9 @@ def test_ipis_arrive_once_in_order(
     same on one fragment."""
     flat = kut.build_guest("spanvm_ipi", kut_build)
     nmis, tscs = rounds // 10, 200
-    more = ["--no-x2apic"] if mode == "xAPIC" else []
-    out = spanvm_run(flat, kut_env(tmp_path, 2), 2, fragments, f"{rounds} {nmis} {tscs} 64", *more)
+    out = spanvm_run(
+        flat, kut_env(tmp_path, 2), 2, fragments, f"{rounds} {nmis} {tscs} 64", mode == "xAPIC"
+    )
     assert f"APIC mode: {mode}" in out
     checks = [line for line in out.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert checks == [c.format(rounds=rounds, nmis=nmis, tscs=tscs) for c in IPI_CHECKS], out

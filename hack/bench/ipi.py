@@ -61,11 +61,9 @@ def run_guest(
     """(cycles per IPI round trip, walk cycles per page quiet, flooded, each fragment's
     catch-to-delivery p50 in µs as its log says)."""
     with tempfile.TemporaryDirectory() as tmp:
-        env = Path(tmp) / "env"
-        env.write_text("NR_CPUS=2\nTEST_DEVICE=0\nBOOTLOADER=spanvm\n")
-        cmd = [sys.executable, "-m", "spanvm", "run", "--multiboot", str(flat)]
-        cmd += ["--module", str(env), "--vcpus", "2", "--fragments", str(fragments)]
-        cmd += ["--memory", "256Mi", "--timeout", "120", "--cmdline", f"{rounds} 10 10 {pages}"]
+        env = kut.write_env(Path(tmp) / "env", 2)
+        cmdline = f"{rounds} 10 10 {pages}"
+        cmd = kut.spanvm_command(flat, env, 2, fragments=fragments, timeout=120, cmdline=cmdline)
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"spanvm_ipi on {fragments} fragment(s) failed:\n{done.stderr[-2000:]}")

@@ -173,35 +173,50 @@ class Outcome:
         return text + (f": {self.detail}" if self.detail else "")
 
 
+def write_env(path: Path, vcpus: int) -> Path:
+    """The environment module kvm-unit-tests reads (NR_CPUS and the rest, as its runner
+    writes them); returns `path`."""
+    path.write_text(f"NR_CPUS={vcpus}\nTEST_DEVICE=0\nBOOTLOADER=spanvm\n")
+    return path
+
+
+def spanvm_command(
+    flat: Path,
+    env_file: Path,
+    vcpus: int,
+    *,
+    fragments: int = 1,
+    timeout: float = 60.0,
+    cmdline: str = "",
+    no_x2apic: bool = False,
+) -> list[str]:
+    """The `spanvm run --multiboot` command line that boots a kvm-unit-tests kernel (one of
+    the suite's or of `kut_guests/`) with its environment module."""
+    cmd = [sys.executable, "-m", "spanvm", "run", "--multiboot", str(flat)]
+    cmd += ["--module", str(env_file), "--vcpus", str(vcpus), "--memory", DEFAULT_MEMORY]
+    cmd += ["--timeout", f"{timeout:g}", "--fragments", str(fragments)]
+    if cmdline:
+        cmd += ["--cmdline", cmdline]
+    if no_x2apic:
+        cmd.append("--no-x2apic")
+    return cmd
+
+
 def run_test(
     case: TestCase, build: Path, fragments: int = 1, timeout: float = 60.0, smp: int | None = None
 ) -> Outcome:
     """Run one test through `spanvm run --multiboot` in a child process."""
-    env_file = build / f".env-{case.name}"
     vcpus = smp or case.smp
-    env_file.write_text(f"NR_CPUS={vcpus}\nTEST_DEVICE=0\nBOOTLOADER=spanvm\n")
-    cmd = [
-        sys.executable,
-        "-m",
-        "spanvm",
-        "run",
-        "--multiboot",
-        str(build / "x86" / case.file),
-        "--module",
-        str(env_file),
-        "--vcpus",
-        str(vcpus),
-        "--memory",
-        DEFAULT_MEMORY,
-        "--timeout",
-        str(timeout),
-        "--fragments",
-        str(fragments),
-    ]
-    if case.cmdline:
-        cmd += ["--cmdline", case.cmdline]
-    if case.no_x2apic:
-        cmd.append("--no-x2apic")
+    env_file = write_env(build / f".env-{case.name}", vcpus)
+    cmd = spanvm_command(
+        build / "x86" / case.file,
+        env_file,
+        vcpus,
+        fragments=fragments,
+        timeout=timeout,
+        cmdline=case.cmdline,
+        no_x2apic=case.no_x2apic,
+    )
     started = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     seconds = time.monotonic() - started
