@@ -1,6 +1,7 @@
 """The agent/launcher <-> fragment contract: one builder, one command line, typed events, and
 a configuration of another version refused by a real `spanvm fragment` naming both."""
 
+import dataclasses
 import io
 import json
 import secrets
@@ -13,6 +14,7 @@ from spanvm.contract import (
     Connected,
     ContractError,
     Counters,
+    CpuFeatures,
     EventWriter,
     Failed,
     Finished,
@@ -25,6 +27,7 @@ from spanvm.contract import (
     read_config,
 )
 from spanvm.exitstatus import EXIT_VM_ERROR
+from spanvm.vmm.cpuid import CpuidOptions
 
 MiB = 1 << 20
 
@@ -108,3 +111,9 @@ def test_events_round_trip_through_the_one_emitter_and_parser() -> None:
 def test_an_unknown_event_is_refused_by_name() -> None:
     with pytest.raises(ContractError, match="not a fragment event"):
         parse_event('{"event": "exploded"}')
+
+
+def test_cpu_features_name_the_vmms_cpuid_options() -> None:
+    """The contract's CPU features and the VMM's CpuidOptions are built from each other by
+    field name (cli.py, fabric/fragment.py): a feature added to one only must fail here."""
+    assert set(CpuFeatures.model_fields) == {f.name for f in dataclasses.fields(CpuidOptions)}

@@ -9,6 +9,7 @@ output went away (`spanvm kvm-info | head`); every error is one line on stderr.
 """
 
 import argparse
+import dataclasses
 import importlib
 import os
 import sys
@@ -206,7 +207,7 @@ def _run_fragments(  # noqa: PLR0917 - what the fragments run
             idle_timeout=args.timeout,
             netns=args.netns,
             multiboot=multiboot,
-            cpu=CpuFeatures(cx16=not args.no_cx16, x2apic=not args.no_x2apic),
+            cpu=CpuFeatures(**dataclasses.asdict(_cpuid(args))),
         ) as vm:
             stops.action = vm.request_stop
             code = vm.wait()

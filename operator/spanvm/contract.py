@@ -54,7 +54,8 @@ class MultibootKernel(_Model):
 
 
 class CpuFeatures(_Model):
-    """CPUID features the guest sees (vmm/cpuid.CpuidOptions): False hides one."""
+    """CPUID features the guest sees: False hides one. The fields are vmm/cpuid.CpuidOptions'
+    (each side builds the other from them by name)."""
 
     cx16: bool = Field(default=True, description="CMPXCHG16B (leaf 1 ECX[13]).")
     x2apic: bool = Field(default=True, description="x2APIC (leaf 1 ECX[21]).")

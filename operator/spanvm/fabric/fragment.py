@@ -214,7 +214,7 @@ class Fragment:
                 boot=boot,
                 local_vcpus=tuple(config.vcpu_ids),
                 vcpu_nice=config.vcpu_nice,
-                cpuid=CpuidOptions(cx16=config.cpu.cx16, x2apic=config.cpu.x2apic),
+                cpuid=CpuidOptions(**config.cpu.model_dump()),
                 nodes=_numa_nodes(config) if boot.platform else (),
             ),
             console_sink=sink,
