@@ -10,7 +10,7 @@ import os
 import pytest
 
 from coherence_explorer import ExplorationError, Explorer, explore
-from spanvm.fabric.coherence import NO_OWNER, Coherence
+from spanvm.fabric.coherence import NO_OWNER, Coherence, nearest_rank
 from spanvm.fabric.uffd import (
     PAGE_SIZE,
     UFFDIO_COPY,
@@ -130,3 +130,10 @@ def test_explorer_finds_a_forgotten_sharer_after_a_batched_downgrade() -> None:
                 sequential=0.8,
                 coherence=ForgetfulBatchHome,
             )
+
+
+def test_nearest_rank_percentiles() -> None:
+    """The percentile the fragments report (remote faults, interrupt latency)."""
+    samples = [float(v) for v in range(1, 101)]
+    assert (nearest_rank(samples, 50), nearest_rank(samples, 99)) == (51.0, 100.0)
+    assert nearest_rank([7.0], 99) == 7.0

@@ -44,6 +44,15 @@ class CoherenceError(RuntimeError):
     """A message contradicts the protocol's state: the VM must stop."""
 
 
+MAX_SAMPLES = 100_000  # latency samples a fragment keeps (faults, interrupts)
+
+
+def nearest_rank(ordered: list[float], percent: int) -> float:
+    """The `percent`-th percentile of non-empty, sorted `ordered`: the sample at rank
+    n * percent // 100 (0-based, clamped to the last)."""
+    return ordered[min(len(ordered) - 1, len(ordered) * percent // 100)]
+
+
 @dataclass
 class Counters:
     """What the fabric did on this fragment."""
@@ -61,13 +70,9 @@ class Counters:
         samples = sorted(self.remote_fault_seconds)
         if not samples:
             return {}
-
-        def pick(q: float) -> float:
-            return round(samples[min(len(samples) - 1, int(len(samples) * q))] * 1e6, 1)
-
         return {
-            "remote_fault_p50_us": pick(0.5),
-            "remote_fault_p99_us": pick(0.99),
+            "remote_fault_p50_us": round(nearest_rank(samples, 50) * 1e6, 1),
+            "remote_fault_p99_us": round(nearest_rank(samples, 99) * 1e6, 1),
             "remote_faults": len(samples),
         }
 
@@ -232,7 +237,7 @@ class Coherence:
             self._prefetch(stream, home, page)
         wait()  # the grant is applied by the reader
         self.counters.remote_faults += 1
-        if len(self.counters.remote_fault_seconds) < 100_000:
+        if len(self.counters.remote_fault_seconds) < MAX_SAMPLES:
             # From reading the fault to the page installed by the reader thread.
             self.counters.remote_fault_seconds.append(self._installed_at - fault.read_at)
 

@@ -51,7 +51,13 @@ from spanvm.contract import (
     read_config,
 )
 from spanvm.exitstatus import EXIT_TIMEOUT, guest_status, signal_status
-from spanvm.fabric.coherence import READAHEAD, Coherence, readahead_count
+from spanvm.fabric.coherence import (
+    MAX_SAMPLES,
+    READAHEAD,
+    Coherence,
+    nearest_rank,
+    readahead_count,
+)
 from spanvm.fabric.homes import HomeMap, HomeRange
 from spanvm.fabric.shape import image_sha256, vm_shape
 from spanvm.fabric.transport import FabricError, Handlers, PeerGoneError, Transport
@@ -70,13 +76,12 @@ from spanvm.vmm.platform_shape import NumaNode
 
 log = logging.getLogger("spanvm.fragment")
 CAUGHT_AT = struct.Struct("<Q")  # an INTERRUPT frame's payload: time.monotonic_ns() of the catch
-MAX_LATENCY_SAMPLES = 100_000
 
 
 class InterruptLatency:
     """Catch-to-delivery times of the interrupts delivered here (the proxy's exit in the
     sending fragment to KVM_SIGNAL_MSI returning here), in µs. CLOCK_MONOTONIC is one clock
-    only on one host: across hosts the figures say nothing, and are not logged as such."""
+    only on one host: across hosts the figures say nothing (the log line says "same host")."""
 
     def __init__(self) -> None:
         self.delivered = 0
@@ -85,16 +90,13 @@ class InterruptLatency:
     def record(self, payload: bytes) -> None:
         (caught_ns,) = CAUGHT_AT.unpack(payload)
         self.delivered += 1
-        if len(self.micros) < MAX_LATENCY_SAMPLES:
+        if len(self.micros) < MAX_SAMPLES:
             self.micros.append((time.monotonic_ns() - caught_ns) / 1000)
 
     def summary(self) -> str:
         """`interrupts delivered here: N; catch-to-delivery p50 X µs, p99 Y µs (same host)`."""
         ordered = sorted(self.micros)
-        p50, p99 = (
-            ordered[len(ordered) // 2],
-            ordered[min(len(ordered) - 1, len(ordered) * 99 // 100)],
-        )
+        p50, p99 = nearest_rank(ordered, 50), nearest_rank(ordered, 99)
         return (
             f"interrupts delivered here: {self.delivered}; catch-to-delivery p50 {p50:.0f} µs,"
             f" p99 {p99:.0f} µs (same host)"
