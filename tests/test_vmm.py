@@ -1,6 +1,8 @@
 """The fragment VMM on real KVM: payload results, error paths, no leaks."""
 
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,3 +200,43 @@ def test_no_fds_threads_or_mappings_leak(
     assert set(os.listdir("/proc/self/fd")) == fds
     assert threading.active_count() == threads
     assert len(Path("/proc/self/maps").read_text().splitlines()) <= maps_before + 2
+
+
+KICK_DURING_CLOSE = """
+import threading
+from spanvm.payloads.build import payload_image
+from spanvm.vmm.machine import Machine, VmConfig
+
+for _ in range(30):
+    machine = Machine(VmConfig(32 << 20, 4, payload_image("hello")))
+    machine.run(idle_timeout=30)
+    done = threading.Event()
+
+    def fail_until_done() -> None:  # a fabric reader reporting a lost peer during shutdown
+        while not done.is_set():
+            machine.fail("peer lost")
+
+    threads = [threading.Thread(target=fail_until_done) for _ in range(2)]
+    for t in threads:
+        t.start()
+    machine.close()
+    done.set()
+    for t in threads:
+        t.join()
+print("closed 30 machines under kicks")
+"""
+
+
+def test_kicks_racing_close_never_touch_unmapped_kvm_run() -> None:
+    """A fragment's reader thread may fail the VM (kicking every vCPU) while the fragment
+    closes the machine; found as SIGSEGV in _ctypes writing kvm_run.immediate_exit after
+    munmap. Run in a child: a crash must not take the test session with it."""
+    result = subprocess.run(
+        [sys.executable, "-c", KICK_DURING_CLOSE],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "closed 30 machines under kicks" in result.stdout

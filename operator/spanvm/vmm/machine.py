@@ -332,8 +332,10 @@ class Machine:
 
     @staticmethod
     def _kick(vcpu: Vcpu) -> None:
-        vcpu.run.immediate_exit = 1
         with vcpu.kick_lock:
+            if vcpu.closed:  # torn down already: nothing to stop (and kvm_run is unmapped)
+                return
+            vcpu.run.immediate_exit = 1
             thread = vcpu.thread
             if vcpu.looping and thread is not None and thread.ident is not None:
                 signal.pthread_kill(thread.ident, KICK_SIGNAL)

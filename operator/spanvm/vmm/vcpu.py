@@ -40,6 +40,7 @@ class Vcpu:
         # exited may reach another thread that reuses its pthread_t, after the handler is gone.
         self.kick_lock = threading.RLock()  # a signal handler on this thread may kick too
         self.looping = False
+        self.closed = False  # set under kick_lock before kvm_run is unmapped: kicks skip it
 
     def exit_union(self, kind: type[ctypes.Structure]) -> ctypes.Structure:
         return kind.from_address(self.run_address + kvm_abi.KVM_EXIT_UNION_OFFSET)
@@ -117,5 +118,12 @@ class Vcpu:
         return int(tr.physical_address) if tr.valid else None
 
     def close(self) -> None:
-        kvm_abi.munmap(self.run_address, self.mmap_size)
-        os.close(self.fd)
+        """Unmap kvm_run and close the fd (idempotent). Under kick_lock: a kick from another
+        thread (a fabric reader failing the VM during shutdown) never writes to kvm_run after
+        it is unmapped."""
+        with self.kick_lock:
+            if self.closed:
+                return
+            self.closed = True
+            kvm_abi.munmap(self.run_address, self.mmap_size)
+            os.close(self.fd)
