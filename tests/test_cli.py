@@ -43,8 +43,10 @@ def test_run_flat_binary_exit_code(tmp_path: Path) -> None:
         ),
         (["run", "/no/such/file"], "no payload named '/no/such/file' and no file at that path"),
         (["run", "--vcpus", "1", "mp-litmus"], "payload mp-litmus needs --vcpus >= 2"),
-        (["run", "--timeout", "0", "hello"], "--timeout must be positive"),
-        (["run", "--arg", "-1", "smp-counter"], "--arg must be >= 0"),
+        (["run", "--timeout", "0", "hello"], "--timeout must be a positive number of seconds"),
+        (["run", "--timeout", "nan", "hello"], "--timeout must be a positive number of seconds"),
+        (["run", "--arg", "-1", "smp-counter"], "--arg must be >= 0 and < 2**64"),
+        (["run", "--arg", str(1 << 64), "smp-sum"], "--arg must be >= 0 and < 2**64"),
         (["run"], "give a payload name or file, --kernel KERNEL or --multiboot KERNEL"),
         (["run", "--initrd", "i.cpio", "hello"], "--initrd needs --kernel"),
         (["run", "--kernel", "vmlinux", "hello"], "--kernel boots Linux alone"),
@@ -66,7 +68,7 @@ def test_payload_larger_than_memory(tmp_path: Path) -> None:
     path = tmp_path / "big.bin"
     path.write_bytes(b"\x90" * (20 << 20))
     result = spanvm("run", "--memory", "16Mi", str(path))
-    assert result.returncode == 70
+    assert result.returncode == 2  # bad arguments: refused before any KVM object exists
     assert result.stderr.strip().splitlines() == [
         f"spanvm: error: payload image {path} (20971520 bytes) and 1 vCPU stacks"
         " do not fit in 16 MiB of guest memory"
@@ -94,7 +96,7 @@ def test_an_image_that_cannot_fit_is_refused_by_its_size_unread(
         env=env,
         check=False,
     )
-    assert result.returncode == 70, result.stderr
+    assert result.returncode == 2, result.stderr
     assert (
         f"payload image {path} (1073741824 bytes) and 2 vCPU stacks do not fit in"
         " 256 MiB of guest memory"
@@ -236,7 +238,7 @@ def test_run_kernel_refuses_a_file_that_is_no_kernel(tmp_path: Path) -> None:
     junk = tmp_path / "junk"
     junk.write_bytes(b"MZ" + bytes(1000))
     result = spanvm("run", "--kernel", str(junk))
-    assert result.returncode == 70 and result.stdout == ""
+    assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == (
         f"spanvm: error: Linux kernel {junk}: neither an ELF vmlinux nor a bzImage (no ELF"
         " magic, no 'HdrS' setup header at 0x202)\n"

@@ -43,6 +43,23 @@ def test_unusable_kernel_is_refused_naming_it(tmp_path: Path) -> None:
     kernel = tmp_path / "kernel.flat"
     kernel.write_bytes(b"not a kernel" * 100)
     result = spanvm("run", "--multiboot", str(kernel))
-    assert result.returncode == 70
+    assert result.returncode == 2  # bad arguments, like a payload path that is no file
     assert f"multiboot kernel {kernel}: no Multiboot header" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("fragments", ["1", "2"])
+@pytest.mark.parametrize("option", ["--multiboot", "--module"])
+def test_missing_boot_file_is_a_usage_error_naming_it(
+    kut_dummy: Path, tmp_path: Path, option: str, fragments: str
+) -> None:
+    missing = tmp_path / "nowhere" / "file"
+    kernel = (
+        ["--multiboot", str(missing)]
+        if option == "--multiboot"
+        else ["--multiboot", str(kut_dummy), "--module", str(missing)]
+    )
+    result = spanvm("run", *kernel, "--vcpus", "2", "--fragments", fragments)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(missing) in lines[0] and "No such file" in lines[0], lines

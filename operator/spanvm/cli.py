@@ -11,6 +11,7 @@ output went away (`spanvm kvm-info | head`); every error is one line on stderr.
 import argparse
 import dataclasses
 import importlib
+import math
 import os
 import sys
 import threading
@@ -39,9 +40,10 @@ from spanvm.payloads.build import PayloadBuildError, resolve_image
 from spanvm.payloads.catalog import PAYLOAD_NAMES, PAYLOADS
 from spanvm.procs import die_with_parent
 from spanvm.stopsignals import Interrupted, StopSignals
-from spanvm.vmm.boot import BootSource, GuestShape
+from spanvm.vmm.boot import BootError, BootSource, GuestShape
 from spanvm.vmm.boot.linux import LinuxBoot
 from spanvm.vmm.boot.multiboot import MultibootBoot
+from spanvm.vmm.boot.payload import PayloadBoot
 from spanvm.vmm.cpuid import CpuidOptions
 from spanvm.vmm.layout import MAX_VCPUS
 from spanvm.vmm.machine import Machine, VmConfig, VmError
@@ -66,13 +68,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         split_vcpus(args.vcpus, args.fragments)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if args.timeout <= 0:
-        raise UsageError(f"--timeout must be positive, got {args.timeout}")
+    if not math.isfinite(args.timeout) or args.timeout <= 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     info = PAYLOADS.get(args.payload)
     if info and args.vcpus < info.min_vcpus:
         raise UsageError(f"payload {info.name} needs --vcpus >= {info.min_vcpus}")
-    if args.arg is not None and args.arg < 0:
-        raise UsageError(f"--arg must be >= 0, got {args.arg}")
+    if args.arg is not None and not 0 <= args.arg < 1 << 64:
+        raise UsageError(f"--arg must be >= 0 and < 2**64 (one 64-bit register), got {args.arg}")
     boot = _boot_source(args)
     if isinstance(boot, MultibootBoot) and (args.fragments > 1 or args.netns):
         boot.check(GuestShape(memory, args.vcpus))  # bad input refused here, naming the file
@@ -100,6 +102,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     with StopSignals() as stops:
         try:
             if args.fragments > 1 or args.netns:
+                # An image that cannot fit is refused here, as in one process, not by a child.
+                PayloadBoot(image, arg).check(GuestShape(memory, args.vcpus))
                 payload = args.payload if info else str(image.path)
                 return _run_fragments(args, payload, memory, arg, stops)
             config = VmConfig(memory, args.vcpus, image, arg, cpuid=_cpuid(args))
@@ -317,7 +321,8 @@ def cli() -> None:
 
 
 @cli.command(
-    epilog="Exit status: the guest's exit code; 2 bad arguments, 70 the VM stopped on an"
+    epilog="Exit status: the guest's exit code; 2 bad arguments (also a kernel, module or"
+    " image that is missing, unusable or does not fit), 70 the VM stopped on an"
     " error, 124 --timeout, 125 a guest exit code above 255 (printed in full on stderr),"
     " 128+N stopped by signal N (SIGTERM, SIGINT, SIGHUP: every fragment ends within 6 s)."
 )
@@ -453,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as err:
         print(f"spanvm: error: {err}", file=sys.stderr)
         return err.status
+    except BootError as err:  # an unusable kernel, module or initrd: bad arguments
+        print(f"spanvm: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except (VmError, PayloadBuildError) as err:
         print(f"spanvm: error: {err}", file=sys.stderr)
         return EXIT_VM_ERROR
