@@ -150,6 +150,24 @@ def test_unreachable_server_and_denied_rbac_are_one_line(kubeconfig: Path) -> No
     assert 'cannot get resource "spanningvms"' in line
 
 
+def test_a_kubeconfig_that_cannot_be_read_is_named_with_where_it_came_from(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "nowhere" / "config"
+    env = spanvm("status", "web", kubeconfig=missing)
+    assert env.returncode == 1
+    assert one_line(env) == f"spanvm: error: kubeconfig {missing} (from $KUBECONFIG): no such file"
+    option = spanvm("status", "web", "--kubeconfig", str(missing))
+    assert one_line(option) == (
+        f"spanvm: error: kubeconfig {missing} (from --kubeconfig): no such file"
+    )
+    junk = tmp_path / "junk"
+    junk.write_text("just: text\n")
+    unusable = spanvm("status", "web", kubeconfig=junk)
+    assert unusable.returncode == 1
+    assert one_line(unusable).startswith(f"spanvm: error: kubeconfig {junk} (from $KUBECONFIG): ")
+
+
 @pytest.mark.usefixtures("vms")
 def test_verbs_change_the_vm_as_virtctl_does(kubeconfig: Path, kube: Kube) -> None:
     def vm(ns: str, name: str) -> JsonObject:
@@ -211,6 +229,14 @@ def test_wait_for_a_phase_a_condition_or_a_timeout(kubeconfig: Path, kube: Kube)
     assert "(phase Running" in one_line(timed_out)
     bad = spanvm("wait", "web", "--for=colour=red", kubeconfig=kubeconfig)
     assert bad.returncode == 2
+    for never, needle in (
+        ("phase=Bogus", "no SpanningVM phase 'Bogus' (one of Pending, "),
+        ("status=running", "no SpanningVM status 'running'"),
+        ("condition=Redy", "no SpanningVM condition 'Redy'"),
+        ("condition=Ready=yes", "a condition's status is True, False or Unknown"),
+    ):  # values that can never match: refused at once, not waited on until the timeout
+        refused = spanvm("wait", "web", f"--for={never}", kubeconfig=kubeconfig)
+        assert refused.returncode == 2 and needle in refused.stderr, refused.stderr
     deleted = spanvm("wait", "nothere", "--for=delete", kubeconfig=kubeconfig)
     assert deleted.returncode == 0 and "deleted" in deleted.stdout
 

@@ -26,25 +26,29 @@ class Target:
     host: str
 
 
-def _kubeconfig_files(kubeconfig: str | None) -> str | None:
-    """The kubeconfig to read (kubectl's order), or None when there is none at all."""
+def _kubeconfig_files(kubeconfig: str | None) -> tuple[str, str] | None:
+    """The kubeconfig to read (kubectl's order) and where it was named, for messages
+    ("--kubeconfig", "$KUBECONFIG", "the default"), or None when there is none at all.
+    Raises CliError naming the file when none of the named files exists."""
     if kubeconfig:
         if not Path(kubeconfig).expanduser().exists():
-            raise CliError(f"kubeconfig {kubeconfig} does not exist")
-        return kubeconfig
+            raise CliError(f"kubeconfig {kubeconfig} (from --kubeconfig): no such file")
+        return kubeconfig, "--kubeconfig"
     env = os.environ.get("KUBECONFIG")
     if env:
-        return env
+        if not any(Path(f).expanduser().exists() for f in env.split(os.pathsep) if f):
+            raise CliError(f"kubeconfig {env} (from $KUBECONFIG): no such file")
+        return env, "$KUBECONFIG"
     default = Path("~/.kube/config").expanduser()
-    return str(default) if default.exists() else None
+    return (str(default), "the default") if default.exists() else None
 
 
-def _context_namespace(files: str, context: str | None) -> str | None:
+def _context_namespace(files: str, source: str, context: str | None) -> str | None:
     """The namespace the chosen (or current) context names, if any."""
     try:
         contexts, current = config.list_kube_config_contexts(config_file=files)  # type: ignore[no-untyped-call]
     except ConfigException as err:
-        raise CliError(f"kubeconfig: {err}") from None
+        raise CliError(f"kubeconfig {files} (from {source}): {err}") from None
     if context is not None:
         chosen = next((c for c in contexts if c.get("name") == context), None)
         if chosen is None:
@@ -59,16 +63,17 @@ def _context_namespace(files: str, context: str | None) -> str | None:
 def connect(kubeconfig: str | None, context: str | None, namespace: str | None) -> Target:
     """The client and namespace for these options (see the module docstring)."""
     configuration = client.Configuration()
-    files = _kubeconfig_files(kubeconfig)
+    found = _kubeconfig_files(kubeconfig)
     in_cluster_namespace = None
-    if files is not None:
-        context_namespace = _context_namespace(files, context)
+    if found is not None:
+        files, source = found
+        context_namespace = _context_namespace(files, source, context)
         try:
             config.load_kube_config(  # type: ignore[no-untyped-call]
                 config_file=files, context=context, client_configuration=configuration
             )
         except (ConfigException, OSError) as err:
-            raise CliError(f"kubeconfig: {err}") from None
+            raise CliError(f"kubeconfig {files} (from {source}): {err}") from None
     else:
         if context is not None:
             raise CliError(f"--context {context}: there is no kubeconfig to find it in")

@@ -14,6 +14,7 @@ import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
 from spanvm.api.constants import GROUP, SPANNINGVM_PLURAL, VERSION
+from spanvm.api.phases import ConditionType, PrintableStatus, VMPhase
 from spanvm.commands import output
 from spanvm.commands.errors import CliError, NotFound, api_failure, unreachable
 from spanvm.commands.follow import Follower
@@ -226,6 +227,19 @@ def _parse_for(text: str) -> tuple[str, str]:
         raise click.BadParameter(
             f"{text!r}: use phase=PHASE, status=STATUS, condition=TYPE[=STATUS] or delete"
         )
+    cond_type, _, cond_status = want.partition("=")
+    known: dict[str, tuple[str, list[str]]] = {  # what can never match, refused up front
+        "phase": (want, [p.value for p in VMPhase]),
+        "status": (want, [s.value for s in PrintableStatus]),
+        "condition": (cond_type, [c.value for c in ConditionType]),
+    }
+    value, values = known[kind]
+    if value not in values:
+        raise click.BadParameter(
+            f"{text!r}: no SpanningVM {kind} {value!r} (one of {', '.join(values)})"
+        )
+    if kind == "condition" and cond_status not in ("", "True", "False", "Unknown"):
+        raise click.BadParameter(f"{text!r}: a condition's status is True, False or Unknown")
     return kind, want
 
 
