@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field, ValidationError
 
@@ -137,6 +137,7 @@ def test_invalid_examples_are_refused_by_the_model_too(path: Path) -> None:
         SpanningVM.model_validate(yaml.safe_load(path.read_text()))
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # a loaded machine
 @given(
     st.from_regex(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", fullmatch=True).filter(
         lambda n: bool(DNS_SUBDOMAIN.match(n))

@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -10,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from guest_code import EXIT_7, HLT, NOP_LOOP, SPIN, exit_with
+from guest_code import EXIT_7, HLT, NOP_LOOP, SPIN, exit_with, store_to
 from spanvm.devcluster.paths import kubectl, repo_root
 from spanvm.payloads.kernels import kernel_path
+from spanvm.vmm.layout import MMIO_BASE, Doorbell
 from spanvm_cli import spanvm
 
 pytestmark = pytest.mark.kvm
+PRINT_DOT = store_to(MMIO_BASE + Doorbell.PUTC, ord("."))
 
 
 def test_run_streams_console_and_exits_zero() -> None:
@@ -186,18 +189,24 @@ def test_a_guest_busy_with_exits_is_not_idle(tmp_path: Path) -> None:
     """--timeout counts exits to the monitor as activity, as its help says: a guest that
     writes the NOP doorbell for ever without printing is not stopped as idle."""
     path = tmp_path / "nop-loop.bin"
-    path.write_bytes(NOP_LOOP)
+    path.write_bytes(PRINT_DOT + NOP_LOOP)  # one '.', then exits without printing
     env = {**os.environ, "PYTHONPATH": str(repo_root() / "operator")}
     process = subprocess.Popen(
         [sys.executable, "-m", "spanvm.cli", "run", "--timeout", "1", str(path)],
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
-        text=True,
     )
-    time.sleep(4)
+    assert process.stdout is not None and process.stderr is not None
+    # The guest runs (and the stop signals are handled) once it printed: from then on, three
+    # --timeout periods of exits and no output.
+    ready, _, _ = select.select([process.stdout], [], [], 60)
+    assert ready and process.stdout.read(1) == b".", "the guest did not start within 60 s"
+    time.sleep(3)
     still_running = process.poll() is None
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=30)
+    _, raw_stderr = process.communicate(timeout=30)
+    stderr = raw_stderr.decode()
     assert still_running, f"stopped as idle (status {process.returncode}): {stderr}"
     assert process.returncode == 143, stderr
     assert stderr.strip().splitlines() == ["spanvm: stopped by SIGTERM; the VM ended"]

@@ -50,7 +50,7 @@ def test_debian_kernel_reaches_its_banner() -> None:
         capture_output=True,
         text=True,
         check=False,
-        timeout=900,
+        timeout=540,  # below pytest's own 600 s, above --limit 400
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     console = [

@@ -147,9 +147,9 @@ def test_a_frozen_fragment_is_killed_and_named(tmp_path: Path) -> None:
     with spinning(tmp_path, "--timeout", "60") as run:
         frozen = run.fragments[1]
         os.kill(frozen, signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        code = run.process.wait(timeout=PEER_HUNG_AFTER + STOP_GRACE + 2 * SLACK)
-        elapsed = time.monotonic() - stopped_at
+        # Bounded by this wait: the silence check, fragment 0's exit, the grace, the kill
+        # (~17-18.5 s nominal; the slack is for a loaded machine, not a timing assertion).
+        code = run.process.wait(timeout=PEER_HUNG_AFTER + STOP_GRACE + 3 * SLACK)
         assert_all_gone(run)
     assert code == 70, run.stderr()
     assert (
@@ -157,17 +157,14 @@ def test_a_frozen_fragment_is_killed_and_named(tmp_path: Path) -> None:
         f" {STOP_GRACE:g}s after another fragment ended; killed it"
     ) in run.messages(), run.stderr()
     assert "fragment 1 lost" in run.stderr()
-    assert elapsed < PEER_HUNG_AFTER + STOP_GRACE + SLACK, f"took {elapsed:.1f}s"
 
 
 def test_sigterm_with_a_frozen_fragment_kills_it_after_the_grace(tmp_path: Path) -> None:
     with spinning(tmp_path, "--timeout", "60") as run:
         frozen = run.fragments[1]
         os.kill(frozen, signal.SIGSTOP)
-        sent = time.monotonic()
         run.process.send_signal(signal.SIGTERM)
-        code = run.process.wait(timeout=STOP_GRACE + 2 * SLACK)
-        elapsed = time.monotonic() - sent
+        code = run.process.wait(timeout=STOP_GRACE + 2 * SLACK)  # the grace, then the kill
         assert_all_gone(run)
     assert code == 143, run.stderr()
     assert run.messages() == [
@@ -175,7 +172,6 @@ def test_sigterm_with_a_frozen_fragment_kills_it_after_the_grace(tmp_path: Path)
         f" {STOP_GRACE:g}s after it was asked to stop; killed it",
         "spanvm: stopped by SIGTERM; every fragment ended (some killed)",
     ], run.stderr()
-    assert elapsed < STOP_GRACE + SLACK, f"took {elapsed:.1f}s"
 
 
 def test_fragments_die_with_a_killed_launcher(tmp_path: Path) -> None:

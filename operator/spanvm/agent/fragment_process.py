@@ -185,6 +185,9 @@ class FragmentProcess:
         events = self.events()
         listening = last_of(events, Listening)
         finished = last_of(events, Finished)
+        # Paused is read before the console: a pass that reports Paused then carries the
+        # console as it stands with the vCPUs held, never a size from just before.
+        paused = self.paused()
         console, written = tail_and_size(self.dir / CONSOLE) if index == 0 else ("", 0)
         known = VMFragmentStatus(
             started_at=self.meta().get("startedAt"),
@@ -206,7 +209,7 @@ class FragmentProcess:
                 if connected
                 else "fragment VMM started; connecting to peers"
             )
-            if phase == FragmentPhase.RUNNING and self.paused():
+            if phase == FragmentPhase.RUNNING and paused:
                 phase = FragmentPhase.PAUSED
                 message = "vCPUs paused on request; the fabric keeps serving"
             return known.model_copy(update={"phase": phase, "message": message})
