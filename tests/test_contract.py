@@ -6,6 +6,7 @@ import io
 import json
 import secrets
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,7 @@ from spanvm.contract import (
     Failed,
     Finished,
     Listening,
+    MultibootKernel,
     fragment_command,
     fragment_config,
     last_of,
@@ -117,3 +119,27 @@ def test_cpu_features_name_the_vmms_cpuid_options() -> None:
     """The contract's CPU features and the VMM's CpuidOptions are built from each other by
     field name (cli.py, fabric/fragment.py): a feature added to one only must fail here."""
     assert set(CpuFeatures.model_fields) == {f.name for f in dataclasses.fields(CpuidOptions)}
+
+
+def test_a_fragment_given_an_unusable_kernel_reports_failed_and_exits_70(tmp_path: Path) -> None:
+    """Not exit 2 (that is `spanvm run`'s usage error): the agent reports the fragment's
+    status as the VM's, so a bad kernel is a failed VM, said in a Failed event."""
+    junk = tmp_path / "kernel.flat"
+    junk.write_bytes(b"not a kernel" * 100)
+    raw = config(
+        0,
+        vcpu_ids=[0],
+        vcpu_count=1,
+        fragment_count=1,
+        payload="",
+        peers={},
+        homes=[(0, 32 * MiB, 0)],
+        listen_host="127.0.0.1",
+        multiboot=MultibootKernel(kernel=str(junk), modules=[], cmdline=""),
+    )
+    done = subprocess.run(
+        fragment_command(1), input=raw, capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == EXIT_VM_ERROR, done.stderr.decode()
+    failed = last_of(parse_events(done.stdout.decode()), Failed)
+    assert failed is not None and f"multiboot kernel {junk}: no Multiboot header" in failed.error

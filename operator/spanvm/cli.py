@@ -57,7 +57,16 @@ class UsageError(Exception):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run one guest in this process and stream its console; exit with the guest's code."""
+    """Run one guest in this process and stream its console; exit with the guest's code.
+    An unusable kernel, module, initrd or image (BootError, raised before any vCPU runs) is
+    a usage error (2); `spanvm fragment` keeps 70 for it (the agent reports a failed VM)."""
+    try:
+        return _cmd_run(args)
+    except BootError as err:
+        raise UsageError(str(err)) from None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     try:
         memory = parse_memory(args.memory)
     except ValueError as err:
@@ -458,9 +467,6 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as err:
         print(f"spanvm: error: {err}", file=sys.stderr)
         return err.status
-    except BootError as err:  # an unusable kernel, module or initrd: bad arguments
-        print(f"spanvm: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
     except (VmError, PayloadBuildError) as err:
         print(f"spanvm: error: {err}", file=sys.stderr)
         return EXIT_VM_ERROR

@@ -431,9 +431,14 @@ class Fragment:
         """Tear down in dependency order: nothing may touch guest RAM once it is unmapped."""
         self.stopping.set()
         self._vcpus_stopped.set()  # also when run() never started them
-        self.transport.close()
+        alive = self.transport.close()
         if self._fault_thread.is_alive():
             self._fault_thread.join(5.0)
+            if self._fault_thread.is_alive():
+                alive.append(self._fault_thread.name)
+        if alive:  # they may still read guest RAM or use the VM: leave both to the exit
+            log.warning("threads %s did not end; guest memory stays mapped until exit", alive)
+            return
         self.machine.close()
         self.uffd.close()
 
@@ -470,7 +475,12 @@ def _run(
     status: Emit,
     stops: StopSignals,
 ) -> int:
-    fragment = Fragment(config, sink, status)
+    try:
+        fragment = Fragment(config, sink, status)
+    except VmError as err:  # e.g. an unusable kernel: a Failed event, not only a log line
+        status(Failed(error=str(err)))
+        print(f"spanvm fragment {config.index}: {err}", file=sys.stderr)
+        return EXIT_VM_ERROR
     _pausable(fragment.machine, status)
     try:
         stops.action = fragment.stop_quietly

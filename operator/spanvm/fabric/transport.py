@@ -430,9 +430,11 @@ class Transport:
             self._peers_changed.notify_all()  # a fragment still joining stops waiting
 
     # -- teardown ----------------------------------------------------------------------------
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float = 5.0) -> list[str]:
         """Stop listening, close every connection, fail what still waits, and wait for the
-        reader and worker threads to end (they touch guest memory: it must outlive them)."""
+        reader and worker threads to end (they touch guest memory: it must outlive them).
+        Returns the names of the threads still running after `timeout` s (then guest memory
+        must stay mapped: the caller leaves it to the process's exit)."""
         self._closing.set()
         with self._peers_changed:
             self._torn_down = True
@@ -446,10 +448,11 @@ class Transport:
                 peer.sock.shutdown(socket.SHUT_RDWR)
             peer.sock.close()
         deadline = time.monotonic() + timeout
-        for thread in list(self._threads):
-            if thread is not threading.current_thread():
-                thread.join(max(0.0, deadline - time.monotonic()))
+        others = [t for t in list(self._threads) if t is not threading.current_thread()]
+        for thread in others:
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._workers.shutdown(wait=True, cancel_futures=True)
+        return [t.name for t in others if t.is_alive()]
 
 
 def _send_all(sock: socket.socket, buffers: list[bytes | memoryview]) -> None:

@@ -247,9 +247,10 @@ class Machine:
     def deliver(self, apic_id: int, interrupt: Interrupt) -> bool:
         """Deliver an interrupt caught in another fragment to local vCPU `apic_id` (through
         the in-kernel LAPIC, as an MSI); False if this process does not run that vCPU."""
-        if apic_id not in self.vcpus or self.vm is None:
+        vm = self.vm  # close() may clear it from another thread
+        if apic_id not in self.vcpus or vm is None:
             return False
-        self.vm.signal_msi(*msi(apic_id, interrupt))
+        vm.signal_msi(*msi(apic_id, interrupt))
         return True
 
     def feed_console(self, data: bytes) -> None:
