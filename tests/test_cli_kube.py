@@ -161,11 +161,18 @@ def test_a_kubeconfig_that_cannot_be_read_is_named_with_where_it_came_from(
     assert one_line(option) == (
         f"spanvm: error: kubeconfig {missing} (from --kubeconfig): no such file"
     )
-    junk = tmp_path / "junk"
-    junk.write_text("just: text\n")
-    unusable = spanvm("status", "web", kubeconfig=junk)
-    assert unusable.returncode == 1
-    assert one_line(unusable).startswith(f"spanvm: error: kubeconfig {junk} (from $KUBECONFIG): ")
+    for name, text in (("junk", "just: text\n"), ("broken", "a: [\n"), ("list", "- a\n")):
+        junk = tmp_path / name
+        junk.write_text(text)
+        unusable = spanvm("status", "web", kubeconfig=junk)
+        assert unusable.returncode == 1
+        line = one_line(unusable)  # one line, no traceback, whatever the file holds
+        assert line.startswith(f"spanvm: error: kubeconfig {junk} (from $KUBECONFIG): "), line
+    directory = spanvm("status", "web", kubeconfig=tmp_path)
+    assert (
+        one_line(directory)
+        == f"spanvm: error: kubeconfig {tmp_path} (from $KUBECONFIG): Is a directory"
+    )
 
 
 @pytest.mark.usefixtures("vms")

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from kubernetes import client, config
 from kubernetes.config.config_exception import ConfigException
 
@@ -15,6 +16,9 @@ from spanvm.kube import Kube
 
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 DEFAULT_NAMESPACE = "default"
+# What reading a kubeconfig raises: the client's own error, the file's (a directory, no
+# permission), YAML that does not parse, and YAML of the wrong shape (a list, a number).
+UNREADABLE = (ConfigException, OSError, yaml.YAMLError, TypeError, AttributeError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -43,12 +47,23 @@ def _kubeconfig_files(kubeconfig: str | None) -> tuple[str, str] | None:
     return (str(default), "the default") if default.exists() else None
 
 
+def _reason(err: Exception) -> str:
+    """One line: an OSError's strerror, the first line of a YAML error, else the message."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    if isinstance(err, yaml.YAMLError):
+        return "not YAML: " + " ".join(str(err).split())
+    if isinstance(err, (TypeError, AttributeError)):
+        return "not a kubeconfig (expected a mapping with clusters, contexts and users)"
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def _context_namespace(files: str, source: str, context: str | None) -> str | None:
     """The namespace the chosen (or current) context names, if any."""
     try:
         contexts, current = config.list_kube_config_contexts(config_file=files)  # type: ignore[no-untyped-call]
-    except ConfigException as err:
-        raise CliError(f"kubeconfig {files} (from {source}): {err}") from None
+    except UNREADABLE as err:
+        raise CliError(f"kubeconfig {files} (from {source}): {_reason(err)}") from None
     if context is not None:
         chosen = next((c for c in contexts if c.get("name") == context), None)
         if chosen is None:
@@ -72,8 +87,8 @@ def connect(kubeconfig: str | None, context: str | None, namespace: str | None) 
             config.load_kube_config(  # type: ignore[no-untyped-call]
                 config_file=files, context=context, client_configuration=configuration
             )
-        except (ConfigException, OSError) as err:
-            raise CliError(f"kubeconfig {files} (from {source}): {err}") from None
+        except UNREADABLE as err:
+            raise CliError(f"kubeconfig {files} (from {source}): {_reason(err)}") from None
     else:
         if context is not None:
             raise CliError(f"--context {context}: there is no kubeconfig to find it in")
