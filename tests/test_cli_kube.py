@@ -228,6 +228,8 @@ def test_wait_for_a_phase_a_condition_or_a_timeout(kubeconfig: Path, kube: Kube)
     assert time.monotonic() - started >= 1.5
     ready = spanvm("wait", "web", "--for", "condition=Ready", kubeconfig=kubeconfig)
     assert ready.returncode == 0, ready.stderr
+    lower = spanvm("wait", "web", "--for", "condition=ready=true", kubeconfig=kubeconfig)
+    assert lower.returncode == 0, lower.stderr  # kubectl wait's case-insensitive match
     timed_out = spanvm(
         "wait", "web", "--for=phase=Succeeded", "--timeout=1s", kubeconfig=kubeconfig
     )
@@ -241,6 +243,7 @@ def test_wait_for_a_phase_a_condition_or_a_timeout(kubeconfig: Path, kube: Kube)
         ("status=running", "no SpanningVM status 'running'"),
         ("condition=Redy", "no SpanningVM condition 'Redy'"),
         ("condition=Ready=yes", "a condition's status is True, False or Unknown"),
+        ("phase=running", "no SpanningVM phase 'running'"),
     ):  # values that can never match: refused at once, not waited on until the timeout
         refused = spanvm("wait", "web", f"--for={never}", kubeconfig=kubeconfig)
         assert refused.returncode == 2 and needle in refused.stderr, refused.stderr

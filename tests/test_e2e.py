@@ -294,6 +294,19 @@ def test_a_kubevirt_user_stops_starts_follows_pauses_and_restarts_the_vm(
             follower.wait(30)
         assert whole == 3, lines
 
+        def explained(i: int) -> bool:  # the follower's own cuts: a tail that starts mid-line,
+            line, marker = lines[i], "[... "  # and around "[... N bytes not shown ...]"
+            near = [lines[j] for j in (i - 1, i + 1) if 0 <= j < len(lines)]
+            return (
+                (len(line) == 33 and line.strip().isalpha())
+                or i == 0
+                or line.strip() == ""
+                or line.startswith(marker)
+                or any(n.startswith(marker) for n in near)
+            )
+
+        assert all(explained(i) for i in range(len(lines))), lines
+
         cli("pause", name)
         cli("wait", name, "--for=status=Paused", "--timeout=60s")
         time.sleep(3)  # what was in flight when the vCPUs stopped has been reported

@@ -61,6 +61,7 @@ def test_debian_kernel_reaches_its_banner() -> None:
     banners = [line for line in console if "Linux version 6.1." in line]
     assert len(banners) == 1 and "(debian-kernel@lists.debian.org)" in banners[0]
     command_lines = [line for line in console if "Command line: " in line]
+    assert command_lines, result.stdout[-3000:]
     assert "console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr" in command_lines[0]
     assert console.index(banners[0]) < console.index(command_lines[0])
     assert "stopped after " in result.stdout and ": reached /Command line: /" in result.stdout

@@ -185,8 +185,9 @@ class FragmentProcess:
         events = self.events()
         listening = last_of(events, Listening)
         finished = last_of(events, Finished)
-        # Paused is read before the console: a pass that reports Paused then carries the
-        # console as it stands with the vCPUs held, never a size from just before.
+        # Paused is read before the console, so a pass that reports Paused does not carry a
+        # size read before the fragment said it paused (bytes a vCPU was already writing, or
+        # a peer's forwarded output, may still land just after).
         paused = self.paused()
         console, written = tail_and_size(self.dir / CONSOLE) if index == 0 else ("", 0)
         known = VMFragmentStatus(

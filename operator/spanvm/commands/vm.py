@@ -220,6 +220,9 @@ def _condition_met(vm: JsonObject, kind: str, want: str) -> bool:
 
 
 def _parse_for(text: str) -> tuple[str, str]:
+    """(kind, wanted value) of a --for; a value that can never match is refused up front.
+    Condition types and statuses match without regard to case, as in `kubectl wait`; the
+    value returned is the canonical spelling (`condition=ready=true` -> `Ready=True`)."""
     if text == "delete":
         return "delete", ""
     kind, _, want = text.partition("=")
@@ -227,20 +230,28 @@ def _parse_for(text: str) -> tuple[str, str]:
         raise click.BadParameter(
             f"{text!r}: use phase=PHASE, status=STATUS, condition=TYPE[=STATUS] or delete"
         )
-    cond_type, _, cond_status = want.partition("=")
-    known: dict[str, tuple[str, list[str]]] = {  # what can never match, refused up front
-        "phase": (want, [p.value for p in VMPhase]),
-        "status": (want, [s.value for s in PrintableStatus]),
-        "condition": (cond_type, [c.value for c in ConditionType]),
-    }
-    value, values = known[kind]
-    if value not in values:
+    if kind == "condition":
+        cond_type, _, cond_status = want.partition("=")
+        canonical_type = _canonical(text, kind, cond_type, [c.value for c in ConditionType])
+        statuses = {s.lower(): s for s in ("True", "False", "Unknown")}
+        if cond_status.lower() not in statuses and cond_status:
+            raise click.BadParameter(f"{text!r}: a condition's status is True, False or Unknown")
+        return kind, f"{canonical_type}={statuses.get(cond_status.lower(), 'True')}"
+    values = [p.value for p in VMPhase] if kind == "phase" else [s.value for s in PrintableStatus]
+    if want not in values:
         raise click.BadParameter(
-            f"{text!r}: no SpanningVM {kind} {value!r} (one of {', '.join(values)})"
+            f"{text!r}: no SpanningVM {kind} {want!r} (one of {', '.join(values)})"
         )
-    if kind == "condition" and cond_status not in ("", "True", "False", "Unknown"):
-        raise click.BadParameter(f"{text!r}: a condition's status is True, False or Unknown")
     return kind, want
+
+
+def _canonical(text: str, kind: str, value: str, values: list[str]) -> str:
+    for known in values:
+        if known.lower() == value.lower():
+            return known
+    raise click.BadParameter(
+        f"{text!r}: no SpanningVM {kind} {value!r} (one of {', '.join(values)})"
+    )
 
 
 @click.command()
