@@ -86,14 +86,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"--arg must be >= 0 and < 2**64 (one 64-bit register), got {args.arg}")
     boot = _boot_source(args)
     if isinstance(boot, MultibootBoot) and (args.fragments > 1 or args.netns):
-        boot.check(GuestShape(memory, args.vcpus))  # bad input refused here, naming the file
         with StopSignals() as stops:
-            multiboot = MultibootKernel(
-                kernel=str(boot.kernel),
-                modules=[str(m) for m in boot.modules],
-                cmdline=boot.cmdline,
-            )
-            return _run_fragments(args, "", memory, 0, stops, multiboot)
+            return _run_fragments(args, boot, memory, stops)
     if boot is not None:
         if args.fragments > 1 or args.netns:
             raise UsageError(
@@ -111,10 +105,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with StopSignals() as stops:
         try:
             if args.fragments > 1 or args.netns:
-                # An image that cannot fit is refused here, as in one process, not by a child.
-                PayloadBoot(image, arg).check(GuestShape(memory, args.vcpus))
                 payload = args.payload if info else str(image.path)
-                return _run_fragments(args, payload, memory, arg, stops)
+                return _run_fragments(args, PayloadBoot(image, arg), memory, stops, payload)
             config = VmConfig(memory, args.vcpus, image, arg, cpuid=_cpuid(args))
             return _run_here(args, config, stops)
         except Interrupted as stop:
@@ -200,16 +192,25 @@ def _guest_status(code: int) -> int:
     return guest_status(code)
 
 
-def _run_fragments(  # noqa: PLR0917 - what the fragments run
+def _run_fragments(
     args: argparse.Namespace,
-    payload: str,
+    boot: MultibootBoot | PayloadBoot,
     memory: int,
-    arg: int,
     stops: StopSignals,
-    multiboot: MultibootKernel | None = None,
+    payload: str = "",
 ) -> int:
     """The guest split over local fragment processes joined by the fabric (`--fragments`
-    already checked by cmd_run)."""
+    already checked by cmd_run). `payload`: what the fragments name a PayloadBoot's image by
+    (a catalog name or a path). The boot source is checked here, in this process, so bad
+    input is refused naming the file (as in one process), not by a child."""
+    boot.check(GuestShape(memory, args.vcpus))
+    multiboot, arg = None, 0
+    if isinstance(boot, MultibootBoot):
+        multiboot = MultibootKernel(
+            kernel=str(boot.kernel), modules=[str(m) for m in boot.modules], cmdline=boot.cmdline
+        )
+    else:
+        arg = boot.arg
     try:
         with launch(
             payload,
