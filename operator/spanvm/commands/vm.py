@@ -232,23 +232,21 @@ def _parse_for(text: str) -> tuple[str, str]:
         )
     if kind == "condition":
         cond_type, _, cond_status = want.partition("=")
-        canonical_type = _canonical(text, kind, cond_type, [c.value for c in ConditionType])
+        canonical_type = _one_of(text, kind, cond_type, list(ConditionType), fold=True)
         statuses = {s.lower(): s for s in ("True", "False", "Unknown")}
         if cond_status.lower() not in statuses and cond_status:
             raise click.BadParameter(f"{text!r}: a condition's status is True, False or Unknown")
         return kind, f"{canonical_type}={statuses.get(cond_status.lower(), 'True')}"
-    values = [p.value for p in VMPhase] if kind == "phase" else [s.value for s in PrintableStatus]
-    if want not in values:
-        raise click.BadParameter(
-            f"{text!r}: no SpanningVM {kind} {want!r} (one of {', '.join(values)})"
-        )
-    return kind, want
+    values: list[str] = list(VMPhase) if kind == "phase" else list(PrintableStatus)
+    return kind, _one_of(text, kind, want, values)
 
 
-def _canonical(text: str, kind: str, value: str, values: list[str]) -> str:
+def _one_of(text: str, kind: str, value: str, values: list[str], *, fold: bool = False) -> str:
+    """`value` as `values` spell it (matched without regard to case if `fold`); a
+    BadParameter naming every value otherwise."""
     for known in values:
-        if known.lower() == value.lower():
-            return known
+        if known == value or (fold and known.lower() == value.lower()):
+            return str(known)
     raise click.BadParameter(
         f"{text!r}: no SpanningVM {kind} {value!r} (one of {', '.join(values)})"
     )
