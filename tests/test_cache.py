@@ -1,6 +1,9 @@
 """The watch cache's bookkeeping without an API server: newer versions win, and a late event
 never brings a deleted object back."""
 
+import json
+from collections.abc import Iterator
+
 from spanvm.controller.cache import Informer
 from spanvm.kube import JsonObject
 
@@ -39,3 +42,49 @@ def test_forgetting_without_a_version_uses_the_one_held() -> None:
     cache.assume(obj("a", 5))
     assert cache.get("ns", "a") is None
     assert cache.items() == []
+
+
+class WatchResponse:
+    """A watch response as the client returns it with _preload_content=False."""
+
+    def __init__(self, events: list[dict[str, object]]) -> None:
+        self.lines = b"".join(json.dumps(e).encode() + b"\n" for e in events)
+        self.closed = False
+
+    def stream(self, amt: object = None, decode_content: object = None) -> Iterator[bytes]:
+        yield self.lines[:7]  # a line split across chunks
+        yield self.lines[7:]
+
+    def close(self) -> None:
+        self.closed = True
+
+    def release_conn(self) -> None:
+        pass
+
+
+def test_watch_events_are_applied_as_json_and_gone_ends_the_watch() -> None:
+    """The watch is read as JSON lines (no client models): additions, changes and deletions
+    reach the cache, and 410 Gone ends the watch so the informer lists again."""
+    asked: list[dict[str, object]] = []
+    response = WatchResponse(
+        [
+            {"type": "ADDED", "object": obj("a", 5)},
+            {"type": "MODIFIED", "object": obj("a", 6, status="six")},
+            {"type": "ADDED", "object": obj("b", 7)},
+            {"type": "DELETED", "object": obj("b", 8)},
+            {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}},
+            {"type": "ERROR", "object": {"code": 410, "message": "too old"}},
+        ]
+    )
+
+    def watch(**kwargs: object) -> WatchResponse:
+        asked.append(kwargs)
+        return response
+
+    cache = Informer("test", watch)
+    cache._watch("4")  # returns: 410 Gone
+    assert asked[0]["watch"] is True and asked[0]["resource_version"] == "4"
+    assert asked[0]["_preload_content"] is False
+    assert cache.get("ns", "a") == obj("a", 6, status="six")
+    assert cache.get("ns", "b") is None
+    assert response.closed

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from kubernetes import watch
+from kubernetes.watch.watch import iter_resp_lines
 
 from spanvm.api.constants import GROUP, SPANNINGVM_PLURAL, VERSION, VMFRAGMENT_PLURAL
 from spanvm.kube import JsonObject, Kube
@@ -110,25 +110,38 @@ class Informer:
                 self._stop.wait(1.0)
 
     def _watch(self, version: str) -> None:
+        """Follow the watch from `version` until it ends with 410 Gone (return: list again)
+        or the informer stops. Events are parsed as JSON only: the client's `Watch` would
+        turn each into its model (a V1Lease for every heartbeat) and back."""
         while not self._stop.is_set():
-            stream = watch.Watch().stream(  # type: ignore[no-untyped-call]
-                self._list,
+            response = self._list(
                 *self._args,
+                watch=True,
                 resource_version=version,
                 allow_watch_bookmarks=True,
                 timeout_seconds=300,
+                _preload_content=False,
             )
-            for event in stream:
-                kind, obj = event["type"], event["raw_object"]
-                if kind == "ERROR":
-                    if obj.get("code") == GONE:
-                        return  # expired: list again
-                    raise RuntimeError(obj.get("message"))
-                version = obj["metadata"]["resourceVersion"]
-                if kind == "DELETED":
-                    self.forget(*_key(obj), deleted=obj)
-                elif kind in ("ADDED", "MODIFIED"):
-                    self.assume(obj)
+            try:
+                for line in iter_resp_lines(response):  # type: ignore[no-untyped-call]
+                    if not line:
+                        continue
+                    event = json.loads(line)
+                    kind, obj = event["type"], event["object"]
+                    if kind == "ERROR":
+                        if obj.get("code") == GONE:
+                            return  # expired: list again
+                        raise RuntimeError(obj.get("message"))
+                    version = obj["metadata"]["resourceVersion"]
+                    if kind == "DELETED":
+                        self.forget(*_key(obj), deleted=obj)
+                    elif kind in ("ADDED", "MODIFIED"):
+                        self.assume(obj)
+                    if self._stop.is_set():
+                        return
+            finally:
+                response.close()
+                response.release_conn()
 
 
 class ClusterCache:

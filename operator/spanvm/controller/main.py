@@ -103,8 +103,6 @@ async def run(
         "holding the operator Lease %s/%s as %s", config.system_namespace, lease_name, identity
     )
     metrics.LEADER.set(1)
-    cluster_gauges = metrics.ClusterCollector(kube, config.namespaces, config.system_namespace)
-    REGISTRY.register(cluster_gauges)
     liveness = None
     if standby is not None:
         standby.close()  # Kopf's liveness endpoint takes the port over
@@ -117,6 +115,8 @@ async def run(
     cache = ClusterCache(kube, config.system_namespace)
     await asyncio.to_thread(cache.start)
     settle_heap()
+    cluster_gauges = metrics.ClusterCollector(cache, config.namespaces)
+    REGISTRY.register(cluster_gauges)
     reconciler = Reconciler(kube, config, post_event, cache, hooks)
     try:
         await kopf.operator(
