@@ -152,7 +152,9 @@ def build_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Opera
         if vm and body.metadata.namespace:
             await reconciler.reconcile(body.metadata.namespace, vm)
 
-    key_courier.register(registry, reconciler.kube)
+    key_courier.register(
+        registry, reconciler.kube, lambda node: reconciler.cache.nodes.get("", node)
+    )
 
     @kopf.on.delete(*vms, registry=registry)
     async def deleting(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
