@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 
 from conftest import Cluster
@@ -28,6 +29,7 @@ from k8s_sim import (
 from spanvm.agent.controller import Agent
 from spanvm.agent.node_publisher import NodePublisher, Offer
 from spanvm.api.constants import (
+    FINALIZER,
     GROUP,
     SPANNINGVM_PLURAL,
     VERSION,
@@ -273,6 +275,41 @@ def test_fragment_failure_fails_the_vm_with_the_reason(env: Env) -> None:
     env.report(frags[1], phase="Failed", message="fragment VMM killed by SIGKILL")
     status = env.wait_phase("vm2", "Failed")
     assert "fragment 1 on p2-b failed: fragment VMM killed by SIGKILL" in status["message"]
+
+
+def test_a_vm_is_scheduled_by_its_first_write_then_gets_the_finalizer(env: Env) -> None:
+    """Placement first (docs/operator.md "Placements first"): the first change to a new
+    SpanningVM is its placement, written before Kopf's finalizer (which then comes as a merge
+    patch: no JSON patch tested against a version the placement made old); the fragments
+    come after the finalizer, so a deletion can never leave them behind."""
+    env.nodes.add("p20-a", vcpus=4, labels={"pool": "p20"})
+    created: JsonObject = env.kube.custom.create_namespaced_custom_object(
+        GROUP, VERSION, NS, SPANNINGVM_PLURAL, vm_manifest("vm20", NS, "p20", vcpus=2)
+    )
+    seen: list[JsonObject] = []
+    for event in watch.Watch().stream(  # type: ignore[no-untyped-call]
+        env.kube.custom.list_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        NS,
+        SPANNINGVM_PLURAL,
+        field_selector="metadata.name=vm20",
+        resource_version=created["metadata"]["resourceVersion"],
+        timeout_seconds=30,
+    ):
+        seen.append(event["object"])
+        if len(seen) == 2:
+            break
+    placed, guarded = seen
+    assert condition(placed["status"], "Scheduled")["status"] == "True"
+    assert placed["status"]["fragments"][0]["nodeName"] == "p20-a"
+    assert FINALIZER not in (placed["metadata"].get("finalizers") or [])
+    assert guarded["metadata"]["finalizers"] == [FINALIZER]
+    assert guarded["status"] == placed["status"]
+    frags = wait_for("the fragment", lambda: env.fragments("vm20") or None)
+    assert int(frags[0]["metadata"]["resourceVersion"]) > int(
+        guarded["metadata"]["resourceVersion"]
+    )
 
 
 def test_unschedulable_stays_pending_then_placed_when_a_node_appears(env: Env) -> None:

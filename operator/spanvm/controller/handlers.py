@@ -76,9 +76,8 @@ class Triggers:
 
 
 def guarded(obj: JsonObject) -> bool:
-    """Whether Kopf has put its finalizer on the VM: no pass writes before. Kopf adds it with
-    a JSON patch conditional on the resourceVersion, which a status write in between makes
-    fail (and retry, a write each time); the finalizer's own event starts the first pass."""
+    """Whether Kopf has put its finalizer on the VM: no pass runs before (only the placement,
+    `Reconciler.place_early`); the finalizer's own event starts the first pass."""
     return FINALIZER in (obj["metadata"].get("finalizers") or [])
 
 
@@ -121,14 +120,20 @@ def build_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Opera
     triggers = Triggers()
 
     @kopf.on.event(*vms, registry=registry)
-    async def changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+    async def changed(type: str | None, body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         vm = cast(JsonObject, dict(body))
         if type == "DELETED":
             triggers.forget(vm)
+            reconciler.gone(vm)
             return
         reconciler.seen(vm)
         namespace, name = body.metadata.namespace, body.metadata.name
-        if namespace is None or name is None or not guarded(vm) or not triggers.wants_pass(vm):
+        if namespace is None or name is None:
+            return
+        if not guarded(vm):
+            await reconciler.place_early(namespace, name, patch)
+            return
+        if not triggers.wants_pass(vm):
             return
         try:
             await reconciler.reconcile(namespace, name)

@@ -10,13 +10,14 @@ threads. Fault injection is a hook (`Hooks`) passed in by tests, never set in th
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from kubernetes.client.exceptions import ApiException
 
+from spanvm.api.constants import FINALIZER
 from spanvm.api.phases import ConditionType, Reason, VMPhase
 from spanvm.api.spanningvm import FragmentSummary, SpanningVMSpec
 from spanvm.controller import lifecycle, metrics
@@ -36,6 +37,7 @@ from spanvm.controller.fragments import (
     request_of,
 )
 from spanvm.controller.lifecycle import Action
+from spanvm.controller.priority import PlacementFirst
 from spanvm.controller.run_strategy import BACKOFF_BASE
 from spanvm.controller.status_write import (
     FIELDS,
@@ -121,6 +123,9 @@ class Reconciler:
         self._assumed: dict[tuple[str, str], JsonObject] = {}  # placements being written
         self._usage = UsageMemo()
         self._node_infos = NodeInfoMemo()
+        self.placement_first = PlacementFirst()
+        # placement Events not posted yet: the VM as placed, and its Events
+        self._held_events: dict[tuple[str, str], tuple[JsonObject, list[lifecycle.PostEvent]]] = {}
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
@@ -177,11 +182,19 @@ class Reconciler:
         )
         return nodes, memo[3]
 
+    def gone(self, vm: JsonObject) -> None:
+        """A SpanningVM was deleted: it waits for nothing any more."""
+        self.placement_first.done(_key(vm))
+
     def seen(self, obj: JsonObject) -> None:
         """An object Kopf handed a handler: the caches never hold an older one."""
         kind = obj.get("kind")
         if kind == "SpanningVM":
             self.cache.vms.assume(obj)
+            if obj.get("status") or obj["metadata"].get("deletionTimestamp"):
+                self.placement_first.done(_key(obj))  # placed (or why not) is written
+            else:
+                self.placement_first.wait_for_placement(_key(obj))  # new: placed first
         elif kind == "VMFragment":
             self.cache.fragments.assume(obj)
 
@@ -199,8 +212,38 @@ class Reconciler:
                     raise
             result = "ok"
         finally:
+            self.placement_first.done((namespace, name))
+            self._post_held_events((namespace, name))
             metrics.RECONCILES.labels(result).inc()
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+
+    async def place_early(
+        self, namespace: str, name: str, kopf_patch: MutableMapping[str, Any]
+    ) -> None:
+        """A VM seen before Kopf's finalizer is on it: if it waits for a placement, place it
+        now (the status write, and its Event held back as in any pass). Nothing else is done
+        before the finalizer, so no Secret or fragment can be left behind by a deletion.
+
+        Kopf adds its finalizer with a JSON patch tested against the resourceVersion of the
+        event it handles, which our status write has just made old: it would fail (422) and
+        be retried on the next event. So whenever this writes, it puts the finalizer into
+        `kopf_patch` (the handler's `patch`) as a merge patch of the finalizer list, which
+        Kopf applies when the handler returns and which makes its own JSON patch empty. The
+        VM is Scheduled one write after it is created, not after the finalizer's round trip.
+        """
+        try:
+            async with self._lock(namespace, name):
+                vm = self.cache.vms.get(namespace, name)
+                if vm is None or vm["metadata"].get("deletionTimestamp"):
+                    return
+                nodes, index = self._nodes()
+                if lifecycle.decide(vm, self._fragments(vm), nodes) != [lifecycle.Place()]:
+                    return
+                finalizers = list(vm["metadata"].get("finalizers") or [])
+                kopf_patch.setdefault("metadata", {})["finalizers"] = [*finalizers, FINALIZER]
+                await self._place(vm, index)
+        finally:
+            self.placement_first.done((namespace, name))
 
     async def _report_api_error(self, namespace: str, name: str, err: ApiException) -> None:
         """An API call of this pass was refused: say so in status and an Event (the pass is
@@ -248,9 +291,8 @@ class Reconciler:
             match action:
                 case lifecycle.WriteStatus(changes, conditions):
                     await self._write(vm, changes, conditions)
-                case lifecycle.PostEvent(type_, reason, message):
-                    self.events(vm, type_, reason, message)
-                    log.info("[%s] %s: %s", _vm_ref(vm), reason, message)
+                case lifecycle.PostEvent():
+                    self._post(vm, action)
                 case lifecycle.AskStop(names):
                     for frag in names:
                         await self._patch_fragment(vm, frag, {"spec": {"desiredState": "Stopped"}})
@@ -259,8 +301,16 @@ class Reconciler:
                 case lifecycle.PatchFragment(frag, patch):
                     await self._patch_fragment(vm, frag, patch)
                 case lifecycle.Place():
-                    again = await self._place(vm, index)
+                    self.placement_first.wait_for_placement(_key(vm))
+                    try:
+                        again = await self._place(vm, index)
+                    finally:
+                        self.placement_first.done(_key(vm))
                 case lifecycle.Materialise(placed):
+                    held = await self.placement_first.turn()
+                    if held >= 0.01:
+                        log.debug("[%s] held back %.2fs for placements", _vm_ref(vm), held)
+                    self._post_held_events(_key(vm))
                     again = await self._materialise(vm, list(placed))
                 case lifecycle.CountFailure(reason):
                     metrics.FAILURES.labels(reason).inc()
@@ -269,6 +319,16 @@ class Reconciler:
                 case lifecycle.WaitForStop(message):
                     raise WaitForStop(message)
         return again
+
+    def _post(self, vm: JsonObject, event: lifecycle.PostEvent) -> None:
+        self.events(vm, event.type, event.reason, event.message)
+        log.info("[%s] %s: %s", _vm_ref(vm), event.reason, event.message)
+
+    def _post_held_events(self, key: tuple[str, str]) -> None:
+        held = self._held_events.pop(key, None)
+        if held is not None:
+            for event in held[1]:
+                self._post(held[0], event)
 
     async def _place(self, vm: JsonObject, index: ClusterIndex) -> bool:
         """Schedule under the global lock and record the placement; False if it cannot.
@@ -295,7 +355,12 @@ class Reconciler:
             await self._carry_out(vm, lifecycle.unschedulable(vm, decision.message), index)
             return False
         try:
-            await self._carry_out(vm, actions, index)
+            # The Event waits with the Secret and fragments for the other VMs' placements
+            # (it is one more write); it is posted when this pass goes on or ends.
+            now = [a for a in actions if not isinstance(a, lifecycle.PostEvent)]
+            later = [a for a in actions if isinstance(a, lifecycle.PostEvent)]
+            await self._carry_out(vm, now, index)
+            self._held_events.setdefault(key, (vm, []))[1].extend(later)
         finally:
             del self._assumed[key]  # written (and in the cache), or failed: room released
         metrics.PLACEMENTS.inc()
