@@ -2,14 +2,16 @@
 """Load benchmark: N simulated nodes, M SpanningVMs applied at once, the operator places them.
 
 A control plane of its own (in a temporary directory), N Node objects as the agent labels and
-annotates them (8 vCPUs, 32Gi each) with heartbeat Leases renewed by a thread pool (no
+annotates them (8 vCPUs, 32Gi each, a fabric public key: the operator seals each fragment's
+key to it, one more write a fragment) with heartbeat Leases renewed by a thread pool (no
 agents, no fragment processes), the operator, then M SpanningVMs created from 16 threads at
 once: every other one 12 vCPUs / 24Gi (bigger than a node: two fragments), the rest 4 vCPUs /
 8Gi (one). Half the cluster's vCPUs for 500 VMs on 1,000 nodes: room to spare, so a VM left
 unplaced is the operator's doing, not the cluster's. Prints apply->Scheduled p50/p99 (from a
 watch), end-to-end placements/s, API requests per VM by verb from the apiserver's own metrics
 (apiserver_request_total for spanningvms, vmfragments, secrets and events, less the bench's
-own creates), and the operator's RSS. The floors, measured in the same run before the
+own creates; requests the API server refused are counted apart, not as writes), and the
+operator's RSS. The floors, measured in the same run before the
 operator starts: the time this machine's API server takes for plain ConfigMap creates, from
 the same 16 threads of the Python Kubernetes client the operator uses and from an async
 client with 64 requests in flight (aiohttp: the API server's own limit), each scaled to the
@@ -42,10 +44,12 @@ from typing import Any
 
 import aiohttp  # Kopf's own HTTP client, so installed with the operator's dependencies
 from kubernetes import watch
+from nacl.public import PrivateKey
 
 from spanvm.api.constants import (
     ALLOCATABLE_MEMORY_ANNOTATION,
     ALLOCATABLE_VCPUS_ANNOTATION,
+    FABRIC_PUBLIC_KEY_ANNOTATION,
     GROUP,
     KVM_LABEL,
     SPANNINGVM_PLURAL,
@@ -60,12 +64,14 @@ from spanvm.devcluster.operator_proc import operator_command, start, stop
 from spanvm.devcluster.paths import kubectl, repo_root
 from spanvm.kube import CONFLICT, Kube, unless_status
 from spanvm.rfc3339 import micro_time
+from spanvm.sealing import public_text
 
 NS = "bench-load"
 NODE_VCPUS, NODE_MEMORY = 8, "32Gi"
 BIG, SMALL = (12, "24Gi", 2), (4, "8Gi", 1)  # vCPUs, memory, fragments
 LEASE_SECONDS, RENEW_EVERY = 120, 30.0
 COUNTED = ("spanningvms", "vmfragments", "secrets", "events")
+NODE_KEY = public_text(PrivateKey.generate())  # one for all: the operator seals to each node
 WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE", "APPLY")
 REQUEST_LINE = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
 
@@ -80,6 +86,7 @@ def node_body(name: str) -> dict[str, Any]:
             "annotations": {
                 ALLOCATABLE_VCPUS_ANNOTATION: str(NODE_VCPUS),
                 ALLOCATABLE_MEMORY_ANNOTATION: NODE_MEMORY,
+                FABRIC_PUBLIC_KEY_ANNOTATION: NODE_KEY,
             },
         },
     }
@@ -144,17 +151,19 @@ def vm_body(name: str) -> dict[str, Any]:
     }
 
 
-def request_counts(kube: Kube) -> Counter[tuple[str, str]]:
-    """apiserver_request_total summed by (resource, verb) over the resources counted."""
+def request_counts(kube: Kube) -> Counter[tuple[str, str, bool]]:
+    """apiserver_request_total summed by (resource, verb, accepted: a 2xx code) over the
+    resources counted."""
     response = kube.api.call_api("GET", f"{kube.api.configuration.host}/metrics")
-    out: Counter[tuple[str, str]] = Counter()
+    out: Counter[tuple[str, str, bool]] = Counter()
     for line in response.read().decode().splitlines():
         match = REQUEST_LINE.match(line)
         if not match:
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', match["labels"]))
         if labels.get("resource") in COUNTED:
-            out[(labels["resource"], labels["verb"])] += int(float(match["value"]))
+            accepted = labels.get("code", "").startswith("2")
+            out[(labels["resource"], labels["verb"], accepted)] += int(float(match["value"]))
     return out
 
 
@@ -359,11 +368,11 @@ def main() -> int:
 
         latencies = [seen[n] - applied[n] for n in seen]
         delta = after - before
-        delta[("spanningvms", "POST")] -= args.vms  # the bench's own creates and lists
-        delta[("vmfragments", "LIST")] -= own_lists
+        delta[("spanningvms", "POST", True)] -= args.vms  # the bench's own creates and lists
+        delta[("vmfragments", "LIST", True)] -= own_lists
         by_verb: Counter[str] = Counter()
-        for (_, verb), count in delta.items():
-            by_verb[verb] += count
+        for (_, verb, accepted), count in delta.items():
+            by_verb[verb if accepted else "refused"] += count
         writes = sum(c for v, c in by_verb.items() if v in WRITE_VERBS)
         placements = operator_metric(port, "spanvm_placements_total")
 
@@ -377,9 +386,10 @@ def main() -> int:
             f"API requests per VM: writes {writes / args.vms:.1f}  "
             + "  ".join(f"{v} {c / args.vms:.2f}" for v, c in sorted(by_verb.items()))
         )
-        for (resource, verb), count in sorted(delta.items()):
+        for (resource, verb, accepted), count in sorted(delta.items()):
             if count:
-                print(f"    {resource:<12} {verb:<7} {count / args.vms:.2f}/VM")
+                refused = "" if accepted else " refused (4xx/5xx)"
+                print(f"    {resource:<12} {verb:<7} {count / args.vms:.2f}/VM{refused}")
         print(f"operator RSS {rss:.0f} MiB (peak {peak:.0f} MiB)")
         burst, total = last - first, args.vms + writes
         print(
