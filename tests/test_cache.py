@@ -4,6 +4,8 @@ never brings a deleted object back."""
 import json
 from collections.abc import Iterator
 
+from kubernetes.client.exceptions import ApiException
+
 from spanvm.controller.cache import Informer
 from spanvm.kube import JsonObject
 
@@ -64,27 +66,37 @@ class WatchResponse:
 
 def test_watch_events_are_applied_as_json_and_gone_ends_the_watch() -> None:
     """The watch is read as JSON lines (no client models): additions, changes and deletions
-    reach the cache, and 410 Gone ends the watch so the informer lists again."""
+    reach the cache, a watch that ends is opened again from the last version seen (a
+    bookmark's too), and 410 Gone ends it so the informer lists again."""
     asked: list[dict[str, object]] = []
-    response = WatchResponse(
-        [
-            {"type": "ADDED", "object": obj("a", 5)},
-            {"type": "MODIFIED", "object": obj("a", 6, status="six")},
-            {"type": "ADDED", "object": obj("b", 7)},
-            {"type": "DELETED", "object": obj("b", 8)},
-            {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}},
-            {"type": "ERROR", "object": {"code": 410, "message": "too old"}},
-        ]
-    )
+    responses = [
+        WatchResponse(
+            [
+                {"type": "ADDED", "object": obj("a", 5)},
+                {"type": "MODIFIED", "object": obj("a", 6, status="six")},
+                {"type": "ADDED", "object": obj("b", 7)},
+                {"type": "DELETED", "object": obj("b", 8)},
+                {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}},
+            ]
+        ),
+        WatchResponse([{"type": "ERROR", "object": {"code": 410, "message": "too old"}}]),
+    ]
 
     def watch(**kwargs: object) -> WatchResponse:
         asked.append(kwargs)
-        return response
+        return responses[len(asked) - 1]
 
     cache = Informer("test", watch)
     cache._watch("4")  # returns: 410 Gone
-    assert asked[0]["watch"] is True and asked[0]["resource_version"] == "4"
-    assert asked[0]["_preload_content"] is False
+    assert [a["resource_version"] for a in asked] == ["4", "9"]
+    assert all(a["watch"] is True and a["_preload_content"] is False for a in asked)
     assert cache.get("ns", "a") == obj("a", 6, status="six")
     assert cache.get("ns", "b") is None
-    assert response.closed
+    assert all(r.closed for r in responses)
+
+
+def test_a_watch_refused_as_gone_lists_again_quietly() -> None:
+    def watch(**_kwargs: object) -> WatchResponse:
+        raise ApiException(status=410, reason="Gone")
+
+    Informer("test", watch)._watch("4")  # returns (the caller lists again), no error

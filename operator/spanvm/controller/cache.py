@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from spanvm.api.constants import GROUP, SPANNINGVM_PLURAL, VERSION, VMFRAGMENT_PLURAL
@@ -109,19 +110,29 @@ class Informer:
                 log.warning("watching %s failed (%s); listing again", self.what, err)
                 self._stop.wait(1.0)
 
+    def _open_watch(self, version: str) -> Any:
+        return self._list(
+            *self._args,
+            watch=True,
+            resource_version=version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=300,
+            _preload_content=False,
+            # a connection gone silent (bookmarks come every minute) ends the watch
+            _request_timeout=(10, 330),
+        )
+
     def _watch(self, version: str) -> None:
         """Follow the watch from `version` until it ends with 410 Gone (return: list again)
         or the informer stops. Events are parsed as JSON only: the client's `Watch` would
         turn each into its model (a V1Lease for every heartbeat) and back."""
         while not self._stop.is_set():
-            response = self._list(
-                *self._args,
-                watch=True,
-                resource_version=version,
-                allow_watch_bookmarks=True,
-                timeout_seconds=300,
-                _preload_content=False,
-            )
+            try:
+                response = self._open_watch(version)
+            except ApiException as err:
+                if err.status == GONE:
+                    return  # the version is too old already: list again
+                raise
             try:
                 for line in iter_resp_lines(response):  # type: ignore[no-untyped-call]
                     if not line:
