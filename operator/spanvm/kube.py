@@ -170,10 +170,6 @@ class Kube:
         return self.api.sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
 
     # -- core objects ------------------------------------------------------------------------
-    def list_nodes(self) -> list[JsonObject]:
-        nodes: list[JsonObject] = self._plain(self.core.list_node().items)
-        return nodes
-
     def get_node(self, name: str) -> JsonObject | None:
         node = unless_status(lambda: self.core.read_node(name), NOT_FOUND)
         return None if node is None else self._plain(node)
@@ -182,12 +178,6 @@ class Kube:
         self, name: str, labels: dict[str, str], annotations: dict[str, str]
     ) -> None:
         self.core.patch_node(name, {"metadata": {"labels": labels, "annotations": annotations}})
-
-    def list_leases(self, namespace: str) -> list[JsonObject]:
-        leases: list[JsonObject] = self._plain(
-            self.coordination.list_namespaced_lease(namespace).items
-        )
-        return leases
 
     def get_lease(self, namespace: str, name: str) -> JsonObject | None:
         lease = unless_status(

@@ -35,12 +35,14 @@ NodeLookup = Callable[[str], JsonObject | None]
 
 
 def _public_key(node: JsonObject | None) -> str | None:
+    """The fabric public key the Node publishes, if any."""
     annotations = ((node or {}).get("metadata") or {}).get("annotations") or {}
     key = annotations.get(FABRIC_PUBLIC_KEY_ANNOTATION)
     return str(key) if key else None
 
 
 def _sealed_to_key(current: str | None, public: str | None) -> bool:
+    """Whether the sealed annotation `current` was sealed to the public key `public`."""
     return bool(current and public and sealed_to(current) == fingerprint(public))
 
 

@@ -1,18 +1,20 @@
-"""Placements before everything else: a VM waiting to be placed goes ahead of the other VMs'
-Secrets, VMFragments, peer patches and Starting status.
+"""Placements before everything else: a VM waiting for its placement write goes ahead of the
+other VMs' Secrets, VMFragments and Scheduled Events (and what their passes write after).
 
-When hundreds of SpanningVMs are applied at once, the API server is the bottleneck (one core
-of it for ~150 writes/s on the development machine). A VM is Scheduled by one status write;
-its other writes (Secret, fragments, peers, Starting) can wait a moment. Without an order, the
-VMs applied last wait behind the earlier VMs' 5-6 other writes each. `PlacementFirst` holds
-those writes back while any VM is waiting for its placement, as kube-scheduler's binding comes
-before a kubelet's work, and lets them go once no VM has waited for `quiet` seconds, or after
-`longest` seconds in any case (a steady stream of new VMs never starves a placed one).
+When hundreds of SpanningVMs are applied at once, the API server is the bottleneck (about one
+of the development machine's two cores, ~200-270 SpanningVM writes/s alone). A VM is
+Scheduled by one status write; its other writes can wait a moment. Without an order, the VMs
+applied last wait behind the earlier VMs' 5-6 other writes each. `PlacementFirst` holds the
+materialisation of placed VMs back while any VM is waiting for its placement, as
+kube-scheduler's binding comes before a kubelet's work, and lets it go once no VM has waited
+for `quiet` seconds, or after `longest` seconds in any case (a steady stream of new VMs never
+starves a placed one). Passes started by fragment events (peers, Starting) are not held.
 
-A VM waits from the first time the operator sees it without a status (before Kopf's finalizer
-is on) or from when a pass decides to place it, until its placement (or why it has none) is
-written, a pass of it ends, or it is deleted; a VM still waiting after `stale` seconds (a
-write that was lost) no longer holds others back. All methods run on the event loop.
+A VM waits from the first time the operator sees it without a status or Kopf's finalizer
+(`Reconciler.place_early` places it next), or from when a decision places it, until its
+placement write is back (or fails), its status is seen, or it is deleted; a VM still waiting
+after `stale` seconds (a write that was lost) no longer holds others back. All methods run on
+the event loop.
 """
 
 import asyncio

@@ -95,6 +95,14 @@ def _same(a: Sequence[object], b: Sequence[object]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
+def _unchanged(vm: JsonObject, now: JsonObject | None) -> bool:
+    """Whether the VM a pass decided on is still the same: not deleted, replaced by another
+    of its name, being deleted, or given a new spec since."""
+    if now is None or now["metadata"].get("deletionTimestamp"):
+        return False
+    return all(now["metadata"].get(k) == vm["metadata"].get(k) for k in ("uid", "generation"))
+
+
 def _vm_ref(vm: JsonObject) -> str:
     return f"{vm['metadata']['namespace']}/{vm['metadata']['name']}"
 
@@ -183,18 +191,20 @@ class Reconciler:
         return nodes, memo[3]
 
     def gone(self, vm: JsonObject) -> None:
-        """A SpanningVM was deleted: it waits for nothing any more."""
+        """A SpanningVM was deleted: it waits for nothing any more, its held Events go."""
         self.placement_first.done(_key(vm))
+        self._held_events.pop(_key(vm), None)
 
     def seen(self, obj: JsonObject) -> None:
         """An object Kopf handed a handler: the caches never hold an older one."""
         kind = obj.get("kind")
         if kind == "SpanningVM":
             self.cache.vms.assume(obj)
-            if obj.get("status") or obj["metadata"].get("deletionTimestamp"):
+            meta = obj["metadata"]
+            if obj.get("status") or meta.get("deletionTimestamp"):
                 self.placement_first.done(_key(obj))  # placed (or why not) is written
-            else:
-                self.placement_first.wait_for_placement(_key(obj))  # new: placed first
+            elif FINALIZER not in (meta.get("finalizers") or []):
+                self.placement_first.wait_for_placement(_key(obj))  # new: place_early next
         elif kind == "VMFragment":
             self.cache.fragments.assume(obj)
 
@@ -227,9 +237,15 @@ class Reconciler:
         Kopf adds its finalizer with a JSON patch tested against the resourceVersion of the
         event it handles, which our status write has just made old: it would fail (422) and
         be retried on the next event. So whenever this writes, it puts the finalizer into
-        `kopf_patch` (the handler's `patch`) as a merge patch of the finalizer list, which
-        Kopf applies when the handler returns and which makes its own JSON patch empty. The
-        VM is Scheduled one write after it is created, not after the finalizer's round trip.
+        `kopf_patch` (the handler's `patch`) as a merge patch of the finalizer list as the
+        status write returned it, which Kopf applies when the handler returns (and then has
+        no JSON patch to make). The VM is Scheduled one write after it is created, not after
+        the finalizer's round trip. Two costs, measured by hack/bench/load.py: the echo of
+        the placement write (no finalizer yet) usually reaches Kopf after the finalizer is
+        on, and Kopf's JSON patch on that stale event is refused (422: one refused request a
+        VM); and a finalizer another controller changes in the milliseconds between the
+        status write and Kopf's merge patch would be overwritten (no precondition: Kopf
+        would report the changed resourceVersion as an inconsistency of its patch).
         """
         try:
             async with self._lock(namespace, name):
@@ -239,9 +255,17 @@ class Reconciler:
                 nodes, index = self._nodes()
                 if lifecycle.decide(vm, self._fragments(vm), nodes) != [lifecycle.Place()]:
                     return
-                finalizers = list(vm["metadata"].get("finalizers") or [])
-                kopf_patch.setdefault("metadata", {})["finalizers"] = [*finalizers, FINALIZER]
-                await self._place(vm, index)
+                try:
+                    await self._place(vm, index)
+                except ApiException as err:
+                    await self._report_api_error(namespace, name, err)
+                    raise
+                finally:  # the list as last written (a write failed: as the event had it)
+                    newest = self.cache.vms.get(namespace, name) or vm
+                    finalizers = list(newest["metadata"].get("finalizers") or [])
+                    if FINALIZER not in finalizers:
+                        metadata = kopf_patch.setdefault("metadata", {})
+                        metadata["finalizers"] = [*finalizers, FINALIZER]
         finally:
             self.placement_first.done((namespace, name))
 
@@ -301,15 +325,13 @@ class Reconciler:
                 case lifecycle.PatchFragment(frag, patch):
                     await self._patch_fragment(vm, frag, patch)
                 case lifecycle.Place():
-                    self.placement_first.wait_for_placement(_key(vm))
-                    try:
-                        again = await self._place(vm, index)
-                    finally:
-                        self.placement_first.done(_key(vm))
+                    again = await self._place(vm, index)
                 case lifecycle.Materialise(placed):
                     held = await self.placement_first.turn()
                     if held >= 0.01:
                         log.debug("[%s] held back %.2fs for placements", _vm_ref(vm), held)
+                        if not _unchanged(vm, self.cache.vms.get(*_key(vm))):
+                            return False  # deleted or changed meanwhile: the next pass decides
                     self._post_held_events(_key(vm))
                     again = await self._materialise(vm, list(placed))
                 case lifecycle.CountFailure(reason):
@@ -354,15 +376,20 @@ class Reconciler:
             metrics.UNSCHEDULABLE.inc()
             await self._carry_out(vm, lifecycle.unschedulable(vm, decision.message), index)
             return False
+        self.placement_first.wait_for_placement(key)  # until its write is back
         try:
             # The Event waits with the Secret and fragments for the other VMs' placements
             # (it is one more write); it is posted when this pass goes on or ends.
             now = [a for a in actions if not isinstance(a, lifecycle.PostEvent)]
             later = [a for a in actions if isinstance(a, lifecycle.PostEvent)]
             await self._carry_out(vm, now, index)
-            self._held_events.setdefault(key, (vm, []))[1].extend(later)
+            held = self._held_events.get(key)
+            if held is None or held[0]["metadata"].get("uid") != meta.get("uid"):
+                held = self._held_events[key] = (vm, [])
+            held[1].extend(later)
         finally:
             del self._assumed[key]  # written (and in the cache), or failed: room released
+            self.placement_first.done(key)
         metrics.PLACEMENTS.inc()
         return True
 
