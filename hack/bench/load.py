@@ -16,7 +16,11 @@ operator starts: the time this machine's API server takes for plain ConfigMap cr
 the same 16 threads of the Python Kubernetes client the operator uses and from an async
 client with 64 requests in flight (aiohttp: the API server's own limit), each scaled to the
 writes the run made (the applies plus the operator's). They bound the burst (first apply to
-last Scheduled), not a VM's own latency: a VM is Scheduled before its other writes. Then it
+last Scheduled), not a VM's own latency: a VM is Scheduled before its other writes. A
+SpanningVM write costs the API server more than a ConfigMap's (schema, CEL rules, managed
+fields): M creates and M status patches of SpanningVMs are timed too, after the run (made
+and deleted before it, they kept the garbage collector and etcd busy during it), in a
+namespace the operator does not watch. Then it
 checks that every VM was placed exactly once (spanvm_placements_total, fragments per VM) and
 that no node is over-committed.
 
@@ -52,6 +56,7 @@ from spanvm.api.constants import (
     FABRIC_PUBLIC_KEY_ANNOTATION,
     GROUP,
     KVM_LABEL,
+    SEALED_FABRIC_KEY_ANNOTATION,
     SPANNINGVM_PLURAL,
     SYSTEM_NAMESPACE,
     VERSION,
@@ -67,6 +72,7 @@ from spanvm.rfc3339 import micro_time
 from spanvm.sealing import public_text
 
 NS = "bench-load"
+FLOOR_NS = "bench-load-floor"  # not watched by the operator
 NODE_VCPUS, NODE_MEMORY = 8, "32Gi"
 BIG, SMALL = (12, "24Gi", 2), (4, "8Gi", 1)  # vCPUs, memory, fragments
 LEASE_SECONDS, RENEW_EVERY = 120, 30.0
@@ -206,6 +212,36 @@ def async_floor(kube: Kube, count: int, in_flight: int = 64) -> float:
             return time.monotonic() - started
 
     return asyncio.run(run())
+
+
+def vm_floor(kube: Kube, count: int) -> tuple[float, float]:
+    """Seconds for `count` SpanningVM creates, then as many status merge patches (a
+    placement's write), from 16 threads of the Python client, in a namespace no operator
+    watches yet; the VMs are deleted after (one request). What the API server's schema
+    validation, CEL rules and managedFields add to a write of this resource."""
+    names = [f"floor-{i:04d}" for i in range(count)]
+
+    def create(name: str) -> None:
+        body = vm_body("floor-1")  # a one-fragment shape
+        body["metadata"] = {"name": name, "namespace": FLOOR_NS}
+        kube.custom.create_namespaced_custom_object(
+            GROUP, VERSION, FLOOR_NS, SPANNINGVM_PLURAL, body
+        )
+
+    def write_status(name: str) -> None:
+        kube.patch_vm_status(FLOOR_NS, name, {"phase": "Pending", "message": f"{name} waits"})
+
+    unless_status(lambda: kube.core.create_namespace({"metadata": {"name": FLOOR_NS}}), CONFLICT)
+    seconds = []
+    for step in (create, write_status):
+        started = time.monotonic()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(step, names))
+        seconds.append(time.monotonic() - started)
+    kube.custom.delete_collection_namespaced_custom_object(
+        GROUP, VERSION, FLOOR_NS, SPANNINGVM_PLURAL
+    )
+    return seconds[0], seconds[1]
 
 
 def scheduled(vm: dict[str, Any]) -> bool:
@@ -353,18 +389,25 @@ def main() -> int:
         if not done.wait(args.timeout):
             print(f"only {len(seen)} of {args.vms} VMs Scheduled in {args.timeout:.0f}s")
         last = max(seen.values(), default=first)
-        # let the fragments be created and peers written: the rest of each VM's writes
+        # let the fragments be created, peers written and keys sealed: the VMs' other writes
         expected = sum(shape(n)[2] for n in seen)
         settle, own_lists = time.monotonic() + 120, 0
         while time.monotonic() < settle:
             own_lists += 1
             fragments = kube.list_fragments(NS)
-            if len(fragments) >= expected and all(f["spec"].get("peers") for f in fragments):
+            if len(fragments) >= expected and all(
+                f["spec"].get("peers")
+                and (f["metadata"].get("annotations") or {}).get(SEALED_FABRIC_KEY_ANNOTATION)
+                for f in fragments
+            ):
                 break
             time.sleep(2.0)
         time.sleep(6.0)  # a timer pass of every VM
         after = request_counts(kube)
         rss, peak = rss_mib(operator.pid)
+        # after the run: 500 more SpanningVMs created and deleted before it would leave the
+        # garbage collector and etcd busy with them while the operator is measured
+        creates, patches = vm_floor(kube, args.vms)
 
         latencies = [seen[n] - applied[n] for n in seen]
         delta = after - before
@@ -376,6 +419,11 @@ def main() -> int:
         writes = sum(c for v, c in by_verb.items() if v in WRITE_VERBS)
         placements = operator_metric(port, "spanvm_placements_total")
 
+        print(
+            f"SpanningVM floor (timed after the run), 16 threads of the Python client:"
+            f" {args.vms} creates in {creates:.2f}s ({args.vms / creates:.0f}/s), {args.vms}"
+            f" status patches in {patches:.2f}s ({args.vms / patches:.0f}/s)"
+        )
         print(f"nodes {args.nodes}  VMs {args.vms}  scheduled {len(seen)}")
         print(
             f"apply->Scheduled  p50 {statistics.median(latencies):.2f}s"
