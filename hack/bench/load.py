@@ -14,17 +14,20 @@ own creates; requests the API server refused are counted apart, not as writes), 
 operator's RSS. The floors, measured in the same run before the
 operator starts: the time this machine's API server takes for plain ConfigMap creates, from
 the same 16 threads of the Python Kubernetes client the operator uses and from an async
-client with 64 requests in flight (aiohttp: the API server's own limit), each scaled to the
-writes the run made (the applies plus the operator's). They bound the burst (first apply to
-last Scheduled), not a VM's own latency: a VM is Scheduled before its other writes. A
-SpanningVM write costs the API server more than a ConfigMap's (schema, CEL rules, managed
-fields): M creates and M status patches of SpanningVMs are timed too, after the run (made
-and deleted before it, they kept the garbage collector and etcd busy during it), in a
-namespace the operator does not watch. Then it
+client with 64 requests in flight (aiohttp: enough that the API server and etcd, not the
+client, set the rate), each scaled to the writes the run made (the applies plus the
+operator's): the run's write volume in seconds. Since placements first, most of a VM's
+writes come after it is Scheduled, so they no longer bound the burst (first apply to last
+Scheduled). M creates and M status patches of SpanningVMs (schema, CEL rules, managed fields)
+are timed too, after the run, not before (created and deleted before it, they kept the
+garbage collector and etcd busy during it), in a namespace Kopf does not handle (the
+operator's cluster-wide SpanningVM cache still receives their events). Then it
 checks that every VM was placed exactly once (spanvm_placements_total, fragments per VM) and
 that no node is over-committed.
 
-    python hack/bench/load.py [--nodes 1000] [--vms 500]
+    make venv tools   # once: the venv and the control-plane binaries
+    .cache/venv/bin/python hack/bench/load.py [--nodes 1000] [--vms 500] [--timeout 600]
+        [--floor-writes 1000] [--show-vm]      # a few minutes; wants a quiet machine
 """
 
 import argparse
@@ -196,7 +199,7 @@ def api_floor(kube: Kube, count: int) -> float:
 
 def async_floor(kube: Kube, count: int, in_flight: int = 64) -> float:
     """Seconds for `count` ConfigMap creates from one aiohttp session with `in_flight`
-    requests outstanding: the API server's and etcd's own limit, with little client cost."""
+    requests outstanding: enough that the API server and etcd set the rate, little client cost."""
     conf = kube.api.configuration
     tls = ssl.create_default_context(cafile=conf.ssl_ca_cert)
     tls.load_cert_chain(conf.cert_file, conf.key_file)
@@ -222,8 +225,8 @@ def async_floor(kube: Kube, count: int, in_flight: int = 64) -> float:
 
 def vm_floor(kube: Kube, count: int) -> tuple[float, float]:
     """Seconds for `count` SpanningVM creates, then as many status merge patches (a
-    placement's write), from 16 threads of the Python client, in a namespace no operator
-    watches yet; the VMs are deleted after (one request). What the API server's schema
+    placement's write), from 16 threads of the Python client, in a namespace Kopf does not
+    handle; the VMs are deleted after (one request). What the API server's schema
     validation, CEL rules and managedFields add to a write of this resource."""
     names = [f"floor-{i:04d}" for i in range(count)]
 
@@ -270,9 +273,11 @@ def pct(values: list[float], q: float) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--nodes", type=int, default=1000)
-    parser.add_argument("--vms", type=int, default=500)
-    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--nodes", type=int, default=1000, help="simulated nodes (default 1000)")
+    parser.add_argument("--vms", type=int, default=500, help="SpanningVMs applied (default 500)")
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait for all Scheduled (600)"
+    )
     parser.add_argument("--floor-writes", type=int, default=1000, help="ConfigMap creates timed")
     parser.add_argument("--show-vm", action="store_true", help="print one VM as it ends up")
     args = parser.parse_args()

@@ -118,7 +118,7 @@ class Informer:
             allow_watch_bookmarks=True,
             timeout_seconds=300,
             _preload_content=False,
-            # a connection gone silent (bookmarks come every minute) ends the watch
+            # a connection silent for 330 s (bookmarks come about every minute) ends the watch
             _request_timeout=(10, 330),
         )
 

@@ -2,13 +2,14 @@
 other VMs' Secrets, VMFragments and Scheduled Events (and what their passes write after).
 
 When hundreds of SpanningVMs are applied at once, the API server is the bottleneck (about one
-of the development machine's two cores, ~200-270 SpanningVM writes/s alone). A VM is
-Scheduled by one status write; its other writes can wait a moment. Without an order, the VMs
-applied last wait behind the earlier VMs' 5-6 other writes each. `PlacementFirst` holds the
-materialisation of placed VMs back while any VM is waiting for its placement, as
-kube-scheduler's binding comes before a kubelet's work, and lets it go once no VM has waited
-for `quiet` seconds, or after `longest` seconds in any case (a steady stream of new VMs never
-starves a placed one). Passes started by fragment events (peers, Starting) are not held.
+of the development machine's two cores, ~170-360 SpanningVM writes/s alone: docs/operator.md,
+Measured). A VM is Scheduled by one status write; its other writes can wait a moment.
+Without an order, the VMs applied last wait behind the earlier VMs' 6-8 other writes each.
+`PlacementFirst` holds the materialisation of placed VMs back while any VM is waiting for its
+placement, as kube-scheduler's binding comes before a kubelet's work, and lets it go once the
+set of waiting VMs has stayed empty for `quiet` seconds, or after `longest` seconds in any
+case (a steady stream of new VMs never starves a placed one). Passes started by fragment
+events (peers, Starting) are not held.
 
 A VM waits from the first time the operator sees it without a status or Kopf's finalizer
 (`Reconciler.place_early` places it next), or from when a decision places it, until its
@@ -22,7 +23,7 @@ import contextlib
 import time
 
 Key = tuple[str, str]  # namespace, name
-QUIET = 0.25  # seconds no VM may have waited before held-back work goes
+QUIET = 0.25  # seconds the waiting set must stay empty before held-back work goes
 LONGEST = 10.0  # seconds held-back work waits at most
 STALE = 30.0  # seconds after which a VM still waiting is not waited for
 
@@ -56,8 +57,8 @@ class PlacementFirst:
             self._idle.set()
 
     async def turn(self) -> float:
-        """Return once no VM has waited for a placement for `quiet` seconds, or after
-        `longest` seconds; returns the seconds waited."""
+        """Return once no VM has been waiting for a placement for `quiet` seconds in a row,
+        or after `longest` seconds; returns the seconds waited."""
         started = time.monotonic()
         deadline = started + self.longest
         while True:
