@@ -143,6 +143,16 @@ class Kube:
             namespace, SPANNINGVM_PLURAL, name, {"status": status}, status=True
         )
 
+    def set_vm_finalizers(
+        self, namespace: str, name: str, finalizers: list[str], resource_version: str
+    ) -> JsonObject | None:
+        """Replace a SpanningVM's finalizer list if the VM is still at `resource_version`:
+        the VM after it, None if it is gone. A merge patch carrying metadata.resourceVersion
+        is a precondition (ApiException 409 if the VM changed since; 422 if it is being
+        deleted and the list adds a finalizer: the API server allows no new ones then)."""
+        patch = {"metadata": {"resourceVersion": resource_version, "finalizers": finalizers}}
+        return self._patch_custom(namespace, SPANNINGVM_PLURAL, name, patch, status=False)
+
     def _patch_custom(
         self, namespace: str, plural: str, name: str, patch: JsonObject, *, status: bool
     ) -> JsonObject | None:

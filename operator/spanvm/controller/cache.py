@@ -29,6 +29,14 @@ def _key(obj: JsonObject) -> tuple[str, str]:
     return (str(meta.get("namespace") or ""), str(meta["name"]))
 
 
+def in_namespaces(objs: Iterable[JsonObject], namespaces: Iterable[str]) -> list[JsonObject]:
+    """The objects in `namespaces` (all of them when it is empty: the operator handles every
+    namespace), as Kopf is told to handle them."""
+    wanted = frozenset(namespaces)
+    objs = list(objs)
+    return objs if not wanted else [o for o in objs if o["metadata"].get("namespace") in wanted]
+
+
 def _version(obj: JsonObject | None) -> int | None:
     try:
         return int((obj or {}).get("metadata", {}).get("resourceVersion"))

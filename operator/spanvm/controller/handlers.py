@@ -1,5 +1,6 @@
-"""Kopf handlers: every trigger (a VM first seen or changed, a timer, a fragment's change)
-runs the same idempotent reconciliation; deletion waits for fragments behind a finalizer.
+"""Kopf handlers: every trigger (a VM first seen or changed, the periodic recheck, a fragment's
+change) runs the same idempotent reconciliation; deletion waits for fragments behind the
+finalizer the operator puts on a VM before it owns anything.
 
 A SpanningVM's changes come through a watch-event handler rather than Kopf's create, resume
 and update handlers: those keep the last handled spec in an annotation, one more write per
@@ -23,6 +24,7 @@ from spanvm.api.constants import (
 )
 from spanvm.controller import key_courier
 from spanvm.controller.fragments import owner_vm_name
+from spanvm.controller.recheck import Recheck
 from spanvm.controller.reconcile import OperatorConfig, Reconciler, WaitForStop
 from spanvm.kube import JsonObject
 
@@ -52,7 +54,7 @@ class Triggers:
     """Which SpanningVM watch events ask for a pass: the first one of a VM in this process
     (created, or there when the operator starts) and any change of its spec (generation),
     labels or annotations (verbs, pause). A change of status alone is the echo of the
-    operator's own write and asks for nothing; the timer looks again every few seconds."""
+    operator's own write and asks for nothing; `Recheck` looks again every few seconds."""
 
     def __init__(self) -> None:
         self._handled: dict[str, tuple[Any, ...]] = {}  # VM uid -> essence last handled
@@ -76,9 +78,13 @@ class Triggers:
 
 
 def guarded(obj: JsonObject) -> bool:
-    """Whether Kopf has put its finalizer on the VM: no pass runs before (only the placement,
-    `Reconciler.place_early`); the finalizer's own event starts the first pass."""
+    """Whether the operator has put its finalizer on the VM (`Reconciler._guard`, before the
+    VM owns anything): only then is its deletion the deletion handler's to carry out."""
     return FINALIZER in (obj["metadata"].get("finalizers") or [])
+
+
+def _guarded_body(body: kopf.Body, **_: Any) -> bool:
+    return guarded(cast(JsonObject, body))
 
 
 def post_event(obj: JsonObject, type_: str, reason: str, message: str) -> None:
@@ -102,11 +108,6 @@ def build_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Opera
         settings.posting.reporting_component = EVENT_COMPONENT
         settings.posting.reporting_instance = reporting_instance()
         settings.posting.event_name_prefix = f"{EVENT_COMPONENT}-"
-        # A VM being deleted keeps its finalizer until its timer has stopped. Kopf's default
-        # is to look again only after 60 s when the timer is mid-pass at that moment (what
-        # made some deletions take a minute): wait briefly, then poll twice a second.
-        settings.background.instant_exit_timeout = 0.5
-        settings.background.cancellation_polling = 0.5
         settings.watching.server_timeout = 120
         settings.networking.request_timeout = 30
 
@@ -118,9 +119,13 @@ def build_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Opera
         return info
 
     triggers = Triggers()
+    # Started by the first SpanningVM event (nothing to look at before), from a handler:
+    # its passes post Events through Kopf's poster, which only a handler's context reaches.
+    recheck = Recheck(reconciler, config.namespaces, config.timer_interval)
 
     @kopf.on.event(*vms, registry=registry)
-    async def changed(type: str | None, body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    async def changed(type: str | None, body: kopf.Body, **_: Any) -> None:
+        recheck.start()
         vm = cast(JsonObject, dict(body))
         if type == "DELETED":
             triggers.forget(vm)
@@ -130,9 +135,6 @@ def build_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Opera
         namespace, name = body.metadata.namespace, body.metadata.name
         if namespace is None or name is None:
             return
-        if not guarded(vm):
-            await reconciler.place_early(namespace, name, patch)
-            return
         if not triggers.wants_pass(vm):
             return
         try:
@@ -141,13 +143,9 @@ def build_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Opera
             triggers.forget(vm)
             raise
 
-    @kopf.timer(*vms, registry=registry, interval=config.timer_interval, sharp=False)
-    async def recheck(namespace: str | None, name: str, body: kopf.Body, **kwargs: Any) -> None:
-        """Pending VMs get placed when capacity appears; lost nodes are noticed."""
-        assert namespace is not None
-        # stopped: being deleted, the delete handler owns it
-        if not kwargs.get("stopped") and guarded(cast(JsonObject, body)):
-            await reconciler.reconcile(namespace, name)
+    @kopf.on.cleanup(registry=registry)
+    async def stop_rechecks(**_: Any) -> None:
+        await recheck.stop()
 
     @kopf.on.event(GROUP, VERSION, VMFRAGMENT_PLURAL, registry=registry)
     async def fragment_changed(body: kopf.Body, type: str | None, **_: Any) -> None:
@@ -161,7 +159,10 @@ def build_registry(reconciler: Reconciler, config: OperatorConfig) -> kopf.Opera
         registry, reconciler.kube, lambda node: reconciler.cache.nodes.get("", node)
     )
 
-    @kopf.on.delete(*vms, registry=registry)
+    # Only a VM with the finalizer is the handler's (Kopf then keeps the finalizer until the
+    # handler is done, and adds none of its own: the VM has it); a VM deleted before it has
+    # one owns nothing and simply goes.
+    @kopf.on.delete(*vms, registry=registry, when=_guarded_body)
     async def deleting(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
         """Stop the fragments, then let the finalizer go. A deletion that keeps failing (an
         API error, a bug) still ends after --deletion-grace: a VM is always deletable."""

@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 
 from spanvm.api.constants import KVM_LABEL
 from spanvm.api.phases import VMPhase
-from spanvm.controller.cache import ClusterCache
+from spanvm.controller.cache import ClusterCache, in_namespaces
 from spanvm.controller.cluster_view import HeartbeatObserver
 from spanvm.kube import JsonObject
 from spanvm.observability import exposition
@@ -61,9 +61,7 @@ class ClusterCollector(Collector):
             self.cache.vms.items(),
             key=lambda vm: (vm["metadata"].get("namespace", ""), vm["metadata"]["name"]),
         )
-        if not self.namespaces:
-            return vms
-        return [vm for vm in vms if vm["metadata"].get("namespace") in self.namespaces]
+        return in_namespaces(vms, self.namespaces)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         vms = self._vms()

@@ -10,7 +10,7 @@ threads. Fault injection is a hook (`Hooks`) passed in by tests, never set in th
 import asyncio
 import logging
 import time
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
@@ -47,13 +47,15 @@ from spanvm.controller.status_write import (
     own_status,
 )
 from spanvm.controller.usage import UsageMemo
-from spanvm.kube import JsonObject, Kube, api_error_text
+from spanvm.kube import CONFLICT, JsonObject, Kube, api_error_text
 from spanvm.rfc3339 import parse_time
 from spanvm.scheduler.placement import ClusterIndex, Unschedulable
 
 log = logging.getLogger("spanvm.operator")
 T = TypeVar("T")
 NODES_REFRESH = 1.0  # seconds the derived node view is reused though Leases renewed since
+GUARD_ATTEMPTS = 5  # finalizer writes tried against a VM that keeps changing
+INVALID = 422  # what the API server answers a new finalizer on a VM being deleted
 
 
 class EventSink(Protocol):
@@ -141,6 +143,11 @@ class Reconciler:
     def _lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self._locks.setdefault((namespace, name), asyncio.Lock())
 
+    def busy(self, namespace: str, name: str) -> bool:
+        """Whether a pass (or the deletion) of this VM is running now."""
+        lock = self._locks.get((namespace, name))
+        return lock is not None and lock.locked()
+
     # -- reading (from the caches) -----------------------------------------------------------
     def _fragments(self, vm: JsonObject) -> dict[int, JsonObject]:
         """The VM's own fragments, found by owner uid alone: no label or name is trusted (a
@@ -204,7 +211,7 @@ class Reconciler:
             if obj.get("status") or meta.get("deletionTimestamp"):
                 self.placement_first.done(_key(obj))  # placed (or why not) is written
             elif FINALIZER not in (meta.get("finalizers") or []):
-                self.placement_first.wait_for_placement(_key(obj))  # new: place_early next
+                self.placement_first.wait_for_placement(_key(obj))  # new: its pass places it
         elif kind == "VMFragment":
             self.cache.fragments.assume(obj)
 
@@ -226,48 +233,6 @@ class Reconciler:
             self._post_held_events((namespace, name))
             metrics.RECONCILES.labels(result).inc()
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
-
-    async def place_early(
-        self, namespace: str, name: str, kopf_patch: MutableMapping[str, Any]
-    ) -> None:
-        """A VM seen before Kopf's finalizer is on it: if it waits for a placement, place it
-        now (the status write, and its Event held back as in any pass). Nothing else is done
-        before the finalizer, so no Secret or fragment can be left behind by a deletion.
-
-        Kopf adds its finalizer with a JSON patch tested against the resourceVersion of the
-        event it handles, which our status write has just made old: it would fail (422) and
-        be retried on the next event. So whenever this writes, it puts the finalizer into
-        `kopf_patch` (the handler's `patch`) as a merge patch of the finalizer list as the
-        status write returned it, which Kopf applies when the handler returns (and then has
-        no JSON patch to make). The VM is Scheduled one write after it is created, not after
-        the finalizer's round trip. Two costs, measured by hack/bench/load.py: the echo of
-        the placement write (no finalizer yet) usually reaches Kopf after the finalizer is
-        on, and Kopf's JSON patch on that stale event is refused (422: one refused request a
-        VM); and a finalizer another controller changes in the milliseconds between the
-        status write and Kopf's merge patch would be overwritten (no precondition: Kopf
-        would report the changed resourceVersion as an inconsistency of its patch).
-        """
-        try:
-            async with self._lock(namespace, name):
-                vm = self.cache.vms.get(namespace, name)
-                if vm is None or vm["metadata"].get("deletionTimestamp"):
-                    return
-                nodes, index = self._nodes()
-                if lifecycle.decide(vm, self._fragments(vm), nodes) != [lifecycle.Place()]:
-                    return
-                try:
-                    await self._place(vm, index)
-                except ApiException as err:
-                    await self._report_api_error(namespace, name, err)
-                    raise
-                finally:  # the list as last written (a write failed: as the event had it)
-                    newest = self.cache.vms.get(namespace, name) or vm
-                    finalizers = list(newest["metadata"].get("finalizers") or [])
-                    if FINALIZER not in finalizers:
-                        metadata = kopf_patch.setdefault("metadata", {})
-                        metadata["finalizers"] = [*finalizers, FINALIZER]
-        finally:
-            self.placement_first.done((namespace, name))
 
     async def _report_api_error(self, namespace: str, name: str, err: ApiException) -> None:
         """An API call of this pass was refused: say so in status and an Event (the pass is
@@ -333,6 +298,8 @@ class Reconciler:
                         if not _unchanged(vm, self.cache.vms.get(*_key(vm))):
                             return False  # deleted or changed meanwhile: the next pass decides
                     self._post_held_events(_key(vm))
+                    if not await self._guard(vm):
+                        return False
                     again = await self._materialise(vm, list(placed))
                 case lifecycle.CountFailure(reason):
                     metrics.FAILURES.labels(reason).inc()
@@ -392,6 +359,47 @@ class Reconciler:
             self.placement_first.done(key)
         metrics.PLACEMENTS.inc()
         return True
+
+    async def _guard(self, vm: JsonObject) -> bool:
+        """Put the finalizer on the VM before it owns anything (its Secret, its fragments), so
+        a deletion always waits for them to stop; False if the VM is gone or being deleted
+        (nothing is made for it). Updates vm's metadata in place.
+
+        The finalizer is ours, not Kopf's: Kopf would add it on the VM's first event, one
+        more write (and a JSON patch that fails once the placement has changed the VM) in the
+        burst where placements go first. It is added here, at the VM's materialisation turn,
+        by a merge patch conditional on the resourceVersion, retried on a conflict with the
+        VM as read again."""
+        meta = vm["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        newest = self.cache.vms.get(namespace, name)  # this pass's own status writes are in
+        if newest is not None and newest["metadata"].get("uid") == meta.get("uid"):
+            meta = newest["metadata"]
+        for _attempt in range(GUARD_ATTEMPTS):
+            finalizers = list(meta.get("finalizers") or [])
+            if FINALIZER in finalizers:
+                return not meta.get("deletionTimestamp")
+            if meta.get("deletionTimestamp"):
+                return False
+            try:
+                written = await self._call(
+                    self.kube.set_vm_finalizers,
+                    namespace,
+                    name,
+                    [*finalizers, FINALIZER],
+                    meta["resourceVersion"],
+                )
+            except ApiException as err:
+                if err.status not in (CONFLICT, INVALID):
+                    raise
+                written = await self._call(self.kube.get_vm, namespace, name)
+            if written is None or written["metadata"].get("uid") != meta.get("uid"):
+                return False  # gone (or replaced by a namesake: its own pass decides)
+            self.cache.vms.assume(written)
+            meta = vm["metadata"] = written["metadata"]
+        raise ApiException(
+            status=CONFLICT, reason="the VM kept changing while its finalizer was added"
+        )
 
     async def _materialise(self, vm: JsonObject, placed: list[FragmentSummary]) -> bool:
         """The Secret and every missing VMFragment of the recorded placement; True if this
