@@ -279,9 +279,9 @@ def test_fragment_failure_fails_the_vm_with_the_reason(env: Env) -> None:
 
 def test_a_vm_is_scheduled_by_its_first_write_then_gets_the_finalizer(env: Env) -> None:
     """Placement first (docs/operator.md "Placements first"): the first change to a new
-    SpanningVM is its placement, written before Kopf's finalizer (which then comes as a merge
-    patch: no JSON patch tested against a version the placement made old); the fragments
-    come after the finalizer, so a deletion can never leave them behind."""
+    SpanningVM is its placement; the operator's finalizer comes next, at the VM's turn to be
+    materialised (not Kopf's, on the first event); the fragments come after the finalizer,
+    so a deletion can never leave them behind."""
     env.nodes.add("p20-a", vcpus=4, labels={"pool": "p20"})
     created: JsonObject = env.kube.custom.create_namespaced_custom_object(
         GROUP, VERSION, NS, SPANNINGVM_PLURAL, vm_manifest("vm20", NS, "p20", vcpus=2)
@@ -335,6 +335,20 @@ def test_unschedulable_stays_pending_then_placed_when_a_node_appears(env: Env) -
     )
     assert sorted(f["spec"]["nodeName"] for f in frags) == ["p3-a", "p3-b"]
     assert condition(env.status("vm3"), "Scheduled")["status"] == "True"
+
+
+def test_a_vm_that_owns_nothing_has_no_finalizer_and_is_deleted_at_once(env: Env) -> None:
+    """The operator's finalizer comes just before the VM owns something (docs/operator.md,
+    "Placements first"): Kopf adds none of its own, so a Pending VM is never held by one and
+    a deletion of it completes without the operator."""
+    env.nodes.add("p21-a", vcpus=2, labels={"pool": "p21"})
+    env.create_vm(vm_manifest("vm21", NS, "p21", vcpus=8))
+    wait_for("Pending with a reason", lambda: env.status("vm21").get("message"))
+    time.sleep(1.5)  # a periodic pass (the operator runs them every second here) came by
+    pending = env.vm("vm21")
+    assert pending is not None and not pending["metadata"].get("finalizers")
+    env.kube.custom.delete_namespaced_custom_object(GROUP, VERSION, NS, SPANNINGVM_PLURAL, "vm21")
+    assert env.vm("vm21") is None  # gone as the delete returned: nothing waited for
 
 
 def test_capacity_counts_other_vms_fragments(env: Env) -> None:
