@@ -5,14 +5,14 @@ When hundreds of SpanningVMs are applied at once, the API server is the bottlene
 of the development machine's two cores, ~170-360 SpanningVM writes/s alone: docs/operator.md,
 Measured). A VM is Scheduled by one status write; its other writes can wait a moment.
 Without an order, the VMs applied last wait behind the earlier VMs' 6-8 other writes each.
-`PlacementFirst` holds the materialisation of placed VMs back while any VM is waiting for its
-placement, as kube-scheduler's binding comes before a kubelet's work, and lets it go once the
-set of waiting VMs has stayed empty for `quiet` seconds, or after `longest` seconds in any
-case (a steady stream of new VMs never starves a placed one). Passes started by fragment
-events (peers, Starting) are not held.
+`PlacementFirst` holds the materialisation of placed VMs (their finalizer first) back while
+any VM is waiting for its placement, as kube-scheduler's binding comes before a kubelet's
+work, and lets it go once the set of waiting VMs has stayed empty for `quiet` seconds, or
+after `longest` seconds in any case (a steady stream of new VMs never starves a placed one).
+Passes started by fragment events (peers, Starting) are not held.
 
-A VM waits from the first time the operator sees it without a status or Kopf's finalizer
-(`Reconciler.place_early` places it next), or from when a decision places it, until its
+A VM waits from the first time the operator sees it without a status or the operator's
+finalizer (its first pass places it next), or from when a decision places it, until its
 placement write is back (or fails), its status is seen, or it is deleted; a VM still waiting
 after `stale` seconds (a write that was lost) no longer holds others back. All methods run on
 the event loop.
