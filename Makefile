@@ -65,6 +65,7 @@ bench: venv payloads tools
 	$(PYTHON) hack/bench/ipi.py
 	$(PYTHON) hack/bench/scheduler.py
 	$(PYTHON) hack/bench/apply.py
+	$(PYTHON) hack/bench/load.py
 
 clean:
 	-hack/control-plane purge
