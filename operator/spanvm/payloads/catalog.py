@@ -104,8 +104,9 @@ PAYLOADS: dict[str, PayloadInfo] = {
         ),
         PayloadInfo(
             "stream",
-            "vCPU 0 writes every heap page, then the last vCPU reads one word of each and prints"
-            " their sum, phases timed by doorbell marks (measures page-fault service)",
+            "vCPU 0 writes every heap page and parks, then the last vCPU reads one word of each,"
+            " prints their sum and exits; phases timed by doorbell marks (measures page-fault"
+            " service)",
             0,
         ),
         PayloadInfo(
