@@ -57,6 +57,10 @@ def test_run_flat_binary_exit_code(tmp_path: Path) -> None:
             ["run", "--kernel", "vmlinux", "--vcpus", "2", "--fragments", "2"],
             "Linux kernel vmlinux runs in one process for now",
         ),
+        (
+            ["operator", "--namespace", "team-*"],
+            "'team-*' is not a namespace name (patterns are not supported",
+        ),
     ],
 )
 def test_bad_arguments_give_one_clear_line(args: list[str], needle: str) -> None:

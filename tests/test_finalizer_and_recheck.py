@@ -13,6 +13,7 @@ from kubernetes.client.exceptions import ApiException
 
 from spanvm.api.constants import FINALIZER
 from spanvm.controller.cache import ClusterCache
+from spanvm.controller.handlers import build_registry
 from spanvm.controller.recheck import Recheck
 from spanvm.controller.reconcile import OperatorConfig, Reconciler
 from spanvm.kube import JsonObject, Kube
@@ -178,5 +179,73 @@ def test_recheck_runs_sweeps_until_stopped_and_survives_a_failing_pass() -> None
         await asyncio.sleep(0.05)
         assert calls == stopped_at
         return calls
+
+    assert asyncio.run(scenario()) >= 3
+
+
+def test_seen_takes_a_stale_first_event_for_what_the_cache_has_since() -> None:
+    """The periodic recheck may place a VM before Kopf hands over its first event; that
+    event (no status) must not count the VM as waiting again (held work would wait 10 s)."""
+    placed = vm(resourceVersion="5")
+    placed["status"] = {"phase": "Scheduling"}
+    r = reconciler(Api(None), placed)
+    r.seen({"kind": "SpanningVM", **vm(resourceVersion="3")})
+    assert r.placement_first.waiting == 0
+    r.seen({"kind": "SpanningVM", **vm("new", resourceVersion="4")})  # really new: waits
+    assert r.placement_first.waiting == 1
+
+
+def test_a_vm_re_specified_since_the_decision_is_guarded_but_not_materialised() -> None:
+    api = Api(vm(generation=2))
+    r = reconciler(api, api.stored)  # type: ignore[arg-type]
+    assert not guard(r, vm(generation=1))  # the pass decided on generation 1
+    assert api.stored["metadata"]["finalizers"] == [FINALIZER]  # type: ignore[index]
+
+
+def test_a_finalizer_refused_for_another_reason_than_a_deletion_is_reported_as_it_is() -> None:
+    class Refusing(Api):
+        def set_vm_finalizers(self, *args: Any) -> JsonObject | None:
+            self.calls.append(("patch", args[-1]))
+            raise ApiException(status=422, reason="denied by an admission policy")
+
+    api = Refusing(vm())
+    with pytest.raises(ApiException) as err:
+        guard(reconciler(api), vm())
+    assert err.value.status == 422 and "admission" in str(err.value)
+    assert [c[0] for c in api.calls] == ["patch", "get"]
+
+
+def test_kopf_is_given_no_reason_to_add_a_finalizer_of_its_own() -> None:
+    """Kopf puts its finalizer on every object a timer, a daemon or a deletion handler
+    matches; for SpanningVMs only VMs that already carry the operator's may match."""
+    r = reconciler(Api(None))
+    registry = build_registry(r, OperatorConfig("spanvm-system"))
+    assert registry._spawning.get_all_handlers() == []
+    changing = registry._changing.get_all_handlers()
+    assert changing, "the deletion handler"
+    for handler in changing:
+        assert handler.when is not None
+        assert not handler.when(body=vm())  # type: ignore[call-arg]
+        assert handler.when(body=vm(finalizers=[FINALIZER]))  # type: ignore[call-arg]
+
+
+def test_a_failing_sweep_does_not_end_the_recheck_and_it_stays_stopped() -> None:
+    async def scenario() -> int:
+        r = reconciler(Api(None), vm("a"))
+        recheck = Recheck(r, [], interval=0.01)
+        sweeps = 0
+
+        def sweep() -> int:
+            nonlocal sweeps
+            sweeps += 1
+            raise RuntimeError("a bug")
+
+        recheck.sweep = sweep  # type: ignore[method-assign]
+        recheck.start()
+        await asyncio.sleep(0.1)
+        await recheck.stop()
+        recheck.start()  # a handler running late in the shutdown
+        assert recheck._task is None
+        return sweeps
 
     assert asyncio.run(scenario()) >= 3

@@ -580,7 +580,7 @@ def reconciles(env: Env) -> float:
 
 
 def later_passes(env: Env, count: int = 3) -> None:
-    """Until the operator has made `count` more passes (the timer runs every second)."""
+    """Until the operator has made `count` more passes (the recheck runs every second)."""
     start = reconciles(env)
     wait_for(f"{count} more reconcile passes", lambda: reconciles(env) >= start + count)
 
@@ -692,8 +692,8 @@ def test_a_finished_vm_is_final_and_phases_never_go_back(env: Env) -> None:
 
 
 def test_deleting_finished_vms_is_prompt(env: Env) -> None:
-    """Kind 10: deleting a finished VM is bounded (the Kopf timer of a VM being deleted is
-    polled every 0.5 s, not every 60 s). 20 VMs, one after the other; each must be gone well
+    """Kind 10: deleting a finished VM is bounded (once a Kopf timer per VM held deletions
+    for its 60 s cancellation polling; the periodic recheck holds none). 20 VMs, one after the other; each must be gone well
     inside the 60 s period (a behavioural bound, not a timing one: the seconds are printed)."""
     env.nodes.add("k10-a", vcpus=20, memory="64Gi", labels={"pool": "k10"})
     names = [f"vm-k10-{i}" for i in range(20)]

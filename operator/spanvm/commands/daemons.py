@@ -47,6 +47,18 @@ def _cluster_options(leases: str) -> list[Any]:
     ]
 
 
+def _namespace_names(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Namespace names, not Kopf's patterns: the periodic recheck and the gauges select the
+    handled VMs by name (`cache.in_namespaces`), so a pattern would silently match none."""
+    for value in values:
+        if not value or any(c in value for c in "*?[]!,"):
+            raise click.BadParameter(
+                f"{value!r} is not a namespace name (patterns are not supported: repeat"
+                " --namespace once per namespace)"
+            )
+    return values
+
+
 def _with(options: list[Any], command: Any) -> Any:
     for option in reversed(options):
         command = option(command)
@@ -58,6 +70,7 @@ def _with(options: list[Any], command: Any) -> Any:
     "--namespace",
     "namespaces",
     multiple=True,
+    callback=lambda _ctx, _param, value: _namespace_names(value),
     help="watch only this namespace (repeatable; default: all namespaces)",
 )
 @click.option("--lease-name", default=OPERATOR_LEASE, show_default=True, help="leader Lease")

@@ -27,19 +27,21 @@ class Recheck:
         self.reconciler, self.namespaces, self.interval = reconciler, namespaces, interval
         self._passes: dict[Key, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
 
     def start(self) -> None:
-        """Start looking (idempotent)."""
-        if self._task is None or self._task.done():
+        """Start looking (idempotent; not again once stopped)."""
+        if not self._stopped and (self._task is None or self._task.done()):
             self._task = asyncio.create_task(self._forever(), name="spanvm-recheck")
 
     async def stop(self) -> None:
         """Stop looking and cancel the passes it started."""
+        self._stopped = True
         tasks = [t for t in (self._task, *self._passes.values()) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._passes.clear()
         self._task = None
@@ -62,7 +64,10 @@ class Recheck:
     async def _forever(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            self.sweep()
+            try:
+                self.sweep()
+            except Exception:  # a bug: say so, and keep looking (nothing else would)
+                log.exception("the periodic recheck's sweep failed")
 
     async def _pass(self, key: Key) -> None:
         try:

@@ -207,6 +207,9 @@ class Reconciler:
         kind = obj.get("kind")
         if kind == "SpanningVM":
             self.cache.vms.assume(obj)
+            newest = self.cache.vms.get(*_key(obj))  # a pass may have written it since
+            if newest is not None and newest["metadata"].get("uid") == obj["metadata"]["uid"]:
+                obj = newest
             meta = obj["metadata"]
             if obj.get("status") or meta.get("deletionTimestamp"):
                 self.placement_first.done(_key(obj))  # placed (or why not) is written
@@ -265,6 +268,8 @@ class Reconciler:
         if vm is None or vm["metadata"].get("deletionTimestamp"):
             return  # gone, or the delete handler owns it now
         nodes, index = self._nodes()
+        if self._fragments(vm) and not await self._guard(vm):
+            return  # owns fragments, and its finalizer was taken off by hand: put back first
         for _round in range(2):  # once more after creating fragments
             actions = lifecycle.decide(vm, self._fragments(vm), nodes)
             again = await self._carry_out(vm, actions, index)
@@ -372,15 +377,15 @@ class Reconciler:
         VM as read again."""
         meta = vm["metadata"]
         namespace, name = meta["namespace"], meta["name"]
+        decided = meta.get("generation")  # the spec this pass decided on
         newest = self.cache.vms.get(namespace, name)  # this pass's own status writes are in
         if newest is not None and newest["metadata"].get("uid") == meta.get("uid"):
             meta = newest["metadata"]
         for _attempt in range(GUARD_ATTEMPTS):
             finalizers = list(meta.get("finalizers") or [])
-            if FINALIZER in finalizers:
-                return not meta.get("deletionTimestamp")
-            if meta.get("deletionTimestamp"):
-                return False
+            if FINALIZER in finalizers or meta.get("deletionTimestamp"):
+                # being deleted, or re-specified since the decision: the next pass decides
+                return not meta.get("deletionTimestamp") and meta.get("generation") == decided
             try:
                 written = await self._call(
                     self.kube.set_vm_finalizers,
@@ -393,6 +398,13 @@ class Reconciler:
                 if err.status not in (CONFLICT, INVALID):
                     raise
                 written = await self._call(self.kube.get_vm, namespace, name)
+                fresh = (written or {}).get("metadata", {})
+                if (
+                    err.status == INVALID
+                    and written is not None
+                    and not fresh.get("deletionTimestamp")
+                ):
+                    raise  # refused for another reason than a deletion: say that one
             if written is None or written["metadata"].get("uid") != meta.get("uid"):
                 return False  # gone (or replaced by a namesake: its own pass decides)
             self.cache.vms.assume(written)
