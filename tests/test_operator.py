@@ -693,8 +693,9 @@ def test_a_finished_vm_is_final_and_phases_never_go_back(env: Env) -> None:
 
 def test_deleting_finished_vms_is_prompt(env: Env) -> None:
     """Kind 10: deleting a finished VM is bounded (once a Kopf timer per VM held deletions
-    for its 60 s cancellation polling; the periodic recheck holds none). 20 VMs, one after the other; each must be gone well
-    inside the 60 s period (a behavioural bound, not a timing one: the seconds are printed)."""
+    for its 60 s cancellation polling; the periodic recheck holds none). 20 VMs, one after
+    the other; each must be gone well inside 60 s (a behavioural bound, not a timing one:
+    the seconds are printed)."""
     env.nodes.add("k10-a", vcpus=20, memory="64Gi", labels={"pool": "k10"})
     names = [f"vm-k10-{i}" for i in range(20)]
     for name in names:
