@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 START_WINDOW = 8
-PREFETCH_DEPTH = 7
+PREFETCH_DEPTH = 15
 RUN_AFTER = 2  # faults in a row that continue a run before it counts as sequential
 Wait = Callable[[], Any]
 
