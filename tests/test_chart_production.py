@@ -17,7 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Cluster
-from k8s_sim import ensure_namespace, free_port, wait_for
+from k8s_sim import SimNodes, ensure_namespace, free_port, wait_for
 from spanvm.api.crd import CRDS, crd_filename
 from spanvm.api.crd import render as render_crd
 from spanvm.devcluster.operator_proc import operator_command, start, stop
@@ -381,10 +381,19 @@ def test_helm_uninstall_runs_the_hook_and_leaves_no_vm_on_its_finalizer(
         "install", RELEASE, str(CHART), "-n", NS, "--take-ownership",
         "--set", f"operator.watchNamespaces={{{watched}}}", *kubeconfig,
     )  # fmt: skip
-    crds.kubectl("apply", "-f", "-", stdin=json.dumps(_vm("left-behind", watched)))
+    # The VM is placed and owns a fragment (so the operator has put its finalizer on it);
+    # no agent runs the fragment, so its deletion stops waiting after --deletion-grace.
+    nodes = SimNodes(kube)
+    nodes.add("uninstall-18-a", vcpus=2, labels={"pool": "uninstall-18"})
+    vm = _vm("left-behind", watched)
+    vm["spec"]["placement"]["nodeSelector"] = {"pool": "uninstall-18"}
+    crds.kubectl("apply", "-f", "-", stdin=json.dumps(vm))
     log = tmp_path / "operator.log"
     operator = start(
-        operator_command(crds.kubeconfig, system_namespace=NS, namespaces=(watched,)), log
+        operator_command(
+            crds.kubeconfig, system_namespace=NS, namespaces=(watched,), deletion_grace=2
+        ),
+        log,
     )
     uninstall: subprocess.Popen[str] | None = None
     try:
@@ -426,6 +435,7 @@ def test_helm_uninstall_runs_the_hook_and_leaves_no_vm_on_its_finalizer(
         assert uninstall.returncode == 0, out
     finally:
         stop(operator)
+        nodes.delete_all()
         if uninstall is not None and uninstall.poll() is None:
             uninstall.kill()
     assert kube.get_vm(watched, "left-behind") is None
