@@ -406,7 +406,7 @@ def main() -> int:
             ):
                 break
             time.sleep(2.0)
-        time.sleep(6.0)  # a timer pass of every VM
+        time.sleep(6.0)  # a periodic recheck pass of every VM
         after = request_counts(kube)
         rss, peak = rss_mib(operator.pid)
         # after the run: 500 more SpanningVMs created and deleted before it would leave the

@@ -21,6 +21,7 @@ JsonObject = dict[str, Any]
 T = TypeVar("T")
 NOT_FOUND = 404
 CONFLICT = 409
+INVALID = 422  # e.g. a new finalizer on an object being deleted
 CONNECTIONS = 32
 
 

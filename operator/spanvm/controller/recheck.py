@@ -14,10 +14,10 @@ import contextlib
 import logging
 
 from spanvm.controller.cache import in_namespaces
+from spanvm.controller.priority import Key
 from spanvm.controller.reconcile import Reconciler
 
 log = logging.getLogger("spanvm.operator")
-Key = tuple[str, str]  # namespace, name
 
 
 class Recheck:

@@ -47,7 +47,7 @@ from spanvm.controller.status_write import (
     own_status,
 )
 from spanvm.controller.usage import UsageMemo
-from spanvm.kube import CONFLICT, JsonObject, Kube, api_error_text
+from spanvm.kube import CONFLICT, INVALID, JsonObject, Kube, api_error_text
 from spanvm.rfc3339 import parse_time
 from spanvm.scheduler.placement import ClusterIndex, Unschedulable
 
@@ -55,7 +55,6 @@ log = logging.getLogger("spanvm.operator")
 T = TypeVar("T")
 NODES_REFRESH = 1.0  # seconds the derived node view is reused though Leases renewed since
 GUARD_ATTEMPTS = 5  # finalizer writes tried against a VM that keeps changing
-INVALID = 422  # what the API server answers a new finalizer on a VM being deleted
 
 
 class EventSink(Protocol):
@@ -97,12 +96,13 @@ def _same(a: Sequence[object], b: Sequence[object]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
-def _unchanged(vm: JsonObject, now: JsonObject | None) -> bool:
-    """Whether the VM a pass decided on is still the same: not deleted, replaced by another
-    of its name, being deleted, or given a new spec since."""
-    if now is None or now["metadata"].get("deletionTimestamp"):
+def _unchanged(decided: JsonObject, now: JsonObject | None) -> bool:
+    """Whether the VM a pass decided on (its metadata then: `decided`) is still the same
+    (its metadata now: `now`): not deleted, replaced by another of its name, being deleted,
+    or given a new spec since."""
+    if now is None or now.get("deletionTimestamp"):
         return False
-    return all(now["metadata"].get(k) == vm["metadata"].get(k) for k in ("uid", "generation"))
+    return all(now.get(k) == decided.get(k) for k in ("uid", "generation"))
 
 
 def _vm_ref(vm: JsonObject) -> str:
@@ -300,7 +300,8 @@ class Reconciler:
                     held = await self.placement_first.turn()
                     if held >= 0.01:
                         log.debug("[%s] held back %.2fs for placements", _vm_ref(vm), held)
-                        if not _unchanged(vm, self.cache.vms.get(*_key(vm))):
+                        now = self.cache.vms.get(*_key(vm))
+                        if not _unchanged(vm["metadata"], now and now["metadata"]):
                             return False  # deleted or changed meanwhile: the next pass decides
                     self._post_held_events(_key(vm))
                     if not await self._guard(vm):
@@ -375,9 +376,8 @@ class Reconciler:
         burst where placements go first. It is added here, at the VM's materialisation turn,
         by a merge patch conditional on the resourceVersion, retried on a conflict with the
         VM as read again."""
-        meta = vm["metadata"]
+        decided = meta = vm["metadata"]  # what this pass decided on
         namespace, name = meta["namespace"], meta["name"]
-        decided = meta.get("generation")  # the spec this pass decided on
         newest = self.cache.vms.get(namespace, name)  # this pass's own status writes are in
         if newest is not None and newest["metadata"].get("uid") == meta.get("uid"):
             meta = newest["metadata"]
@@ -385,7 +385,7 @@ class Reconciler:
             finalizers = list(meta.get("finalizers") or [])
             if FINALIZER in finalizers or meta.get("deletionTimestamp"):
                 # being deleted, or re-specified since the decision: the next pass decides
-                return not meta.get("deletionTimestamp") and meta.get("generation") == decided
+                return _unchanged(decided, meta)
             try:
                 written = await self._call(
                     self.kube.set_vm_finalizers,
@@ -405,7 +405,7 @@ class Reconciler:
                     and not fresh.get("deletionTimestamp")
                 ):
                     raise  # refused for another reason than a deletion: say that one
-            if written is None or written["metadata"].get("uid") != meta.get("uid"):
+            if written is None or written["metadata"].get("uid") != decided.get("uid"):
                 return False  # gone (or replaced by a namesake: its own pass decides)
             self.cache.vms.assume(written)
             meta = vm["metadata"] = written["metadata"]
