@@ -61,6 +61,9 @@ def test_run_flat_binary_exit_code(tmp_path: Path) -> None:
             ["operator", "--namespace", "team-*"],
             "'team-*' is not a namespace name (patterns are not supported",
         ),
+        (["operator", "--namespace", " team"], "' team' is not a namespace name (lower-case"),
+        (["operator", "--namespace", "Team"], "'Team' is not a namespace name (lower-case"),
+        (["operator", "--namespace", ""], "an empty namespace (leave --namespace out"),
     ],
 )
 def test_bad_arguments_give_one_clear_line(args: list[str], needle: str) -> None:

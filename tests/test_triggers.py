@@ -56,7 +56,7 @@ def test_kopf_keeps_no_diff_base_so_writes_none() -> None:
     assert patch == {} and storage.fetch(body=vm()) is None  # type: ignore[arg-type]
 
 
-def test_nothing_is_written_before_kopf_has_its_finalizer() -> None:
+def test_guarded_means_the_operators_finalizer_is_on() -> None:
     fresh = vm()
     del fresh["metadata"]["finalizers"]
     assert not guarded(fresh)

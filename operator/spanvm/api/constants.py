@@ -48,6 +48,9 @@ OPERATOR_LEASE = "spanvm-operator"
 MAX_NAME_LENGTH = 253  # object names: DNS-1123 subdomains
 MAX_LABEL_VALUE_LENGTH = 63
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+MAX_DNS_LABEL_LENGTH = 63
+# An RFC 1123 label, what a Namespace's name must be (Kubernetes docs, "Object Names and IDs")
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _HASH_LENGTH = 10
 
 

@@ -6,7 +6,12 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from spanvm.api.constants import OPERATOR_LEASE, SYSTEM_NAMESPACE
+from spanvm.api.constants import (
+    DNS_LABEL,
+    MAX_DNS_LABEL_LENGTH,
+    OPERATOR_LEASE,
+    SYSTEM_NAMESPACE,
+)
 from spanvm.api.quantity import parse_quantity_bytes
 from spanvm.controller.run_strategy import BACKOFF_BASE
 
@@ -48,13 +53,24 @@ def _cluster_options(leases: str) -> list[Any]:
 
 
 def _namespace_names(values: tuple[str, ...]) -> tuple[str, ...]:
-    """Namespace names, not Kopf's patterns: the periodic recheck and the gauges select the
-    handled VMs by name (`cache.in_namespaces`), so a pattern would silently match none."""
+    """Namespace names (RFC 1123 labels, as the API server requires of a Namespace's name),
+    not Kopf's patterns: the periodic recheck and the gauges select the handled VMs by exact
+    name (`cache.in_namespaces`), so a pattern, or a name Kopf would trim, would silently
+    match none."""
     for value in values:
-        if not value or any(c in value for c in "*?[]!,"):
+        if not value:
+            raise click.BadParameter(
+                "an empty namespace (leave --namespace out to watch every namespace)"
+            )
+        if any(c in value for c in "*?[]!,"):
             raise click.BadParameter(
                 f"{value!r} is not a namespace name (patterns are not supported: repeat"
                 " --namespace once per namespace)"
+            )
+        if len(value) > MAX_DNS_LABEL_LENGTH or not DNS_LABEL.fullmatch(value):
+            raise click.BadParameter(
+                f"{value!r} is not a namespace name (lower-case letters, digits and '-',"
+                f" starting and ending with a letter or digit, at most {MAX_DNS_LABEL_LENGTH})"
             )
     return values
 
@@ -71,7 +87,7 @@ def _with(options: list[Any], command: Any) -> Any:
     "namespaces",
     multiple=True,
     callback=lambda _ctx, _param, value: _namespace_names(value),
-    help="watch only this namespace (repeatable; default: all namespaces)",
+    help="watch only this namespace (a name, not a pattern; repeatable; default: all)",
 )
 @click.option("--lease-name", default=OPERATOR_LEASE, show_default=True, help="leader Lease")
 @click.option("--lease-duration", type=int, default=15, show_default=True, help="Lease seconds")

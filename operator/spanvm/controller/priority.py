@@ -4,7 +4,7 @@ other VMs' Secrets, VMFragments and Scheduled Events (and what their passes writ
 When hundreds of SpanningVMs are applied at once, the API server is the bottleneck (about one
 of the development machine's two cores, ~170-360 SpanningVM writes/s alone: docs/operator.md,
 Measured). A VM is Scheduled by one status write; its other writes can wait a moment.
-Without an order, the VMs applied last wait behind the earlier VMs' 6-8 other writes each.
+Without an order, the VMs applied last wait behind the earlier VMs' 7-9 other writes each.
 `PlacementFirst` holds the materialisation of placed VMs (their finalizer first) back while
 any VM is waiting for its placement, as kube-scheduler's binding comes before a kubelet's
 work, and lets it go once the set of waiting VMs has stayed empty for `quiet` seconds, or

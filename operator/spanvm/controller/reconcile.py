@@ -269,7 +269,7 @@ class Reconciler:
             return  # gone, or the delete handler owns it now
         nodes, index = self._nodes()
         if self._fragments(vm) and not await self._guard(vm):
-            return  # owns fragments, and its finalizer was taken off by hand: put back first
+            return  # gone, being deleted or re-specified (a finalizer taken off by hand is back)
         for _round in range(2):  # once more after creating fragments
             actions = lifecycle.decide(vm, self._fragments(vm), nodes)
             again = await self._carry_out(vm, actions, index)
@@ -368,8 +368,11 @@ class Reconciler:
 
     async def _guard(self, vm: JsonObject) -> bool:
         """Put the finalizer on the VM before it owns anything (its Secret, its fragments), so
-        a deletion always waits for them to stop; False if the VM is gone or being deleted
-        (nothing is made for it). Updates vm's metadata in place.
+        a deletion always waits for them to stop. False if the VM is gone, being deleted,
+        replaced by a namesake or given a new spec since the pass decided (nothing is made
+        for it; the next pass decides). Updates vm's metadata in place. ApiException: 409
+        after GUARD_ATTEMPTS conflicts in a row, a 422 not caused by a deletion as the API
+        server gave it, or any other refusal.
 
         The finalizer is ours, not Kopf's: Kopf would add it on the VM's first event, one
         more write (and a JSON patch that fails once the placement has changed the VM) in the
