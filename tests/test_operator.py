@@ -283,6 +283,17 @@ def test_a_vm_is_scheduled_by_its_first_write_then_gets_the_finalizer(env: Env) 
     materialised (not Kopf's, on the first event); the fragments come after the finalizer,
     so a deletion can never leave them behind."""
     env.nodes.add("p20-a", vcpus=4, labels={"pool": "p20"})
+    # The operator learns of the node through its watch; a VM it meets first is rightly
+    # written Unschedulable (seen in CI). A 1-vCPU probe in the pool, once placed, shows the
+    # operator's cache holds the node (3 vCPUs stay free for vm20).
+    env.create_vm(vm_manifest("vm20-probe", NS, "p20", vcpus=1, max_fragments=1))
+    wait_for(
+        "the probe placed",
+        lambda: (
+            reason_of(env.status("vm20-probe"), "Scheduled") is not None
+            and condition(env.status("vm20-probe"), "Scheduled")["status"] == "True"
+        ),
+    )
     created: JsonObject = env.kube.custom.create_namespaced_custom_object(
         GROUP, VERSION, NS, SPANNINGVM_PLURAL, vm_manifest("vm20", NS, "p20", vcpus=2)
     )
