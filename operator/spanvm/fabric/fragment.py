@@ -58,6 +58,7 @@ from spanvm.fabric.coherence import (
     nearest_rank,
     readahead_count,
 )
+from spanvm.fabric.heap import keep_message_buffers
 from spanvm.fabric.homes import HomeMap, HomeRange
 from spanvm.fabric.shape import image_sha256, vm_shape
 from spanvm.fabric.transport import FabricError, Handlers, PeerGoneError, Transport
@@ -450,6 +451,7 @@ def main(status_fd: int | None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    keep_message_buffers()
     try:
         config = read_config(sys.stdin.read())
     except ContractError as err:
