@@ -5,15 +5,24 @@ other fragments are played by the test: it records what the home sends them and 
 home's requests as they would.
 """
 
+import ctypes
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
 
-from spanvm.fabric.coherence import MODIFIED, SHARED, Coherence, CoherenceError
+from spanvm.fabric.coherence import (
+    BATCH_HEADER,
+    INVALID,
+    MODIFIED,
+    SHARED,
+    Coherence,
+    CoherenceError,
+)
 from spanvm.fabric.homes import HomeMap, HomeRange
 from spanvm.fabric.uffd import PAGE_SIZE, Userfault
-from spanvm.fabric.wire import EXCLUSIVE, HAS_DATA, WANT_DATA, Frame, Kind
+from spanvm.fabric.wire import BATCH, EXCLUSIVE, HAS_DATA, WANT_DATA, Frame, Kind
 from spanvm.vmm.layout import IMAGE_BASE
 from spanvm.vmm.memory import GuestMemory
 
@@ -129,3 +138,67 @@ def test_requests_for_pages_homed_elsewhere_are_refused(home: tuple[Coherence, P
         coherence.serve(1, Kind.READ, (20 * MiB) // PAGE_SIZE, request_id=1)
     with pytest.raises(CoherenceError, match="which is not coherent memory"):
         coherence.serve(1, Kind.READ, (64 * MiB) // PAGE_SIZE, request_id=1)
+
+
+def _written_by_the_home(coherence: Coherence, count: int) -> list[bytes]:
+    """The home's vCPUs write `count` pages from PAGE (Modified here); their contents."""
+    contents = []
+    for n in range(count):
+        coherence.serve(0, Kind.WRITE, PAGE + n, request_id=0)
+        data = bytes([n + 1]) * PAGE_SIZE
+        ctypes.memmove(coherence.host(PAGE + n), data, PAGE_SIZE)
+        contents.append(data)
+    return contents
+
+
+def _batch(grant: Frame) -> tuple[int, int, int, list[int], bytes]:
+    included, exclusive, zero = BATCH_HEADER.unpack_from(grant.payload)
+    count = included.bit_count()
+    versions = list(struct.unpack_from(f"<{count}I", grant.payload, BATCH_HEADER.size))
+    data = grant.payload[BATCH_HEADER.size + 4 * count :] + b"".join(grant.chunks)
+    return included, exclusive, zero, versions, data
+
+
+@pytest.mark.parametrize("migrate", [True, False])
+def test_a_sequential_reader_takes_the_pages_only_the_home_holds(
+    home: tuple[Coherence, Peers], migrate: bool
+) -> None:
+    """MIGRATE (a READ window of a sequential run): pages the home alone holds Modified move
+    to the reader, exclusive and writable, and the home drops its copies before the grant
+    leaves; a page another fragment shares stays shared. Without MIGRATE all are shared."""
+    coherence, peers = home
+    contents = _written_by_the_home(coherence, 8)
+    coherence.serve(2, Kind.READ, PAGE + 5, request_id=1)  # fragment 2 shares page 5
+    peers.sent.clear()
+    coherence.serve(1, Kind.READ, PAGE, request_id=9, readahead=8, migrate=migrate)
+    ((peer, grant),) = peers.sent
+    assert peer == 1 and grant.kind == Kind.GRANT and grant.flags & (BATCH | HAS_DATA)
+    included, exclusive, zero, versions, data = _batch(grant)
+    assert included == 0xFF and zero == 0
+    assert data == b"".join(contents)  # every page's latest bytes, in page order
+    if migrate:
+        assert exclusive == 0xFF & ~(1 << 5)
+        assert grant.flags & EXCLUSIVE  # the faulting page itself moved too
+        for n in (0, 1, 2, 3, 4, 6, 7):
+            assert coherence.owner[PAGE + n] == 1 and coherence.local_state(PAGE + n) == INVALID
+            assert versions[n] == coherence.version[PAGE + n] == 1  # its first change of owner
+        assert coherence.counters.pages_moved == 7
+    else:
+        assert exclusive == 0
+        assert all(coherence.local_state(PAGE + n) == SHARED for n in range(8))
+        assert coherence.counters.pages_moved == 0
+    assert coherence.sharers[PAGE + 5] == 0b111 and coherence.local_state(PAGE + 5) == SHARED
+
+
+def test_a_moved_page_read_again_at_home_comes_back_from_its_new_owner(
+    home: tuple[Coherence, Peers],
+) -> None:
+    """After a page moved to a sequential reader, the home's own read downgrades the reader."""
+    coherence, peers = home
+    _written_by_the_home(coherence, 4)
+    coherence.serve(1, Kind.READ, PAGE, request_id=9, readahead=4, migrate=True)
+    assert coherence.local_state(PAGE + 2) == INVALID
+    peers.owner_version = coherence.version[PAGE + 2]  # what the batched grant gave it
+    coherence.serve(0, Kind.READ, PAGE + 2, request_id=0)
+    assert [(p, f.kind, f.page) for p, f in peers.requests] == [(1, Kind.DOWNGRADE, PAGE + 2)]
+    assert coherence.local_state(PAGE + 2) == SHARED and coherence.sharers[PAGE + 2] == 0b011

@@ -97,7 +97,7 @@ def test_sequential_runs_with_windows_asked_for_ahead(fragments: int, seeds: int
     """Accesses that mostly continue a run make the fabric grow its read-ahead windows and
     ask for the next windows before the guest reaches them (several requests in flight per
     fragment, batched DOWNGRADEs behind them); the protocol must hold as without."""
-    waited = 0
+    waited = moved = 0
     for seed in range(seeds):
         explorer = Explorer(
             fragments, seed, pages_per_home=12, readahead=4, sequential=0.8, ops_per_vcpu=40
@@ -107,7 +107,22 @@ def test_sequential_runs_with_windows_asked_for_ahead(fragments: int, seeds: int
         finally:
             explorer.close()
         waited += sum(f.coherence.counters.prefetch_waits for f in explorer.fragments)
+        moved += sum(f.coherence.counters.pages_moved for f in explorer.fragments)
     assert waited > 0  # guests did fault on pages whose windows were still in flight
+    assert moved > 0  # sequential reads took pages only their home held (MIGRATE)
+
+
+class KeepingHome(Coherence):
+    """A home that lets pages move to a sequential reader but keeps its own copies."""
+
+    def _give_up(self, first: int, count: int) -> None:
+        pass
+
+
+def test_explorer_finds_a_home_that_keeps_a_moved_page() -> None:
+    with pytest.raises(ExplorationError, match=r"writable on|the last write was|present"):
+        for seed in range(40):
+            explore(3, seed, pages_per_home=12, readahead=4, sequential=0.8, coherence=KeepingHome)
 
 
 class ForgetfulBatchHome(Coherence):

@@ -25,7 +25,7 @@ from typing import Any
 from spanvm.fabric.homes import PAGE, HomeMap
 from spanvm.fabric.readahead import ReadAhead
 from spanvm.fabric.uffd import Fault, Userfault
-from spanvm.fabric.wire import BATCH, EXCLUSIVE, HAS_DATA, WANT_DATA, Frame, Kind
+from spanvm.fabric.wire import BATCH, EXCLUSIVE, HAS_DATA, MIGRATE, WANT_DATA, Frame, Kind
 from spanvm.vmm.memory import GuestMemory
 
 INVALID, SHARED, MODIFIED = 0, 1, 2
@@ -63,6 +63,7 @@ class Counters:
     pages_out: int = 0
     invalidations: int = 0
     prefetch_waits: int = 0  # faults on a page whose window was asked for ahead, still coming
+    pages_moved: int = 0  # home pages that moved to a reader of a sequential run (MIGRATE)
     remote_fault_seconds: list[float] = field(default_factory=list)
 
     def fault_percentiles(self) -> dict[str, float]:
@@ -232,7 +233,7 @@ class Coherence:
             if state != INVALID or not self._serve_own_run(kind, page, window, sequential):
                 self.serve(self.index, kind, page, request_id=0)
             return
-        wait = self.submit(home, _request(kind, page, window))
+        wait = self.submit(home, _request(kind, page, window, migrate=sequential))
         if sequential and kind == Kind.READ:
             self._prefetch(stream, home, page)
         wait()  # the grant is applied by the reader
@@ -246,7 +247,8 @@ class Coherence:
         whose grants the reader applies; the fault thread waits for one only if the guest
         faults on a page in it before it arrived)."""
         for first, count in stream.prefetch(page, page + self._room(page)):
-            stream.sent(first, count, self.submit(home, _request(Kind.READ, first, count)))
+            request = _request(Kind.READ, first, count, migrate=True)
+            stream.sent(first, count, self.submit(home, request))
 
     def _serve_own_run(self, kind: Kind, page: int, window: int, sequential: bool) -> bool:
         """A fault of this fragment's own vCPUs on a missing page homed here: resolve it with
@@ -321,13 +323,20 @@ class Coherence:
         self.counters.pages_in += count
 
     # -- the home side ------------------------------------------------------------------------
-    def serve(
-        self, requester: int, kind: Kind, page: int, request_id: int, readahead: int = 1
+    def serve(  # noqa: PLR0917 - the fields of one request
+        self,
+        requester: int,
+        kind: Kind,
+        page: int,
+        request_id: int,
+        readahead: int = 1,
+        migrate: bool = False,
     ) -> None:
-        """Handle READ/WRITE for a page this fragment is home for; grants go out under the lock."""
+        """Handle READ/WRITE for a page this fragment is home for; grants go out under the lock.
+        `migrate`: the READ continues a sequential run (the request's MIGRATE flag)."""
         self._check_home(requester, page)
         with self.locks[page % LOCK_STRIPES]:
-            self._serve_locked(requester, kind, page, request_id, readahead)
+            self._serve_locked(requester, kind, page, request_id, readahead, migrate)
 
     def try_serve_inline(self, requester: int, frame: Frame) -> bool:
         """Serve a request at once (on the connection's reader thread) when its page lock is
@@ -340,7 +349,9 @@ class Coherence:
         try:
             if not self._local_only(requester, frame.kind, page):
                 return False
-            self._serve_locked(requester, frame.kind, page, frame.request, readahead_count(frame))
+            self._serve_locked(
+                requester, frame.kind, page, frame.request, readahead_count(frame), migrates(frame)
+            )
             return True
         finally:
             lock.release()
@@ -367,9 +378,11 @@ class Coherence:
                 " which is homed elsewhere"
             )
 
-    def _serve_locked(self, r: int, kind: Kind, page: int, request_id: int, readahead: int) -> None:
+    def _serve_locked(  # noqa: PLR0917 - the fields of one request
+        self, r: int, kind: Kind, page: int, request_id: int, readahead: int, migrate: bool = False
+    ) -> None:
         if kind == Kind.READ:
-            self._serve_read(r, page, request_id, readahead)
+            self._serve_read(r, page, request_id, readahead, migrate)
         else:
             self._serve_write(r, page, request_id, readahead)
 
@@ -399,7 +412,9 @@ class Coherence:
         """Owned by its home and never touched anywhere: all zeros, no copy exists."""
         return self.owner.get(page, self.index) == self.index and self.local_state(page) == INVALID
 
-    def _serve_read(self, r: int, page: int, request_id: int, window: int = 1) -> None:
+    def _serve_read(
+        self, r: int, page: int, request_id: int, window: int = 1, migrate: bool = False
+    ) -> None:
         me, bit = self.index, 1 << r
         owner = self.owner.get(page, me)
         sharers = self.sharers.get(page, 0)
@@ -412,6 +427,15 @@ class Coherence:
             # First touch anywhere: the (zero) page moves to its first user; no data travels.
             self._new_owner(page, r)
             self._send_grant(r, page, request_id, EXCLUSIVE | HAS_DATA, b"", window, False)
+            return
+        if migrate and r != me and owner == me and self.local_state(page) == MODIFIED:
+            # A sequential reader takes the run the home alone holds: the page moves with it.
+            self._new_owner(page, r)
+            self.sharers.pop(page, None)
+            flags = EXCLUSIVE | HAS_DATA
+            self._send_grant(
+                r, page, request_id, flags, b"", window, False, migrate=True, first_moves=True
+            )
             return
         if owner != NO_OWNER:
             if owner == me:
@@ -429,7 +453,8 @@ class Coherence:
             sharers, owner = (1 << owner) | (1 << me), NO_OWNER
         self.owner[page] = NO_OWNER
         self.sharers[page] = sharers | bit
-        self._send_grant(r, page, request_id, HAS_DATA, self._data(page), window, False)
+        data = self._data(page)
+        self._send_grant(r, page, request_id, HAS_DATA, data, window, False, migrate=migrate)
 
     def _send_grant(  # noqa: PLR0917 - the fields of one grant
         self,
@@ -441,22 +466,31 @@ class Coherence:
         window: int,
         writes: bool,
         locked: int = 1,
+        *,
+        migrate: bool = False,
+        first_moves: bool = False,
     ) -> None:
         """Grant `first`, plus (read-ahead) those of the next `window - 1` pages that cost no
         other fragment anything: untouched pages move to r as exclusive zero pages; for reads,
-        pages the home owns or shares become Shared by r. One message carries them all. The
+        pages the home owns or shares become Shared by r, except that with `migrate` (a
+        sequential run) pages the home alone holds Modified move to r exclusively: the home
+        write-protects, copies and drops them before the grant leaves (`first_moves`: so does
+        `first`, whose data the caller leaves to this). One message carries them all. The
         caller holds the locks of the first `locked` pages."""
         if r == self.index:
             return
-        if window <= 1 or not flags & HAS_DATA:
+        me, owners, sharers_of, state = self.index, self.owner, self.sharers, self.state
+        base = self._slot(first)  # a window lies in one home range: consecutive slots
+        if (window <= 1 and not first_moves) or not flags & HAS_DATA:
             self._grant(r, first, request_id, flags, data)
             return
-        me, owners, sharers_of, state = self.index, self.owner, self.sharers, self.state
         window = min(window, self._room(first))  # never a page homed elsewhere
-        base = self._slot(first)  # a window lies in one home range: consecutive slots
         included, exclusive, zero = 1, int(bool(flags & EXCLUSIVE)), int(not data)
         versions = [self.version.get(first, 0)]
         shared: list[int] = []  # pages r will share with the home
+        moved: list[int] = [first] if first_moves else []  # pages that move from the home to r
+        if first_moves:
+            zero = 0
         held: list[threading.Lock] = []
         try:
             for offset in range(1, window):
@@ -472,6 +506,10 @@ class Coherence:
                 if owner == me and state[base + offset] == INVALID:  # untouched anywhere
                     self._new_owner(page, r)
                     included, exclusive, zero = included | bit, exclusive | bit, zero | bit
+                elif migrate and owner == me and state[base + offset] == MODIFIED:
+                    self._new_owner(page, r)  # the home's copy is the only one
+                    included, exclusive = included | bit, exclusive | bit
+                    moved.append(page)
                 elif not writes and owner in (me, NO_OWNER):
                     owners[page] = NO_OWNER
                     sharers_of[page] = (1 << me if owner == me else sharers) | (1 << r)
@@ -480,19 +518,39 @@ class Coherence:
                 else:
                     continue
                 versions.append(self.version.get(page, 0))
-            self._protect_pages([p for p in shared if state[base + p - first] == MODIFIED])
-            self.counters.pages_out += bool(data) + len(shared)
+            self._protect_pages([p for p in shared if state[base + p - first] == MODIFIED] + moved)
+            self.counters.pages_out += bool(data) + len(shared) + len(moved)
             payload = (
                 BATCH_HEADER.pack(included, exclusive, zero)
                 + struct.pack(f"<{len(versions)}I", *versions)
                 + data
             )
-            # The shared pages go out from guest memory: write-protected, and locked until sent.
-            pages = tuple(self._view(p, n) for p, n in _runs(shared))
+            # Shared pages go out from guest memory (write-protected, locked until sent); moved
+            # pages are copied out (write-protected first, so no write is lost) and dropped
+            # here before the grant leaves (revocation before grant).
+            pages = tuple(self._grant_chunks(shared, moved))
             self.send(r, Frame(Kind.GRANT, flags | BATCH, request_id, first, payload, 0, pages))
         finally:
             for lock in held:
                 lock.release()
+
+    def _grant_chunks(self, shared: list[int], moved: list[int]) -> Iterator[memoryview]:
+        """The data of a batched grant's pages after its first, in page order: views of the
+        shared pages' guest memory, copies of the moved pages (dropped here once copied)."""
+        chunks = [(p, self._view(p, n)) for p, n in _runs(shared)]
+        for p, n in _runs(moved):
+            chunks.append((p, memoryview(bytes(self._view(p, n)))))
+            self._give_up(p, n)
+        for _, chunk in sorted(chunks, key=lambda c: c[0]):
+            yield chunk
+
+    def _give_up(self, first: int, count: int) -> None:
+        """Drop the home's copies of pages that moved to another fragment (one madvise)."""
+        self.uffd.drop(self.host(first), count)
+        slot = self._slot(first)
+        self.state[slot : slot + count] = bytes(count)  # INVALID
+        self.counters.invalidations += count
+        self.counters.pages_moved += count
 
     def _protect_pages(self, pages: list[int]) -> None:
         """Write-protect Modified pages, one ioctl per contiguous run (each is a TLB flush)."""
@@ -675,11 +733,18 @@ class Coherence:
             return 1
 
 
-def _request(kind: Kind, page: int, window: int) -> Frame:
-    """A READ or WRITE for `page` and, beside it, up to `window - 1` following pages."""
+def _request(kind: Kind, page: int, window: int, migrate: bool = False) -> Frame:
+    """A READ or WRITE for `page` and, beside it, up to `window - 1` following pages; a READ
+    that continues a sequential run (`migrate`) lets the pages only the home holds move."""
     if window <= 1:
         return Frame(kind, page=page)
-    return Frame(kind, BATCH, page=page, payload=struct.pack("<H", window))
+    flags = BATCH | (MIGRATE if migrate and kind == Kind.READ else 0)
+    return Frame(kind, flags, page=page, payload=struct.pack("<H", window))
+
+
+def migrates(frame: Frame) -> bool:
+    """Whether a READ continues a sequential run (its pages may move, see `_send_grant`)."""
+    return frame.kind == Kind.READ and bool(frame.flags & MIGRATE)
 
 
 def readahead_count(frame: Frame) -> int:
@@ -690,11 +755,18 @@ def readahead_count(frame: Frame) -> int:
 
 
 def _runs(pages: list[int]) -> list[tuple[int, int]]:
-    """(first, length) of each run of consecutive page numbers, in order."""
+    """(first, length) of each run of consecutive page numbers (distinct), in order."""
+    if not pages:
+        return []
+    ordered = sorted(pages)
+    if ordered[-1] - ordered[0] + 1 == len(ordered):  # distinct pages: one run (a window's)
+        return [(ordered[0], len(ordered))]
     runs: list[tuple[int, int]] = []
-    for page in sorted(pages):
-        if runs and runs[-1][0] + runs[-1][1] == page:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((page, 1))
+    start = previous = ordered[0]
+    for page in ordered[1:]:
+        if page != previous + 1:
+            runs.append((start, previous - start + 1))
+            start = page
+        previous = page
+    runs.append((start, previous - start + 1))
     return runs

@@ -55,6 +55,7 @@ from spanvm.fabric.coherence import (
     MAX_SAMPLES,
     READAHEAD,
     Coherence,
+    migrates,
     nearest_rank,
     readahead_count,
 )
@@ -121,7 +122,7 @@ def protocol_handlers(
     (requests for pages homed here, directives, grants), events and failures to the caller."""
     return Handlers(
         on_request=lambda peer, frame: coherence.serve(
-            peer, frame.kind, frame.page, frame.request, readahead_count(frame)
+            peer, frame.kind, frame.page, frame.request, readahead_count(frame), migrates(frame)
         ),
         try_inline=coherence.try_serve_inline,
         on_directive=coherence.on_directive,

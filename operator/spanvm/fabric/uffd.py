@@ -259,8 +259,9 @@ class Userfault:
         """Wake threads waiting on a page that is already resolved."""
         self._ioctl(UFFDIO_WAKE, UffdioRange(address, PAGE_SIZE), "UFFDIO_WAKE")
 
-    def drop(self, address: int) -> None:
-        """Drop a page (MADV_DONTNEED): its next access faults as MISSING."""
-        result = self.kernel.madvise(address, PAGE_SIZE, MADV_DONTNEED)
+    def drop(self, address: int, pages: int = 1) -> None:
+        """Drop `pages` contiguous pages (MADV_DONTNEED, one call): their next access faults
+        as MISSING."""
+        result = self.kernel.madvise(address, pages * PAGE_SIZE, MADV_DONTNEED)
         if result < 0:
             raise UffdError(-result, f"madvise(DONTNEED) at {address:#x}: {os.strerror(-result)}")

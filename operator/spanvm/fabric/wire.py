@@ -59,6 +59,9 @@ class Kind(enum.IntEnum):
 
 
 EXCLUSIVE, HAS_DATA, WANT_DATA, BATCH = 1, 2, 4, 8  # BATCH: read-ahead window / several pages
+# MIGRATE, on a READ: the request continues a sequential run, so read-ahead pages only the home
+# holds move to the requester (exclusive, writable) rather than being shared (docs/fabric.md).
+MIGRATE = 16
 
 
 class ProtocolError(ConnectionError):
