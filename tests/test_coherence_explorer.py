@@ -1,11 +1,12 @@
 """The coherence protocol over 3 and 4 fragments under a seeded scheduler that reorders
 deliveries across connections and interleaves every thread at each system call
 (tests/coherence_explorer.py), plus mutants it must catch: today's protocol passes, and the
-two bugs below (one of them the one that broke 3-fragment guests) fail."""
+bugs below (one of them the one that broke 3-fragment guests) fail."""
 
 import ctypes
 import errno
 import os
+from typing import Any
 
 import pytest
 
@@ -110,6 +111,22 @@ def test_sequential_runs_with_windows_asked_for_ahead(fragments: int, seeds: int
         moved += sum(f.coherence.counters.pages_moved for f in explorer.fragments)
     assert waited > 0  # guests did fault on pages whose windows were still in flight
     assert moved > 0  # sequential reads took pages only their home held (MIGRATE)
+
+
+def test_whole_windows_move_at_once_under_the_explorer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bulk path of a sequential reader's window (`Coherence._move_all`) is explored too,
+    under the same checks, not only the page-by-page decisions."""
+    taken: list[bool] = []
+    bulk = Coherence._move_all
+
+    def counted(self: Coherence, *args: Any) -> bool:
+        taken.append(bulk(self, *args))
+        return taken[-1]
+
+    monkeypatch.setattr(Coherence, "_move_all", counted)
+    for seed in range(20):
+        explore(3, seed, pages_per_home=12, readahead=4, sequential=0.8, ops_per_vcpu=40)
+    assert any(taken) and not all(taken)
 
 
 class KeepingHome(Coherence):

@@ -493,31 +493,38 @@ class Coherence:
             zero = 0
         held: list[threading.Lock] = []
         try:
-            for offset in range(1, window):
-                page, bit = first + offset, 1 << offset
-                if offset >= locked:
-                    lock = self.locks[page % LOCK_STRIPES]
-                    if not lock.acquire(blocking=False):
+            if migrate and self._move_all(r, first, window, locked, held):
+                rest = range(first + 1, first + window)
+                included |= (1 << window) - 2
+                exclusive |= (1 << window) - 2
+                moved.extend(rest)
+                versions.extend(map(self.version.__getitem__, rest))
+            else:
+                for offset in range(1, window):
+                    page, bit = first + offset, 1 << offset
+                    if offset >= locked:
+                        lock = self.locks[page % LOCK_STRIPES]
+                        if not lock.acquire(blocking=False):
+                            continue
+                        held.append(lock)
+                    owner, sharers = owners.get(page, me), sharers_of.get(page, 0)
+                    if owner == r or sharers >> r & 1:
                         continue
-                    held.append(lock)
-                owner, sharers = owners.get(page, me), sharers_of.get(page, 0)
-                if owner == r or sharers >> r & 1:
-                    continue
-                if owner == me and state[base + offset] == INVALID:  # untouched anywhere
-                    self._new_owner(page, r)
-                    included, exclusive, zero = included | bit, exclusive | bit, zero | bit
-                elif migrate and owner == me and state[base + offset] == MODIFIED:
-                    self._new_owner(page, r)  # the home's copy is the only one
-                    included, exclusive = included | bit, exclusive | bit
-                    moved.append(page)
-                elif not writes and owner in (me, NO_OWNER):
-                    owners[page] = NO_OWNER
-                    sharers_of[page] = (1 << me if owner == me else sharers) | (1 << r)
-                    included |= bit
-                    shared.append(page)
-                else:
-                    continue
-                versions.append(self.version.get(page, 0))
+                    if owner == me and state[base + offset] == INVALID:  # untouched anywhere
+                        self._new_owner(page, r)
+                        included, exclusive, zero = included | bit, exclusive | bit, zero | bit
+                    elif migrate and owner == me and state[base + offset] == MODIFIED:
+                        self._new_owner(page, r)  # the home's copy is the only one
+                        included, exclusive = included | bit, exclusive | bit
+                        moved.append(page)
+                    elif not writes and owner in (me, NO_OWNER):
+                        owners[page] = NO_OWNER
+                        sharers_of[page] = (1 << me if owner == me else sharers) | (1 << r)
+                        included |= bit
+                        shared.append(page)
+                    else:
+                        continue
+                    versions.append(self.version.get(page, 0))
             self._protect_pages([p for p in shared if state[base + p - first] == MODIFIED] + moved)
             self.counters.pages_out += bool(data) + len(shared) + len(moved)
             payload = (
@@ -533,6 +540,42 @@ class Coherence:
         finally:
             for lock in held:
                 lock.release()
+
+    def _move_all(
+        self, r: int, first: int, window: int, locked: int, held: list[threading.Lock]
+    ) -> bool:
+        """The common case of a sequential reader's window, decided at once: when every page
+        after `first` is Modified here with no other holder (owned by the home, no sharers)
+        and its lock is free, all move to r (the same decision `_send_grant` makes page by
+        page, with bulk directory updates). The locks taken join `held`; False, with no lock
+        kept and nothing changed, otherwise."""
+        if window <= 1:
+            return False
+        rest = range(first + 1, first + window)
+        taken: list[threading.Lock] = []
+        for page in rest[locked - 1 :]:  # the caller holds the locks of the first `locked`
+            lock = self.locks[page % LOCK_STRIPES]
+            if not lock.acquire(blocking=False):
+                break
+            taken.append(lock)
+        base = self._slot(first)
+        if (
+            len(taken) != len(rest) - (locked - 1)
+            or self.state.count(MODIFIED, base + 1, base + window) != window - 1
+            or not self.owner.keys().isdisjoint(rest)
+            or not self.sharers.keys().isdisjoint(rest)
+        ):
+            for lock in taken:
+                lock.release()
+            return False
+        held.extend(taken)
+        self.owner.update(dict.fromkeys(rest, r))
+        if self.version.keys().isdisjoint(rest):  # first change of owner for them all
+            self.version.update(dict.fromkeys(rest, 1))
+        else:
+            for page in rest:
+                self.version[page] = self.version.get(page, 0) + 1
+        return True
 
     def _grant_chunks(self, shared: list[int], moved: list[int]) -> Iterator[memoryview]:
         """The data of a batched grant's pages after its first, in page order: views of the
