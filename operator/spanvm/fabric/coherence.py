@@ -254,7 +254,8 @@ class Coherence:
         """A fault of this fragment's own vCPUs on a missing page homed here: resolve it with
         the following pages of a read-ahead window when that costs no other fragment more
         than the page alone. Untouched pages become Modified zero pages here, in one ioctl;
-        for a read, pages one other fragment owns come back in one batched DOWNGRADE. False
+        for a read, pages one other fragment owns come back in one batched DOWNGRADE (a
+        sequential run takes them back: the owner gives them up, see `_downgrade_run`). False
         when the page is neither (serve() then handles it alone)."""
         me = self.index
         with self.locks[page % LOCK_STRIPES]:
@@ -271,7 +272,7 @@ class Coherence:
                     for p in range(page, page + run):
                         self.state[self._slot(p)] = MODIFIED
                 else:
-                    self._downgrade_run(owner, page, run)
+                    self._downgrade_run(owner, page, run, take=sequential)
             return True
 
     @contextlib.contextmanager
@@ -297,9 +298,16 @@ class Coherence:
             for lock in held:
                 lock.release()
 
-    def _downgrade_run(self, owner: int, first: int, count: int) -> None:
+    def _downgrade_run(self, owner: int, first: int, count: int, take: bool = False) -> None:
         """Bring `count` pages from `first` that `owner` holds Modified home as Shared copies
-        (the owner keeps them write-protected), with one DOWNGRADE. Page locks are held."""
+        (the owner keeps them write-protected), with one DOWNGRADE; with `take` (this
+        fragment's own sequential read) as Modified pages of this fragment, the owner giving
+        them up (DOWNGRADE+MIGRATE, or INVALIDATE+data for one page): a Shared install is
+        write-protected, and the guest's first read of such a page is KVM's slow path.
+        Page locks are held."""
+        if take:
+            self._take_run(owner, first, count)
+            return
         if count == 1:
             reply = self.request(owner, Frame(Kind.DOWNGRADE, page=first))
             self._check_returned(first, reply)
@@ -320,6 +328,33 @@ class Coherence:
             self.state[self._slot(page)] = SHARED
             self.owner[page] = NO_OWNER
             self.sharers[page] = (1 << owner) | (1 << self.index)
+        self.counters.pages_in += count
+
+    def _take_run(self, owner: int, first: int, count: int) -> None:
+        """`_downgrade_run` with `take`: the pages come back Modified here, `owner` keeps no
+        copy (it drops them before it replies), each page's version counts the change."""
+        if count == 1:
+            directive = Frame(Kind.INVALIDATE, WANT_DATA, page=first)
+        else:
+            flags = BATCH | MIGRATE
+            directive = Frame(Kind.DOWNGRADE, flags, page=first, payload=struct.pack("<H", count))
+        reply = self.request(owner, directive)
+        if count == 1:
+            versions: tuple[int, ...] = (reply.page_version,)
+            offset = 0
+        else:
+            versions = struct.unpack_from(f"<{count}I", reply.payload)
+            offset = 4 * count
+        if len(reply.payload) != offset + count * PAGE:
+            raise CoherenceError(f"{count} pages taken back arrived as {len(reply.payload)} bytes")
+        for page, version in zip(range(first, first + count), versions, strict=True):
+            self._check_returned(page, replace(reply, page_version=version))
+        self.uffd.install(self.host(first), reply.payload, True, count, offset=offset)
+        for page in range(first, first + count):
+            self.state[self._slot(page)] = MODIFIED
+            self._new_owner(page, self.index)
+            self.sharers.pop(page, None)
+            self.seen[page] = self.version[page]
         self.counters.pages_in += count
 
     # -- the home side ------------------------------------------------------------------------
@@ -677,7 +712,8 @@ class Coherence:
 
     def _downgrade_batch(self, frame: Frame) -> Frame:
         """A batched DOWNGRADE: write-protect every page of the run (one ioctl), then return
-        their versions and data in one DATA frame."""
+        their versions and data in one DATA frame; with MIGRATE (the home takes the run) the
+        data is copied out and the pages dropped here before the reply leaves."""
         first, count = frame.page, readahead_count(frame)
         pages = range(first, first + count)
         if frame.kind != Kind.DOWNGRADE or any(self.local_state(p) != MODIFIED for p in pages):
@@ -688,9 +724,13 @@ class Coherence:
         self._protect_pages(list(pages))
         versions = struct.pack(f"<{count}I", *(self.seen.get(p, 0) for p in pages))
         self.counters.pages_out += count
-        # Sent from guest memory by this reader before it reads the next directive: nothing
-        # changes the pages meanwhile (write-protected; only their home's directives drop).
-        data = (self._view(first, count),)
+        if frame.flags & MIGRATE:
+            data = (memoryview(bytes(self._view(first, count))),)
+            self._give_up(first, count)
+        else:
+            # Sent from guest memory by this reader before it reads the next directive: nothing
+            # changes the pages meanwhile (write-protected; only their home's directives drop).
+            data = (self._view(first, count),)
         return Frame(Kind.DATA, BATCH, frame.request, first, versions, 0, data)
 
     def on_grant(self, frame: Frame) -> None:
