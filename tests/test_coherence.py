@@ -22,7 +22,7 @@ from spanvm.fabric.coherence import (
 )
 from spanvm.fabric.homes import HomeMap, HomeRange
 from spanvm.fabric.uffd import PAGE_SIZE, Userfault
-from spanvm.fabric.wire import BATCH, EXCLUSIVE, HAS_DATA, WANT_DATA, Frame, Kind
+from spanvm.fabric.wire import BATCH, EXCLUSIVE, HAS_DATA, MIGRATE, WANT_DATA, Frame, Kind
 from spanvm.vmm.layout import IMAGE_BASE
 from spanvm.vmm.memory import GuestMemory
 
@@ -206,3 +206,68 @@ def test_a_moved_page_read_again_at_home_comes_back_from_its_new_owner(
     coherence.serve(0, Kind.READ, PAGE + 2, request_id=0)
     assert [(p, f.kind, f.page) for p, f in peers.requests] == [(1, Kind.DOWNGRADE, PAGE + 2)]
     assert coherence.local_state(PAGE + 2) == SHARED and coherence.sharers[PAGE + 2] == 0b011
+
+
+def test_a_homes_scan_takes_back_a_run_its_owner_wrote(home: tuple[Coherence, Peers]) -> None:
+    """The home's own sequential read of pages another fragment wrote: one DOWNGRADE+MIGRATE;
+    the pages come back Modified here, the directory names the home, each version counts
+    the change and the home has seen it."""
+    coherence, peers = home
+    for n in range(4):
+        coherence.serve(2, Kind.WRITE, PAGE + n, request_id=n)  # fragment 2 writes 4 pages
+    taken = [(PAGE + n, coherence.version[PAGE + n]) for n in range(4)]
+    payload = struct.pack("<4I", *(v for _, v in taken)) + b"".join(
+        bytes([n + 7]) * PAGE_SIZE for n in range(4)
+    )
+
+    def owner_gives_up(peer: int, frame: Frame) -> Frame:
+        peers.requests.append((peer, frame))
+        return Frame(Kind.DATA, BATCH, frame.request, frame.page, payload)
+
+    coherence.request = owner_gives_up
+    assert coherence._serve_own_run(Kind.READ, PAGE, window=4, sequential=True)
+    ((peer, directive),) = peers.requests
+    assert peer == 2 and directive.kind == Kind.DOWNGRADE
+    assert directive.flags == BATCH | MIGRATE and directive.page == PAGE
+    for n, (page, version) in enumerate(taken):
+        assert coherence.local_state(page) == MODIFIED and coherence.owner[page] == 0
+        assert coherence.version[page] == coherence.seen[page] == version + 1
+        assert ctypes.string_at(coherence.host(page), 1) == bytes([n + 7])
+    assert not any(coherence.sharers.get(page) for page, _ in taken)
+
+
+def test_a_homes_scan_shares_pages_that_moved_rather_than_take_them_back(
+    home: tuple[Coherence, Peers],
+) -> None:
+    """Pages that moved to a sequential reader are shared (plain DOWNGRADE) when the home
+    scans them, not taken back: else home and reader would move them on every scan."""
+    coherence, peers = home
+    _written_by_the_home(coherence, 4)
+    coherence.serve(1, Kind.READ, PAGE, request_id=9, readahead=4, migrate=True)
+    assert all(coherence.owner[PAGE + n] == 1 for n in range(4))
+    assert coherence.moved >= {PAGE + n for n in range(4)}
+    peers.owner_version = coherence.version[PAGE]
+    assert coherence._serve_own_run(Kind.READ, PAGE, window=1, sequential=True)
+    ((peer, directive),) = peers.requests
+    assert (peer, directive.kind, directive.flags) == (1, Kind.DOWNGRADE, 0)
+    assert coherence.local_state(PAGE) == SHARED and coherence.sharers[PAGE] == 0b011
+
+
+def test_an_owner_gives_up_a_run_its_home_takes_back(home: tuple[Coherence, Peers]) -> None:
+    """The owner's side of DOWNGRADE+MIGRATE: it replies with each page's version and data,
+    and keeps no copy (a plain batched DOWNGRADE keeps write-protected ones)."""
+    coherence, _ = home
+    other = (16 * MiB) // PAGE_SIZE  # pages fragment 1 is home for, that this fragment owns
+    for n in range(4):
+        coherence.on_grant(Frame(Kind.GRANT, EXCLUSIVE | HAS_DATA, n, other + n, b"", n + 3))
+        ctypes.memmove(coherence.host(other + n), bytes([n + 1]) * PAGE_SIZE, PAGE_SIZE)
+    payload = struct.pack("<H", 2)
+    kept = coherence.on_directive(Frame(Kind.DOWNGRADE, BATCH, 5, other, payload))
+    assert [coherence.local_state(other + n) for n in range(2)] == [SHARED, SHARED]
+    given = coherence.on_directive(Frame(Kind.DOWNGRADE, BATCH | MIGRATE, 6, other + 2, payload))
+    assert [coherence.local_state(other + n) for n in (2, 3)] == [INVALID, INVALID]
+    assert coherence.counters.pages_moved == 2
+    for reply, first in ((kept, 0), (given, 2)):
+        data = reply.payload + b"".join(reply.chunks)
+        assert struct.unpack_from("<2I", data) == (first + 3, first + 4)
+        assert data[8:] == bytes([first + 1]) * PAGE_SIZE + bytes([first + 2]) * PAGE_SIZE

@@ -34,17 +34,34 @@ def test_windows_ahead_follow_the_run_up_to_the_range_end() -> None:
     stream.on_fault(0, room=100)  # window 2: pages 0-1 asked for
     window, sequential = stream.on_fault(2, room=98)  # window 4: pages 2-5
     assert (window, sequential) == (4, False)  # continued once: not asked ahead yet
-    assert stream.prefetch(2, end=100) == [(6, 4), (10, 4)]  # up to 2 windows past 2-5
-    assert stream.prefetch(2, end=100) == []  # already asked for
+    assert stream.prefetch(2, end=100) == []
+    assert stream.on_fault(6, room=94) == (8, True)  # a scan: whole windows, pages 6-13
+    assert stream.prefetch(6, end=100) == [(14, 8)]  # one window ahead at first
+    assert stream.prefetch(6, end=100) == []  # already asked for
     waits = []
-    stream.sent(6, 4, lambda: waits.append(6))
-    stream.sent(10, 4, lambda: waits.append(10))
-    wait = stream.in_flight(11)
-    assert wait is not None and stream.in_flight(14) is None
+    stream.sent(14, 8, lambda: waits.append(14))
+    wait = stream.in_flight(15)
+    assert wait is not None and stream.in_flight(22) is None
     wait()
-    assert waits == [10]
-    stream.on_fault(14, room=86)  # continues the run: window 8, pages 14-21
-    assert stream.prefetch(14, end=30) == [(22, 8)]  # clipped at the range end
+    assert waits == [14]
+    stream.caught_up()  # the guest waited for that window: the run goes on
+    assert stream.prefetch(15, end=100) == [(22, 8), (30, 8), (38, 1)]  # 2 windows past 15's
+    stream.caught_up()
+    stream.caught_up()  # at most `depth` windows ahead
+    assert stream.windows_ahead() == 2
+    assert stream.prefetch(30, end=50) == [(39, 8), (47, 3)]  # clipped at the range end
+
+
+def test_a_short_run_asks_little_ahead_a_long_one_up_to_the_depth() -> None:
+    """A scan's pages may move to the reader: the windows asked ahead double with each
+    fault that finds the run going on (1, 2, 4, ...) rather than starting at the depth."""
+    stream = ReadAhead(64)
+    page, ahead = 0, []
+    for _ in range(8):
+        window, _ = stream.on_fault(page, room=100_000)
+        ahead.append(stream.windows_ahead())
+        page += window
+    assert ahead == [0, 0, 1, 2, 4, 8, 15, 15]
 
 
 def test_a_limit_of_one_page_never_reads_ahead() -> None:

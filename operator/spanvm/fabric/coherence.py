@@ -63,7 +63,9 @@ class Counters:
     pages_out: int = 0
     invalidations: int = 0
     prefetch_waits: int = 0  # faults on a page whose window was asked for ahead, still coming
-    pages_moved: int = 0  # home pages that moved to a reader of a sequential run (MIGRATE)
+    # pages this fragment gave up with their data in one batch (MIGRATE): a home's pages that
+    # moved to a sequential reader, or an owner's run its home took back (also invalidations)
+    pages_moved: int = 0
     remote_fault_seconds: list[float] = field(default_factory=list)
 
     def fault_percentiles(self) -> dict[str, float]:
@@ -133,6 +135,10 @@ class Coherence:
         # Per-page versions: the home counts ownership changes; every fragment remembers the
         # newest version it applied and refuses an older one (a stale grant or a lost update).
         self.version: dict[int, int] = {}  # home pages only
+        # Home pages whose owner got them by a move (MIGRATE) rather than a write or a first
+        # touch: this home's own scan shares them rather than taking them back, or a home and
+        # a reader scanning the same data would move it back and forth on every scan.
+        self.moved: set[int] = set()
         self.seen: dict[int, int] = {}
         self.locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
         self.counters = Counters()
@@ -219,6 +225,7 @@ class Coherence:
         if state == INVALID and (wait := stream.in_flight(page)) is not None:
             wait()  # a window asked for ahead of the guest holds this page: its grant is in
             self.counters.prefetch_waits += 1
+            stream.caught_up()
             self._prefetch(stream, home, page)  # the guest keeps up: keep the pipe full
             state = self.local_state(page)
         if state == MODIFIED or (state == SHARED and not wants_write):
@@ -272,7 +279,8 @@ class Coherence:
                     for p in range(page, page + run):
                         self.state[self._slot(p)] = MODIFIED
                 else:
-                    self._downgrade_run(owner, page, run, take=sequential)
+                    take = sequential and self.moved.isdisjoint(range(page, page + run))
+                    self._downgrade_run(owner, page, run, take=take)
             return True
 
     @contextlib.contextmanager
@@ -318,9 +326,9 @@ class Coherence:
             return
         request = Frame(Kind.DOWNGRADE, BATCH, page=first, payload=struct.pack("<H", count))
         reply = self.request(owner, request)
-        versions = struct.unpack_from(f"<{count}I", reply.payload)
         if len(reply.payload) != count * (4 + PAGE):
             raise CoherenceError(f"DOWNGRADE of {count} pages returned {len(reply.payload)} bytes")
+        versions = struct.unpack_from(f"<{count}I", reply.payload)
         for page, version in zip(range(first, first + count), versions, strict=True):
             self._check_returned(page, replace(reply, page_version=version))
         self.uffd.install(self.host(first), reply.payload, False, count, offset=4 * count)
@@ -339,14 +347,13 @@ class Coherence:
             flags = BATCH | MIGRATE
             directive = Frame(Kind.DOWNGRADE, flags, page=first, payload=struct.pack("<H", count))
         reply = self.request(owner, directive)
-        if count == 1:
-            versions: tuple[int, ...] = (reply.page_version,)
-            offset = 0
-        else:
-            versions = struct.unpack_from(f"<{count}I", reply.payload)
-            offset = 4 * count
+        offset = 0 if count == 1 else 4 * count
         if len(reply.payload) != offset + count * PAGE:
             raise CoherenceError(f"{count} pages taken back arrived as {len(reply.payload)} bytes")
+        if count == 1:
+            versions: tuple[int, ...] = (reply.page_version,)
+        else:
+            versions = struct.unpack_from(f"<{count}I", reply.payload)
         for page, version in zip(range(first, first + count), versions, strict=True):
             self._check_returned(page, replace(reply, page_version=version))
         self.uffd.install(self.host(first), reply.payload, True, count, offset=offset)
@@ -432,6 +439,7 @@ class Coherence:
     def _new_owner(self, page: int, owner: int) -> None:
         self.owner[page] = owner
         self.version[page] = self.version.get(page, 0) + 1
+        self.moved.discard(page)  # a move records itself after this (`_send_grant`)
 
     def _check_returned(self, page: int, reply: Frame) -> None:
         """The owner's copy must be the directory's newest version."""
@@ -560,6 +568,7 @@ class Coherence:
                     else:
                         continue
                     versions.append(self.version.get(page, 0))
+            self.moved.update(moved)
             self._protect_pages([p for p in shared if state[base + p - first] == MODIFIED] + moved)
             self.counters.pages_out += bool(data) + len(shared) + len(moved)
             payload = (
@@ -593,12 +602,14 @@ class Coherence:
             if not lock.acquire(blocking=False):
                 break
             taken.append(lock)
-        base = self._slot(first)
+        base, me, owners, sharers = self._slot(first), self.index, self.owner, self.sharers
         if (
             len(taken) != len(rest) - (locked - 1)
             or self.state.count(MODIFIED, base + 1, base + window) != window - 1
-            or not self.owner.keys().isdisjoint(rest)
-            or not self.sharers.keys().isdisjoint(rest)
+            # owned by the home (no entry: never changed) with no sharer; checked in C when
+            # the pages have no entries, as most do
+            or (not owners.keys().isdisjoint(rest) and any(owners.get(p, me) != me for p in rest))
+            or (not sharers.keys().isdisjoint(rest) and any(sharers.get(p, 0) for p in rest))
         ):
             for lock in taken:
                 lock.release()

@@ -20,7 +20,7 @@ log = logging.getLogger("spanvm.fragment")
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 4 << 20  # over the largest frame (wire.MAX_PAYLOAD, 1 MiB) and its header
-TRIM_THRESHOLD = 64 << 20  # freed heap a process keeps: small beside a fragment's guest RAM
+TRIM_THRESHOLD = 64 << 20  # freed heap each malloc arena keeps: small beside guest RAM
 
 
 def keep_message_buffers() -> bool:

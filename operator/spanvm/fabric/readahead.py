@@ -7,9 +7,11 @@ window, and once the run has continued twice in a row (a scan) the window is the
 once (doubling from 8 left a 64 MiB scan's first windows small: 62-75k -> 82-93k pages/s);
 a fault anywhere else divides it by four, down to one page, so random access asks for little
 more than it touches (every page granted is a page some writer may have to invalidate later).
-While a run continues, up to `depth` further windows are asked for ahead of the guest
-(pipelined requests): a sequential scan then waits for the link's bandwidth, not for one round
-trip per window.
+While a run continues, further windows are asked for ahead of the guest (pipelined
+requests): one at first, twice as many with each fault that finds the run going on (a
+fault on a page asked for, or on a window still coming), up to `depth`. A sequential scan
+then waits for the link's bandwidth, not for one round trip per window, while a short run
+takes little of its home's data (a scan's pages may move to the reader).
 """
 
 from collections.abc import Callable
@@ -54,12 +56,24 @@ class ReadAhead:
         # only a run that went on twice in a row is worth asking ahead or taking from a writer.
         return count, self.streak >= RUN_AFTER
 
+    def caught_up(self) -> None:
+        """The guest faulted on a window asked for ahead that had not arrived: the run goes
+        on, so ask further ahead from now on."""
+        self.streak += 1
+
+    def windows_ahead(self) -> int:
+        """How many windows past the faulting one to ask for now: 1, 2, 4... with each fault
+        the run went on past RUN_AFTER, at most `depth`; none before."""
+        if self.streak < RUN_AFTER:
+            return 0
+        return min(self.depth, 1 << min(self.streak - RUN_AFTER, 16))
+
     def prefetch(self, page: int, end: int) -> list[tuple[int, int]]:
         """After a sequential fault on `page`: (first, count) of the windows to ask for now,
-        so that pages up to `depth` windows past this one's are asked for, within [page, end)
-        (the end of the page's home range)."""
+        so that pages up to `windows_ahead()` windows past this one's are asked for, within
+        [page, end) (the end of the page's home range)."""
         out: list[tuple[int, int]] = []
-        target = min(end, page + self.window * (1 + self.depth))
+        target = min(end, page + self.window * (1 + self.windows_ahead()))
         while self.ahead < target:
             count = min(self.window, target - self.ahead)
             out.append((self.ahead, count))

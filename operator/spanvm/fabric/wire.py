@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 MAGIC = b"SV"
-VERSION = 1
+# 2: MIGRATE (a fragment of version 1 would take a DOWNGRADE+MIGRATE for a plain DOWNGRADE
+# and keep write-protected copies of pages its home then maps writable)
+VERSION = 2
 HEADER = struct.Struct("<2sBBHIIQI")  # magic version kind flags page-version request page length
 MAX_PAYLOAD = 1 << 20
 GREETING = b"SPANVM-FABRIC/2\n"
