@@ -8,7 +8,8 @@ Prints one table. The ratios are what count (absolute times on shared machines a
   buffer, measured between the same two points;
 - raw round trip: a 24-byte request answered with a 4 KiB page between two Python processes
   over the same loopback path;
-  ratio = remote / (local + raw), goal <= 1.1;
+  ratio = remote / (local + raw), goal <= 1.3 (stretch 1.1); its p99 column is the same
+  ratio of the p99s;
 - streaming: remote pages/s seen by the guest, against one page per raw round trip, goal >= 4;
 - smp-sum: 2 fragments x 1 vCPU against 1 fragment x 2 vCPUs (guest-timed, doorbell marks),
   goal <= 5; and the 3-fragment row: 3 fragments x 1 vCPU against 1 fragment x 3 vCPUs.
@@ -189,21 +190,21 @@ def main() -> int:
     batch50, batch99 = (remote.fault_percentiles[f"remote_fault_p{q}_us"] for q in (50, 99))
     one_per_rtt = 1e6 / raw50
     rows = [
-        ("raw 4 KiB TCP round trip", f"{raw50:.1f}", f"{raw99:.1f}", ""),
+        ("raw 4 KiB TCP round trip (us)", f"{raw50:.1f}", f"{raw99:.1f}", ""),
         (
-            "local fault (UFFDIO_COPY)",
+            "local fault, UFFDIO_COPY (us)",
             f"{loc50:.1f}",
             f"{loc99:.1f}",
             f"{local_rate:,.0f} pages/s in guest",
         ),
         (
-            "remote fault, 1 page",
+            "remote fault, 1 page (us)",
             f"{rem50:.1f}",
             f"{rem99:.1f}",
             f"{single_rate:,.0f} pages/s in guest",
         ),
         (
-            f"remote fault, read-ahead {READAHEAD}",
+            f"remote fault, read-ahead {READAHEAD} (us)",
             f"{batch50:.1f}",
             f"{batch99:.1f}",
             f"{remote.counters.remote_faults} faults for {pages} pages",

@@ -64,7 +64,8 @@ class Counters:
     invalidations: int = 0
     prefetch_waits: int = 0  # faults on a page whose window was asked for ahead, still coming
     # pages this fragment gave up with their data in one batch (MIGRATE): a home's pages that
-    # moved to a sequential reader, or an owner's run its home took back (also invalidations)
+    # moved to a sequential reader, or an owner's run of two or more its home took back (a
+    # single page taken back is an INVALIDATE+data, counted in invalidations only)
     pages_moved: int = 0
     remote_fault_seconds: list[float] = field(default_factory=list)
 
@@ -137,7 +138,9 @@ class Coherence:
         self.version: dict[int, int] = {}  # home pages only
         # Home pages whose owner got them by a move (MIGRATE) rather than a write or a first
         # touch: this home's own scan shares them rather than taking them back, or a home and
-        # a reader scanning the same data would move it back and forth on every scan.
+        # a reader scanning the same data would move it back and forth on every scan. Only
+        # read while the page has an owner other than the home; an entry left after the page
+        # became shared is harmless, and every later change of owner clears it.
         self.moved: set[int] = set()
         self.seen: dict[int, int] = {}
         self.locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
@@ -312,7 +315,8 @@ class Coherence:
         fragment's own sequential read) as Modified pages of this fragment, the owner giving
         them up (DOWNGRADE+MIGRATE, or INVALIDATE+data for one page): a Shared install is
         write-protected, and the guest's first read of such a page is KVM's slow path.
-        Page locks are held."""
+        Page locks are held. CoherenceError if the reply is short or a page comes back at
+        another version than the directory's (an update was lost)."""
         if take:
             self._take_run(owner, first, count)
             return
@@ -340,7 +344,8 @@ class Coherence:
 
     def _take_run(self, owner: int, first: int, count: int) -> None:
         """`_downgrade_run` with `take`: the pages come back Modified here, `owner` keeps no
-        copy (it drops them before it replies), each page's version counts the change."""
+        copy (it drops them before it replies), each page's version counts the change.
+        CoherenceError as `_downgrade_run`."""
         if count == 1:
             directive = Frame(Kind.INVALIDATE, WANT_DATA, page=first)
         else:
@@ -589,10 +594,11 @@ class Coherence:
         self, r: int, first: int, window: int, locked: int, held: list[threading.Lock]
     ) -> bool:
         """The common case of a sequential reader's window, decided at once: when every page
-        after `first` is Modified here with no other holder (owned by the home, no sharers)
-        and its lock is free, all move to r (the same decision `_send_grant` makes page by
-        page, with bulk directory updates). The locks taken join `held`; False, with no lock
-        kept and nothing changed, otherwise."""
+        after `first` (up to `window`, already clipped to the home range) is Modified here
+        with no other holder (owned by the home, no sharers) and its lock is free, the
+        directory gives them all to r (owner and version: the same decision `_send_grant`
+        makes page by page, which then copies, drops and records them). The locks taken join
+        `held`; False, with no lock kept and nothing changed, otherwise."""
         if window <= 1:
             return False
         rest = range(first + 1, first + window)
@@ -624,8 +630,9 @@ class Coherence:
         return True
 
     def _grant_chunks(self, shared: list[int], moved: list[int]) -> Iterator[memoryview]:
-        """The data of a batched grant's pages after its first, in page order: views of the
-        shared pages' guest memory, copies of the moved pages (dropped here once copied)."""
+        """The data of a batched grant's pages that are not in its payload already (all but
+        `first`, or all with `first_moves`), in page order: views of the shared pages' guest
+        memory, copies of the moved pages (dropped here once copied)."""
         chunks = [(p, self._view(p, n)) for p, n in _runs(shared)]
         for p, n in _runs(moved):
             chunks.append((p, memoryview(bytes(self._view(p, n)))))
@@ -849,7 +856,8 @@ def readahead_count(frame: Frame) -> int:
 
 
 def _runs(pages: list[int]) -> list[tuple[int, int]]:
-    """(first, length) of each run of consecutive page numbers (distinct), in order."""
+    """(first, length) of each run of consecutive page numbers, in order; `pages` must be
+    distinct (every caller's are)."""
     if not pages:
         return []
     ordered = sorted(pages)

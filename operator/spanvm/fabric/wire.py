@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 MAGIC = b"SV"
-# 2: MIGRATE (a fragment of version 1 would take a DOWNGRADE+MIGRATE for a plain DOWNGRADE
-# and keep write-protected copies of pages its home then maps writable)
+# Frame version (GREETING's "/2" is the handshake's own, unchanged). 2: MIGRATE (a fragment
+# of version 1 would take a DOWNGRADE+MIGRATE for a plain DOWNGRADE and keep write-protected
+# copies of pages its home then maps writable); a peer of another version is dropped at its
+# first frame ("unsupported protocol version"), after the handshake.
 VERSION = 2
 HEADER = struct.Struct("<2sBBHIIQI")  # magic version kind flags page-version request page length
 MAX_PAYLOAD = 1 << 20
@@ -61,8 +63,10 @@ class Kind(enum.IntEnum):
 
 
 EXCLUSIVE, HAS_DATA, WANT_DATA, BATCH = 1, 2, 4, 8  # BATCH: read-ahead window / several pages
-# MIGRATE, on a READ: the request continues a sequential run, so read-ahead pages only the home
-# holds move to the requester (exclusive, writable) rather than being shared (docs/fabric.md).
+# MIGRATE, on a READ window (BATCH): the request continues a sequential run, so the window's
+# pages only the home holds (the first one included) move to the requester, exclusive and
+# writable, rather than being shared; on a batched DOWNGRADE: the home takes the run back and
+# the owner drops its copies (docs/fabric.md, "Pages that move").
 MIGRATE = 16
 
 
