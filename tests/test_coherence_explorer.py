@@ -44,12 +44,14 @@ class StagingUserfault(Userfault):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._scratch = ctypes.create_string_buffer(64 * PAGE_SIZE)
 
-    def install(self, address: int, data: bytes | None, writable: bool, pages: int = 1) -> bool:
+    def install(
+        self, address: int, data: bytes | None, writable: bool, pages: int = 1, offset: int = 0
+    ) -> bool:
         length = pages * PAGE_SIZE
         if data is None:
             ctypes.memset(self._scratch, 0, length)
         else:
-            ctypes.memmove(self._scratch, data, length)
+            ctypes.memmove(self._scratch, data[offset : offset + length], length)
         copy = UffdioCopy(
             dst=address,
             src=ctypes.addressof(self._scratch),
@@ -115,22 +117,25 @@ def test_sequential_runs_with_windows_asked_for_ahead(fragments: int, seeds: int
 
 def test_whole_windows_and_take_backs_are_explored(monkeypatch: pytest.MonkeyPatch) -> None:
     """The bulk path of a sequential reader's window (`Coherence._move_all`) and a home's
-    taking a run back (`Coherence._take_run`, one page and batched) are explored too, under
-    the same checks, not only the page-by-page decisions."""
+    taking a run back (`Coherence._downgrade_run` with `take`, one page and batched) are
+    explored too, under the same checks, not only the page-by-page decisions."""
     bulk: list[bool] = []
     taken: list[int] = []
-    move_all, take_run = Coherence._move_all, Coherence._take_run
+    move_all, downgrade_run = Coherence._move_all, Coherence._downgrade_run
 
     def counted_move(self: Coherence, *args: Any) -> bool:
         bulk.append(move_all(self, *args))
         return bulk[-1]
 
-    def counted_take(self: Coherence, owner: int, first: int, count: int) -> None:
-        taken.append(count)
-        take_run(self, owner, first, count)
+    def counted_take(
+        self: Coherence, owner: int, first: int, count: int, take: bool = False
+    ) -> None:
+        if take:
+            taken.append(count)
+        downgrade_run(self, owner, first, count, take)
 
     monkeypatch.setattr(Coherence, "_move_all", counted_move)
-    monkeypatch.setattr(Coherence, "_take_run", counted_take)
+    monkeypatch.setattr(Coherence, "_downgrade_run", counted_take)
     for seed in range(20):
         explore(3, seed, pages_per_home=12, readahead=4, sequential=0.8, ops_per_vcpu=40)
     assert any(bulk) and not all(bulk)

@@ -313,60 +313,42 @@ class Coherence:
         """Bring `count` pages from `first` that `owner` holds Modified home as Shared copies
         (the owner keeps them write-protected), with one DOWNGRADE; with `take` (this
         fragment's own sequential read) as Modified pages of this fragment, the owner giving
-        them up (DOWNGRADE+MIGRATE, or INVALIDATE+data for one page): a Shared install is
-        write-protected, and the guest's first read of such a page is KVM's slow path.
-        Page locks are held. CoherenceError if the reply is short or a page comes back at
-        another version than the directory's (an update was lost)."""
-        if take:
-            self._take_run(owner, first, count)
-            return
-        if count == 1:
-            reply = self.request(owner, Frame(Kind.DOWNGRADE, page=first))
-            self._check_returned(first, reply)
-            self._install(first, reply.payload, writable=False)
-            self.owner[first] = NO_OWNER
-            self.sharers[first] = (1 << owner) | (1 << self.index)
-            self.counters.pages_in += 1
-            return
-        request = Frame(Kind.DOWNGRADE, BATCH, page=first, payload=struct.pack("<H", count))
-        reply = self.request(owner, request)
-        if len(reply.payload) != count * (4 + PAGE):
-            raise CoherenceError(f"DOWNGRADE of {count} pages returned {len(reply.payload)} bytes")
-        versions = struct.unpack_from(f"<{count}I", reply.payload)
-        for page, version in zip(range(first, first + count), versions, strict=True):
-            self._check_returned(page, replace(reply, page_version=version))
-        self.uffd.install(self.host(first), reply.payload, False, count, offset=4 * count)
-        for page in range(first, first + count):
-            self.state[self._slot(page)] = SHARED
-            self.owner[page] = NO_OWNER
-            self.sharers[page] = (1 << owner) | (1 << self.index)
-        self.counters.pages_in += count
-
-    def _take_run(self, owner: int, first: int, count: int) -> None:
-        """`_downgrade_run` with `take`: the pages come back Modified here, `owner` keeps no
-        copy (it drops them before it replies), each page's version counts the change.
-        CoherenceError as `_downgrade_run`."""
-        if count == 1:
+        them up (DOWNGRADE+MIGRATE, or INVALIDATE+data for one page), each page's version
+        counting the change: a Shared install is write-protected, and the guest's first read
+        of such a page is KVM's slow path. Page locks are held. CoherenceError if the reply
+        is short or a page comes back at another version than the directory's (an update
+        was lost)."""
+        me = self.index
+        if count > 1:
+            flags = BATCH | (MIGRATE if take else 0)
+            directive = Frame(Kind.DOWNGRADE, flags, page=first, payload=struct.pack("<H", count))
+        elif take:
             directive = Frame(Kind.INVALIDATE, WANT_DATA, page=first)
         else:
-            flags = BATCH | MIGRATE
-            directive = Frame(Kind.DOWNGRADE, flags, page=first, payload=struct.pack("<H", count))
+            directive = Frame(Kind.DOWNGRADE, page=first)
         reply = self.request(owner, directive)
-        offset = 0 if count == 1 else 4 * count
+        offset = 0 if count == 1 else 4 * count  # a batch: the versions, then the data
         if len(reply.payload) != offset + count * PAGE:
-            raise CoherenceError(f"{count} pages taken back arrived as {len(reply.payload)} bytes")
+            raise CoherenceError(
+                f"{directive.kind.name} of {count} pages returned {len(reply.payload)} bytes"
+            )
         if count == 1:
             versions: tuple[int, ...] = (reply.page_version,)
         else:
             versions = struct.unpack_from(f"<{count}I", reply.payload)
         for page, version in zip(range(first, first + count), versions, strict=True):
             self._check_returned(page, replace(reply, page_version=version))
-        self.uffd.install(self.host(first), reply.payload, True, count, offset=offset)
+        self.uffd.install(self.host(first), reply.payload, take, count, offset=offset)
+        slot = self._slot(first)
+        self.state[slot : slot + count] = bytes((MODIFIED if take else SHARED,)) * count
         for page in range(first, first + count):
-            self.state[self._slot(page)] = MODIFIED
-            self._new_owner(page, self.index)
-            self.sharers.pop(page, None)
-            self.seen[page] = self.version[page]
+            if take:
+                self._new_owner(page, me)
+                self.sharers.pop(page, None)
+                self.seen[page] = self.version[page]
+            else:
+                self.owner[page] = NO_OWNER
+                self.sharers[page] = (1 << owner) | (1 << me)
         self.counters.pages_in += count
 
     # -- the home side ------------------------------------------------------------------------
@@ -634,14 +616,19 @@ class Coherence:
         `first`, or all with `first_moves`), in page order: views of the shared pages' guest
         memory, copies of the moved pages (dropped here once copied)."""
         chunks = [(p, self._view(p, n)) for p, n in _runs(shared)]
-        for p, n in _runs(moved):
-            chunks.append((p, memoryview(bytes(self._view(p, n)))))
-            self._give_up(p, n)
+        chunks += [(p, self._hand_over(p, n)) for p, n in _runs(moved)]
         for _, chunk in sorted(chunks, key=lambda c: c[0]):
             yield chunk
 
+    def _hand_over(self, first: int, count: int) -> memoryview:
+        """A copy of `count` write-protected pages from `first` that leave this fragment with
+        their data (MIGRATE), which then drops them (`_give_up`)."""
+        data = memoryview(bytes(self._view(first, count)))
+        self._give_up(first, count)
+        return data
+
     def _give_up(self, first: int, count: int) -> None:
-        """Drop the home's copies of pages that moved to another fragment (one madvise)."""
+        """Drop this fragment's copies of pages that moved to another one (one madvise)."""
         self.uffd.drop(self.host(first), count)
         slot = self._slot(first)
         self.state[slot : slot + count] = bytes(count)  # INVALID
@@ -743,8 +730,7 @@ class Coherence:
         versions = struct.pack(f"<{count}I", *(self.seen.get(p, 0) for p in pages))
         self.counters.pages_out += count
         if frame.flags & MIGRATE:
-            data = (memoryview(bytes(self._view(first, count))),)
-            self._give_up(first, count)
+            data = (self._hand_over(first, count),)
         else:
             # Sent from guest memory by this reader before it reads the next directive: nothing
             # changes the pages meanwhile (write-protected; only their home's directives drop).
