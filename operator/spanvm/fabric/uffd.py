@@ -9,6 +9,7 @@ import ctypes
 import errno
 import os
 import select
+import struct
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -62,17 +63,10 @@ class UffdioWriteprotect(ctypes.Structure):
     _fields_ = [("range", UffdioRange), ("mode", ctypes.c_uint64)]
 
 
-class UffdMsg(ctypes.Structure):
-    _fields_ = [
-        ("event", ctypes.c_uint8),
-        ("reserved1", ctypes.c_uint8),
-        ("reserved2", ctypes.c_uint16),
-        ("reserved3", ctypes.c_uint32),
-        ("flags", ctypes.c_uint64),
-        ("address", ctypes.c_uint64),
-        ("ptid", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
-    ]
+# struct uffd_msg (linux/userfaultfd.h), 32 bytes: event, 7 reserved bytes, then for a page
+# fault its flags, address and (UFFD_FEATURE_THREAD_ID) the faulting thread's id.
+UFFD_MSG = struct.Struct("<B7xQQI4x")
+READ_BATCH = 16  # events one read(2) takes at most
 
 
 UFFDIO_API_IOCTL = _ioc(3, 0x3F, ctypes.sizeof(UffdioApi))
@@ -83,8 +77,6 @@ UFFDIO_COPY = _ioc(3, 0x03, ctypes.sizeof(UffdioCopy))
 UFFDIO_WRITEPROTECT = _ioc(3, 0x06, ctypes.sizeof(UffdioWriteprotect))
 
 libc.syscall.restype = ctypes.c_long
-libc.read.restype = ctypes.c_ssize_t
-libc.read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
 
 
 _ZEROS = bytes(64 * PAGE_SIZE)  # read-only source of zero pages (a batch is at most 64)
@@ -183,33 +175,34 @@ class Userfault:
             self.fd = -1
 
     def read_faults(self, timeout: float) -> list[Fault]:
-        """Faults pending now, waiting up to `timeout` seconds for the first (real kernel)."""
+        """Faults pending now, waiting up to `timeout` seconds for the first (real kernel).
+        One read(2) takes up to READ_BATCH events (userfaultfd(2): a read returns as many
+        whole `struct uffd_msg` as fit); a full batch is followed by another read."""
         ready, _, _ = select.select([self.fd], [], [], timeout)
         if not ready:
             return []
         now = time.perf_counter()
         faults: list[Fault] = []
-        msg = UffdMsg()
-        size = ctypes.sizeof(msg)
         while True:
-            n = libc.read(self.fd, ctypes.addressof(msg), size)
-            if n < 0:
-                err = ctypes.get_errno()
-                if err in (errno.EAGAIN, errno.EINTR):
-                    return faults
-                raise UffdError(err, f"read from userfaultfd: {os.strerror(err)}")
-            if n != size:
+            try:
+                data = os.read(self.fd, UFFD_MSG.size * READ_BATCH)
+            except (BlockingIOError, InterruptedError):
                 return faults
-            if msg.event == UFFD_EVENT_PAGEFAULT:
-                faults.append(
-                    Fault(
-                        address=msg.address & ~(PAGE_SIZE - 1),
-                        write=bool(msg.flags & UFFD_PAGEFAULT_FLAG_WRITE),
-                        wp=bool(msg.flags & UFFD_PAGEFAULT_FLAG_WP),
-                        read_at=now,
-                        thread=msg.ptid,
+            except OSError as err:
+                raise UffdError(err.errno, f"read from userfaultfd: {err.strerror}") from None
+            for event, flags, address, ptid in UFFD_MSG.iter_unpack(data):
+                if event == UFFD_EVENT_PAGEFAULT:
+                    faults.append(
+                        Fault(
+                            address & ~(PAGE_SIZE - 1),
+                            bool(flags & UFFD_PAGEFAULT_FLAG_WRITE),
+                            bool(flags & UFFD_PAGEFAULT_FLAG_WP),
+                            now,
+                            ptid,
+                        )
                     )
-                )
+            if len(data) < UFFD_MSG.size * READ_BATCH:
+                return faults  # the queue is empty
 
     def install(
         self, address: int, data: bytes | None, writable: bool, pages: int = 1, offset: int = 0
