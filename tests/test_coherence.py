@@ -6,6 +6,8 @@ home's requests as they would.
 """
 
 import ctypes
+import itertools
+import random
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from spanvm.fabric.coherence import (
     SHARED,
     Coherence,
     CoherenceError,
+    _kind_runs,
 )
 from spanvm.fabric.homes import HomeMap, HomeRange
 from spanvm.fabric.uffd import PAGE_SIZE, Userfault
@@ -271,3 +274,66 @@ def test_an_owner_gives_up_a_run_its_home_takes_back(home: tuple[Coherence, Peer
         data = reply.payload + b"".join(reply.chunks)
         assert struct.unpack_from("<2I", data) == (first + 3, first + 4)
         assert data[8:] == bytes([first + 1]) * PAGE_SIZE + bytes([first + 2]) * PAGE_SIZE
+
+
+REMOTE = (20 * MiB) // PAGE_SIZE  # a page homed on fragment 1, as the home fixture sees it
+
+
+def _batched_grant(included: int, exclusive: int, zero: int, versions: list[int]) -> Frame:
+    """A batched GRANT from fragment 1 at REMOTE: every included page that is not zero-filled
+    carries bytes of its own bit number (page n: n + 1 repeated)."""
+    data = b"".join(
+        bytes([n + 1]) * PAGE_SIZE
+        for n in range(included.bit_length())
+        if included >> n & 1 and not zero >> n & 1
+    )
+    payload = BATCH_HEADER.pack(included, exclusive, zero)
+    payload += struct.pack(f"<{len(versions)}I", *versions) + data
+    return Frame(Kind.GRANT, EXCLUSIVE | HAS_DATA | BATCH, 1, REMOTE, payload)
+
+
+def test_a_batched_grant_installs_each_run_as_its_kind(home: tuple[Coherence, Peers]) -> None:
+    """Pages 0-1 move here with data, 2 is an exclusive zero page, 3 is left out, 4 is
+    shared: each lands with its own bytes and state, in one install per run."""
+    coherence, _ = home
+    coherence.on_grant(_batched_grant(0b10111, 0b00111, 0b00100, [1, 1, 1, 2]))
+    states = [coherence.local_state(REMOTE + n) for n in range(5)]
+    assert states == [MODIFIED, MODIFIED, MODIFIED, INVALID, SHARED]
+    for n, expected in ((0, 1), (1, 2), (2, 0), (4, 5)):
+        page = ctypes.string_at(coherence.host(REMOTE + n), PAGE_SIZE)
+        assert page == bytes([expected]) * PAGE_SIZE, f"page {n}"
+    assert [coherence.seen[REMOTE + n] for n in (0, 1, 2, 4)] == [1, 1, 1, 2]
+    assert coherence.counters.pages_in == 4
+
+
+def test_a_batched_grant_with_one_stale_page_installs_nothing(
+    home: tuple[Coherence, Peers],
+) -> None:
+    coherence, _ = home
+    one = Frame(Kind.GRANT, EXCLUSIVE | HAS_DATA, 1, REMOTE + 1, b"", page_version=5)
+    coherence.on_grant(one)
+    coherence.on_directive(Frame(Kind.INVALIDATE, 0, 2, REMOTE + 1))  # dropped at version 5
+    with pytest.raises(CoherenceError, match=r"stale grant .* version 3 after 5"):
+        coherence.on_grant(_batched_grant(0b11, 0b11, 0, [4, 3]))
+    assert coherence.local_state(REMOTE) == INVALID == coherence.local_state(REMOTE + 1)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kind_runs_match_the_bitmaps_bit_by_bit(seed: int) -> None:
+    """The runs a batched grant is installed in cover exactly its included bits, in order,
+    each of one kind, whether the window is uniform (one run at once) or mixed."""
+    rng = random.Random(seed)
+    cases = [(0, 0, 0), ((1 << 64) - 1, (1 << 64) - 1, 0), (0xFF, 0, 0xFF), (0xFF, 0xFF, 0x0F)]
+    cases += [(rng.getrandbits(64), rng.getrandbits(64), rng.getrandbits(64)) for _ in range(300)]
+    for included, any_exclusive, any_zero in cases:
+        exclusive, zero = any_exclusive & included, any_zero & included
+        bits = [
+            (b, bool(exclusive >> b & 1), bool(zero >> b & 1))
+            for b in range(64)
+            if included >> b & 1
+        ]
+        runs = list(_kind_runs(included, exclusive, zero))
+        flattened = [(f + i, w, z) for f, n, w, z in runs for i in range(n)]
+        assert flattened == bits
+        for (f1, n1, w1, z1), (f2, _, w2, z2) in itertools.pairwise(runs):
+            assert f1 + n1 < f2 or (w1, z1) != (w2, z2)  # runs are maximal

@@ -223,8 +223,11 @@ class Coherence:
         page = self.page_of_host(fault.address)
         wants_write = fault.write or fault.wp
         state = self.local_state(page)
-        stream = self._streams.setdefault(fault.thread, ReadAhead(self.readahead))
-        home = self.homes.home(page)
+        stream = self._streams.get(fault.thread)
+        if stream is None:
+            stream = self._streams[fault.thread] = ReadAhead(self.readahead)
+        home_range = self.homes.range_of(page)
+        home = home_range.index
         if state == INVALID and (wait := stream.in_flight(page)) is not None:
             wait()  # a window asked for ahead of the guest holds this page: its grant is in
             self.counters.prefetch_waits += 1
@@ -238,13 +241,13 @@ class Coherence:
         kind = Kind.WRITE if wants_write else Kind.READ
         window, sequential = (1, False)
         if state == INVALID:
-            window, sequential = stream.on_fault(page, self._room(page))
+            window, sequential = stream.on_fault(page, home_range.end // PAGE - page)
         if home == self.index:
             if state != INVALID or not self._serve_own_run(kind, page, window, sequential):
                 self.serve(self.index, kind, page, request_id=0)
             return
         wait = self.submit(home, _request(kind, page, window, migrate=sequential))
-        if sequential and kind == Kind.READ:
+        if sequential and kind == Kind.READ and stream.depth:
             self._prefetch(stream, home, page)
         wait()  # the grant is applied by the reader
         self.counters.remote_faults += 1
@@ -639,8 +642,8 @@ class Coherence:
         """Write-protect Modified pages, one ioctl per contiguous run (each is a TLB flush)."""
         for run_start, run in _runs(pages):
             self.uffd.protect(self.host(run_start), run)
-            for page in range(run_start, run_start + run):
-                self.state[self._slot(page)] = SHARED
+            slot = self._slot(run_start)  # a run lies in one home range: consecutive slots
+            self.state[slot : slot + run] = bytes((SHARED,)) * run
 
     def _serve_write(self, r: int, page: int, request_id: int, window: int = 1) -> None:
         me, bit = self.index, 1 << r
@@ -781,36 +784,28 @@ class Coherence:
         count = included.bit_count()
         versions = struct.unpack_from(f"<{count}I", frame.payload, BATCH_HEADER.size)
         offset = BATCH_HEADER.size + 4 * count
-        for page, version in zip(
-            (frame.page + b for b in range(64) if included >> b & 1), versions, strict=True
-        ):
-            self._accept_version(page, version)
-        bit = 0
-        while bit < 64:
-            if not included >> bit & 1:
-                bit += 1
-                continue
-            kind = (exclusive >> bit & 1, zero >> bit & 1)
-            end = bit + 1
-            while (
-                end < 64 and included >> end & 1 and (exclusive >> end & 1, zero >> end & 1) == kind
-            ):
-                end += 1
-            first, count = frame.page + bit, end - bit
-            for page in range(first, first + count):
-                if self.local_state(page) != INVALID:
-                    raise CoherenceError(
-                        f"batched grant of page {page:#x} already held by fragment {self.index}"
-                    )
-            if kind[1]:
-                self.uffd.install(self.host(first), None, writable=bool(kind[0]), pages=count)
+        pages = [frame.page + b for b in range(included.bit_length()) if included >> b & 1]
+        seen = self.seen
+        if seen.keys().isdisjoint(pages):  # the common case: none applied before, none stale
+            seen.update(zip(pages, versions, strict=True))
+        else:
+            for page, version in zip(pages, versions, strict=True):
+                self._accept_version(page, version)
+        for bit, run, writable, zeros in _kind_runs(included, exclusive, zero):
+            first = frame.page + bit
+            slot = self._slot(first)
+            if self.state.count(INVALID, slot, slot + run) != run:
+                held = next(p for p in range(first, first + run) if self.local_state(p))
+                raise CoherenceError(
+                    f"batched grant of page {held:#x} already held by fragment {self.index}"
+                )
+            if zeros:
+                self.uffd.install(self.host(first), None, writable=writable, pages=run)
             else:
-                self.uffd.install(self.host(first), frame.payload, bool(kind[0]), count, offset)
-                offset += count * PAGE
-            for page in range(first, first + count):
-                self.state[self._slot(page)] = MODIFIED if kind[0] else SHARED
-            self.counters.pages_in += count
-            bit = end
+                self.uffd.install(self.host(first), frame.payload, writable, run, offset)
+                offset += run * PAGE
+            self.state[slot : slot + run] = bytes((MODIFIED if writable else SHARED,)) * run
+            self.counters.pages_in += run
 
     def _room(self, page: int) -> int:
         """Pages from `page` to the end of its home range (a window stays within one home)."""
@@ -858,3 +853,23 @@ def _runs(pages: list[int]) -> list[tuple[int, int]]:
         previous = page
     runs.append((start, previous - start + 1))
     return runs
+
+
+def _kind_runs(included: int, exclusive: int, zero: int) -> Iterator[tuple[int, int, bool, bool]]:
+    """(first bit, length, exclusive, zero-filled) of each run of included bits of one kind in
+    a batched grant's bitmaps, in order; a whole window of one kind (the common case) at once."""
+    if included & (included + 1) == 0 and exclusive in (0, included) and zero in (0, included):
+        if included:  # bits 0..n-1, all of one kind
+            yield 0, included.bit_length(), bool(exclusive), bool(zero)
+        return
+    bit = 0
+    while bit < 64:
+        if not included >> bit & 1:
+            bit += 1
+            continue
+        kind = (exclusive >> bit & 1, zero >> bit & 1)
+        end = bit + 1
+        while end < 64 and included >> end & 1 and (exclusive >> end & 1, zero >> end & 1) == kind:
+            end += 1
+        yield bit, end - bit, bool(kind[0]), bool(kind[1])
+        bit = end

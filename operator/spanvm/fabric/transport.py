@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import BinaryIO, cast
 
 from spanvm.fabric.wire import (
@@ -275,7 +275,7 @@ class Transport:
         # If the peer is gone, the reply never comes: wait for the reader's verdict, which
         # fails every waiting request with the reason (or the fabric closes).
         try:
-            self.send(index, replace(frame, request=request_id))
+            self.send(index, frame.with_request(request_id))
         except PeerGoneError:
             peer = self.peers.get(index)
             if self._torn_down or peer is None or peer.departed:

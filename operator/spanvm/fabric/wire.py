@@ -118,6 +118,13 @@ class Frame:
         )
         return [header + self.payload, *self.chunks]
 
+    def with_request(self, request: int) -> "Frame":
+        """This frame with another request id (a cheaper `dataclasses.replace`: the fault
+        path numbers every request it sends)."""
+        return Frame(
+            self.kind, self.flags, request, self.page, self.payload, self.page_version, self.chunks
+        )
+
     def encode(self) -> bytes:
         return b"".join(self.buffers())
 
