@@ -62,6 +62,7 @@ cluster-down: venv
 bench: venv payloads tools
 	$(PYTHON) hack/bench/vmm.py
 	$(PYTHON) hack/bench/fabric.py
+	$(PYTHON) hack/bench/fault_floor.py
 	$(PYTHON) hack/bench/ipi.py
 	$(PYTHON) hack/bench/scheduler.py
 	$(PYTHON) hack/bench/apply.py
