@@ -318,13 +318,30 @@ def test_a_batched_grant_with_one_stale_page_installs_nothing(
     assert coherence.local_state(REMOTE) == INVALID == coherence.local_state(REMOTE + 1)
 
 
+def test_a_batched_grant_of_a_page_already_held_installs_nothing(
+    home: tuple[Coherence, Peers],
+) -> None:
+    """Page 2 of the batch is held here already: the grant is refused before pages 0-1
+    (an earlier run of another kind) are installed."""
+    coherence, _ = home
+    coherence.on_grant(Frame(Kind.GRANT, EXCLUSIVE | HAS_DATA, 1, REMOTE + 2, b"", 1))
+    with pytest.raises(CoherenceError, match=rf"page {REMOTE + 2:#x} already held"):
+        coherence.on_grant(_batched_grant(0b111, 0b011, 0, [1, 1, 2]))
+    assert coherence.local_state(REMOTE) == INVALID == coherence.local_state(REMOTE + 1)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_kind_runs_match_the_bitmaps_bit_by_bit(seed: int) -> None:
     """The runs a batched grant is installed in cover exactly its included bits, in order,
     each of one kind, whether the window is uniform (one run at once) or mixed."""
     rng = random.Random(seed)
     cases = [(0, 0, 0), ((1 << 64) - 1, (1 << 64) - 1, 0), (0xFF, 0, 0xFF), (0xFF, 0xFF, 0x0F)]
+    cases += [(0b100, 0b100, 0), (0b1110, 0, 0), (0xFF, 0x0F, 0), (0b1011, 0b1011, 0b1011)]
     cases += [(rng.getrandbits(64), rng.getrandbits(64), rng.getrandbits(64)) for _ in range(300)]
+    for _ in range(300):  # whole windows (bits 0..n-1), mostly of one kind
+        window = (1 << rng.randint(1, 64)) - 1
+        kinds = (0, window, rng.getrandbits(64))
+        cases.append((window, rng.choice(kinds), rng.choice(kinds)))
     for included, any_exclusive, any_zero in cases:
         exclusive, zero = any_exclusive & included, any_zero & included
         bits = [

@@ -2,6 +2,7 @@
 TCP; failures stop the VM naming the lost fragment; strangers are refused."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -243,6 +244,13 @@ def test_garbage_frames_are_protocol_errors() -> None:
         assert read_frame(stream).kind == Kind.PING
         with pytest.raises(ProtocolError, match="bad magic"):
             read_frame(stream)
+
+
+def test_with_request_changes_only_the_request_id() -> None:
+    """`Frame.with_request` (the fault path's cheap replace) keeps every other field, also
+    any a later change adds to Frame."""
+    frame = Frame(Kind.GRANT, 3, 1, 0x42, b"data", 9, (memoryview(b"chunk"),))
+    assert frame.with_request(77) == dataclasses.replace(frame, request=77)
 
 
 def start_fragment(config: FragmentConfig, log: Path) -> tuple[subprocess.Popen[bytes], IO[str]]:

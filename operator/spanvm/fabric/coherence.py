@@ -227,12 +227,12 @@ class Coherence:
         if stream is None:
             stream = self._streams[fault.thread] = ReadAhead(self.readahead)
         home_range = self.homes.range_of(page)
-        home = home_range.index
+        home, end = home_range.index, home_range.end // PAGE
         if state == INVALID and (wait := stream.in_flight(page)) is not None:
             wait()  # a window asked for ahead of the guest holds this page: its grant is in
             self.counters.prefetch_waits += 1
             stream.caught_up()
-            self._prefetch(stream, home, page)  # the guest keeps up: keep the pipe full
+            self._prefetch(stream, home, page, end)  # the guest keeps up: keep the pipe full
             state = self.local_state(page)
         if state == MODIFIED or (state == SHARED and not wants_write):
             self.uffd.wake(fault.address)  # already resolved by an earlier event
@@ -241,25 +241,26 @@ class Coherence:
         kind = Kind.WRITE if wants_write else Kind.READ
         window, sequential = (1, False)
         if state == INVALID:
-            window, sequential = stream.on_fault(page, home_range.end // PAGE - page)
+            window, sequential = stream.on_fault(page, end - page)
         if home == self.index:
             if state != INVALID or not self._serve_own_run(kind, page, window, sequential):
                 self.serve(self.index, kind, page, request_id=0)
             return
         wait = self.submit(home, _request(kind, page, window, migrate=sequential))
         if sequential and kind == Kind.READ and stream.depth:
-            self._prefetch(stream, home, page)
+            self._prefetch(stream, home, page, end)
         wait()  # the grant is applied by the reader
         self.counters.remote_faults += 1
         if len(self.counters.remote_fault_seconds) < MAX_SAMPLES:
             # From reading the fault to the page installed by the reader thread.
             self.counters.remote_fault_seconds.append(self._installed_at - fault.read_at)
 
-    def _prefetch(self, stream: ReadAhead, home: int, page: int) -> None:
-        """Ask `home` for the windows of a sequential run the guest will reach next (READs
-        whose grants the reader applies; the fault thread waits for one only if the guest
-        faults on a page in it before it arrived)."""
-        for first, count in stream.prefetch(page, page + self._room(page)):
+    def _prefetch(self, stream: ReadAhead, home: int, page: int, end: int) -> None:
+        """Ask `home` for the windows of a sequential run the guest will reach next, up to
+        page `end` (the end of the home range): READs whose grants the reader applies; the
+        fault thread waits for one only if the guest faults on a page in it before it
+        arrived."""
+        for first, count in stream.prefetch(page, end):
             request = _request(Kind.READ, first, count, migrate=True)
             stream.sent(first, count, self.submit(home, request))
 
@@ -791,14 +792,18 @@ class Coherence:
         else:
             for page, version in zip(pages, versions, strict=True):
                 self._accept_version(page, version)
-        for bit, run, writable, zeros in _kind_runs(included, exclusive, zero):
+        runs = list(_kind_runs(included, exclusive, zero))
+        for bit, run, _, _ in runs:  # all checked before any is installed, as versions are
+            slot = self._slot(frame.page + bit)
+            if self.state.count(INVALID, slot, slot + run) != run:
+                held = next(p for p in range(slot, slot + run) if self.state[p])
+                raise CoherenceError(
+                    f"batched grant of page {frame.page + bit + held - slot:#x} already held"
+                    f" by fragment {self.index}"
+                )
+        for bit, run, writable, zeros in runs:
             first = frame.page + bit
             slot = self._slot(first)
-            if self.state.count(INVALID, slot, slot + run) != run:
-                held = next(p for p in range(first, first + run) if self.local_state(p))
-                raise CoherenceError(
-                    f"batched grant of page {held:#x} already held by fragment {self.index}"
-                )
             if zeros:
                 self.uffd.install(self.host(first), None, writable=writable, pages=run)
             else:

@@ -186,7 +186,7 @@ class Userfault:
         while True:
             try:
                 data = os.read(self.fd, UFFD_MSG.size * READ_BATCH)
-            except (BlockingIOError, InterruptedError):
+            except BlockingIOError:  # EAGAIN (os.read retries EINTR itself, PEP 475)
                 return faults
             except OSError as err:
                 raise UffdError(err.errno, f"read from userfaultfd: {err.strerror}") from None
