@@ -11,7 +11,8 @@
  *             and the page; a reader thread receives it and installs it (the fabric's
  *             threads);
  *   threads2  the same, the fault thread reading its own grant (no reader thread).
- * Prints "MODE P50_US" per mode given on the command line. Exit 1 with a message on error.
+ * Prints "MODE P50_US" per mode given on the command line. Exit 1 with a message on error,
+ * also when the home does not connect or no fault comes for 5 s (never hangs).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -193,7 +194,12 @@ static double run(enum mode m) {
             die("listen");
         child = fork();
         if (child < 0) die("fork");
-        if (child == 0) home(ntohs(addr.sin_port));
+        if (child == 0) {
+            close(listener);
+            home(ntohs(addr.sin_port));
+        }
+        struct pollfd p = {.fd = listener, .events = POLLIN};
+        if (poll(&p, 1, 10000) <= 0) die("accept (the home did not connect within 10 s)");
         sock = accept(listener, NULL, NULL);
         if (sock < 0) die("accept");
         int one = 1;

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fabric import local_faults, raw_round_trips
@@ -42,6 +43,7 @@ REQUEST = 24
 SOURCE = Path(__file__).with_name("fault_floor.c")
 CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror", "-pthread")
 MODES = ("local", "threads3", "threads2")
+STALL = 10.0  # seconds without progress after which a floor run is declared stopped
 
 
 def build_c() -> Path:
@@ -62,7 +64,11 @@ def build_c() -> Path:
 def c_floor(pages: int) -> dict[str, float]:
     """p50 µs of each mode of the C floor."""
     out = subprocess.run(
-        [str(build_c()), str(pages), *MODES], check=True, capture_output=True, text=True
+        [str(build_c()), str(pages), *MODES],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
     ).stdout
     return {mode: float(value) for mode, value in (line.split() for line in out.splitlines())}
 
@@ -100,22 +106,26 @@ def home(port: int, pages: int) -> None:
 
 
 def python_floor(mode: str, pages: int) -> float:
-    """p50 µs of one mode of the Python floor."""
+    """p50 µs of one mode of the Python floor. RuntimeError if the home or a thread stops
+    (no fault within STALL seconds), rather than hanging."""
     memory, uffd = _region(pages)
     base = memory.host_address
     samples: list[float] = []
     asked_at: dict[int, float] = {}
+    errors: list[BaseException] = []
     child = None
-    sock = socket.socket()
+    sock = None
     if mode != "local":
-        listener = socket.create_server(("127.0.0.1", 0))
-        port = listener.getsockname()[1]
-        child = subprocess.Popen([sys.executable, __file__, "--home", str(port), str(pages)])
-        sock, _ = listener.accept()
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            listener.settimeout(STALL)
+            port = listener.getsockname()[1]
+            child = subprocess.Popen([sys.executable, __file__, "--home", str(port), str(pages)])
+            sock, _ = listener.accept()  # TimeoutError if the home never connects
+        sock.settimeout(STALL)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        listener.close()
 
     def receive_grant() -> None:
+        assert sock is not None
         grant = _recv_exact(sock, REQUEST + PAGE_SIZE)
         page = int.from_bytes(grant[:8], "little")
         uffd.install(base + page * PAGE_SIZE, grant, writable=True, offset=REQUEST)
@@ -128,13 +138,17 @@ def python_floor(mode: str, pages: int) -> float:
     def fault_loop() -> None:
         done = 0
         while done < pages:
-            for fault in uffd.read_faults(5.0):
+            faults = uffd.read_faults(STALL)
+            if not faults:
+                raise RuntimeError(f"no fault within {STALL:.0f} s: the home or reader stopped")
+            for fault in faults:
                 page = (fault.address - base) // PAGE_SIZE
                 done += 1
                 if mode == "local":
                     uffd.install(fault.address, None, writable=True)
                     samples.append(time.perf_counter() - fault.read_at)
                     continue
+                assert sock is not None
                 asked_at[page] = fault.read_at
                 sock.sendall(page.to_bytes(8, "little") + bytes(REQUEST - 8))
                 if mode == "threads2":
@@ -146,17 +160,30 @@ def python_floor(mode: str, pages: int) -> float:
         for page in range(pages):
             ctypes.memmove(word, base + page * PAGE_SIZE, 8)
 
-    threads = [threading.Thread(target=fault_loop), threading.Thread(target=toucher)]
-    if mode == "threads3":
-        threads.append(threading.Thread(target=reader))
+    def recording(body: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                body()
+            except BaseException as err:  # reported by the main thread
+                errors.append(err)
+
+        return run
+
+    bodies = [fault_loop, reader] if mode == "threads3" else [fault_loop]
+    # Daemons: a toucher left waiting on a page after a failure ends with the process.
+    threads = [threading.Thread(target=recording(b), daemon=True) for b in bodies]
+    threads.append(threading.Thread(target=toucher, daemon=True))
     for thread in threads:
         thread.start()
-    for thread in threads:
+    for thread in threads[:-1]:
         thread.join()
-    if child is not None:
+    if errors:
+        raise RuntimeError(f"Python floor, {mode}: {errors[0]}") from errors[0]
+    threads[-1].join()
+    if sock is not None and child is not None:
         sock.shutdown(socket.SHUT_RDWR)
-        child.wait()
-    sock.close()
+        sock.close()
+        child.wait(STALL)
     uffd.close()
     memory.close()
     return statistics.median(samples) * 1e6
