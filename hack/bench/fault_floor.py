@@ -35,6 +35,7 @@ from pathlib import Path
 from fabric import local_faults, raw_round_trips
 
 from spanvm.fabric.uffd import PAGE_SIZE, Userfault
+from spanvm.fabric.wire import recv_exact
 from spanvm.paths import cache_dir
 from spanvm.vmm.memory import GuestMemory
 
@@ -78,16 +79,6 @@ def _region(pages: int) -> tuple[GuestMemory, Userfault]:
     return memory, Userfault(memory.host_address, memory.size)
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data
-
-
 def home(port: int, pages: int) -> None:
     """The Python floor's home (run as `--home PORT PAGES`): answer each request with
     write-protect, copy, send, as the fabric's home serves a read of a page it holds."""
@@ -97,7 +88,7 @@ def home(port: int, pages: int) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     while True:
         try:
-            request = _recv_exact(sock, REQUEST)
+            request = recv_exact(sock, REQUEST)
         except ConnectionError:
             return
         address = memory.host_address + int.from_bytes(request[:8], "little") * PAGE_SIZE
@@ -126,7 +117,7 @@ def python_floor(mode: str, pages: int) -> float:
 
     def receive_grant() -> None:
         assert sock is not None
-        grant = _recv_exact(sock, REQUEST + PAGE_SIZE)
+        grant = recv_exact(sock, REQUEST + PAGE_SIZE)
         page = int.from_bytes(grant[:8], "little")
         uffd.install(base + page * PAGE_SIZE, grant, writable=True, offset=REQUEST)
         samples.append(time.perf_counter() - asked_at.pop(page))

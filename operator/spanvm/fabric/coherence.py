@@ -170,6 +170,12 @@ class Coherence:
     def local_state(self, page: int) -> int:
         return self.state[self._slot(page)]
 
+    def _set_states(self, first: int, count: int, value: int) -> None:
+        """Mark `count` pages from `first` INVALID, SHARED or MODIFIED here, in one slice: the
+        pages of a run lie in one home range, hence in one RAM range, at consecutive slots."""
+        slot = self._slot(first)
+        self.state[slot : slot + count] = bytes((value,)) * count
+
     def adopt_initial_contents(self, written: Iterable[tuple[int, int]]) -> None:
         """After the monitor wrote guest memory (guest-physical [start, end) ranges: the
         image, boot data, firmware tables): keep the written pages this fragment is home for
@@ -283,8 +289,7 @@ class Coherence:
             with self._run_locked(page, window, owner) as run:
                 if owner == me:  # untouched everywhere (no copy exists): zeros
                     self.uffd.install(self.host(page), None, writable=True, pages=run)
-                    for p in range(page, page + run):
-                        self.state[self._slot(p)] = MODIFIED
+                    self._set_states(page, run, MODIFIED)
                 else:
                     take = sequential and self.moved.isdisjoint(range(page, page + run))
                     self._downgrade_run(owner, page, run, take=take)
@@ -343,8 +348,7 @@ class Coherence:
         for page, version in zip(range(first, first + count), versions, strict=True):
             self._check_returned(page, replace(reply, page_version=version))
         self.uffd.install(self.host(first), reply.payload, take, count, offset=offset)
-        slot = self._slot(first)
-        self.state[slot : slot + count] = bytes((MODIFIED if take else SHARED,)) * count
+        self._set_states(first, count, MODIFIED if take else SHARED)
         for page in range(first, first + count):
             if take:
                 self._new_owner(page, me)
@@ -634,8 +638,7 @@ class Coherence:
     def _give_up(self, first: int, count: int) -> None:
         """Drop this fragment's copies of pages that moved to another one (one madvise)."""
         self.uffd.drop(self.host(first), count)
-        slot = self._slot(first)
-        self.state[slot : slot + count] = bytes(count)  # INVALID
+        self._set_states(first, count, INVALID)
         self.counters.invalidations += count
         self.counters.pages_moved += count
 
@@ -643,8 +646,7 @@ class Coherence:
         """Write-protect Modified pages, one ioctl per contiguous run (each is a TLB flush)."""
         for run_start, run in _runs(pages):
             self.uffd.protect(self.host(run_start), run)
-            slot = self._slot(run_start)  # a run lies in one home range: consecutive slots
-            self.state[slot : slot + run] = bytes((SHARED,)) * run
+            self._set_states(run_start, run, SHARED)
 
     def _serve_write(self, r: int, page: int, request_id: int, window: int = 1) -> None:
         me, bit = self.index, 1 << r
@@ -803,13 +805,12 @@ class Coherence:
                 )
         for bit, run, writable, zeros in runs:
             first = frame.page + bit
-            slot = self._slot(first)
             if zeros:
                 self.uffd.install(self.host(first), None, writable=writable, pages=run)
             else:
                 self.uffd.install(self.host(first), frame.payload, writable, run, offset)
                 offset += run * PAGE
-            self.state[slot : slot + run] = bytes((MODIFIED if writable else SHARED,)) * run
+            self._set_states(first, run, MODIFIED if writable else SHARED)
             self.counters.pages_in += run
 
     def _room(self, page: int) -> int:
